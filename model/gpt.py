@@ -1,0 +1,258 @@
+"""One GPT module composing the Model menu's options.
+
+With the GPT-2 options (LayerNorm, learned positions, GELU, bias, tied
+embeddings) this is nanoGPT's architecture: pre-norm blocks, init std 0.02
+with residual projections scaled by 1/sqrt(2 * n_layer). The LLaMA options
+(RMSNorm, RoPE, SwiGLU, grouped-query attention) and QK-norm slot into the
+same blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 128
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    pos: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"  # gelu | swiglu | relu2
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    bias: bool = True
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        # Cross-symbol rules Kconfig ranges cannot express; named by symbol.
+        if self.n_embd % self.n_head:
+            raise ValueError(f"CONFIG_N_EMBD={self.n_embd} is not divisible by CONFIG_N_HEAD={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"CONFIG_N_HEAD={self.n_head} is not divisible by CONFIG_N_KV_HEAD={self.n_kv_head}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"RoPE needs an even head width; N_EMBD/N_HEAD = {self.n_embd // self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(self.mlp_ratio * self.n_embd)
+        if self.mlp == "swiglu":  # three matrices: 2/3 the width keeps parameters equal
+            hidden = 64 * math.ceil(2 * hidden / 3 / 64)
+        return hidden
+
+    @classmethod
+    def from_config(cls, cfg, vocab_size: int) -> "ModelConfig":
+        """Build from resolved Kconfig values (kbuild.kconfig.Config)."""
+        return cls(
+            vocab_size=vocab_size,
+            block_size=cfg.BLOCK_SIZE,
+            n_layer=cfg.N_LAYER,
+            n_head=cfg.N_HEAD,
+            n_kv_head=cfg.N_KV_HEAD or cfg.N_HEAD,
+            n_embd=cfg.N_EMBD,
+            norm="rmsnorm" if cfg.NORM_RMSNORM else "layernorm",
+            pos="rope" if cfg.POS_ROPE else "learned",
+            rope_theta=cfg.ROPE_THETA or 10000.0,
+            mlp="swiglu" if cfg.MLP_SWIGLU else "relu2" if cfg.MLP_RELU2 else "gelu",
+            mlp_ratio=cfg.MLP_RATIO,
+            qk_norm=cfg.QK_NORM,
+            bias=cfg.BIAS,
+            dropout=cfg.DROPOUT,
+            tie_embeddings=cfg.TIE_EMBEDDINGS,
+            init_std=cfg.INIT_STD,
+        )
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (length, head_dim/2) for rotating pairs of channels."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (x1, x2) halves of each head by position-dependent angles. x: (B, H, T, D)."""
+    T = x.size(2)
+    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_scaled = True
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, cfg.head_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, C = x.shape
+        cfg = self.cfg
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            dropout_p=cfg.dropout if self.training else 0.0,
+            is_causal=True,
+            enable_gqa=cfg.n_kv_head != cfg.n_head,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = cfg.mlp_hidden
+        fan_out = 2 * hidden if cfg.mlp == "swiglu" else hidden  # gate and up in one matmul
+        self.c_fc = nn.Linear(cfg.n_embd, fan_out, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_scaled = True
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_scaled", False):
+                std = std / math.sqrt(2 * self.cfg.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding drops position embeddings (as nanoGPT does)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM appendix B)."""
+        c = self.cfg
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, V) and the mean cross-entropy when targets are given.
+
+        Without targets only the last position's logits are computed (generation).
+        """
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds CONFIG_BLOCK_SIZE={self.cfg.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
+        for block in self.blocks:
+            x = block(x, rope)
+        x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:, :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, generator: torch.Generator | None = None,
+                 vocab_limit: int | None = None) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+
+        vocab_limit excludes the padding ids above the tokenizer's vocabulary.
+        """
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.block_size:])
+            logits = logits[:, -1, :vocab_limit].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx

@@ -1,0 +1,100 @@
+"""Plans: runs/<plan>/plan.json, the one record of what a plan holds and how far it got.
+
+Single training is a plan of one run; ablations and matrices add runs. Every
+update rewrites plan.json atomically, so a crash never leaves it half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from kbuild.kconfig import write_text_if_changed
+
+STATUSES = ("pending", "running", "done", "failed", "rejected", "interrupted")
+PLAN_FILE = "plan.json"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def run_name(differences: dict[str, object]) -> str:
+    """The one function that names runs: what differs from the base, readable and filesystem-safe.
+
+    {} -> "base"; {"LR": 3e-4, "SEED": 1} -> "lr3e-4-seed1"; bools -> "qk_norm" / "no-qk_norm".
+    """
+    if not differences:
+        return "base"
+    parts = []
+    for sym, value in differences.items():
+        key = sym.lower()
+        if value is True:
+            parts.append(key)
+        elif value is False:
+            parts.append(f"no-{key}")
+        else:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            text = re.sub(r"e([+-])0*(\d)", lambda m: f"e{'-' if m[1] == '-' else ''}{m[2]}", text)
+            parts.append(f"{key}{text}")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)).strip("._-")
+    return name[:120] or "run"
+
+
+class Plan:
+    def __init__(self, path: Path, record: dict):
+        self.path = Path(path)
+        self.record = record
+
+    @classmethod
+    def create(cls, runs_dir: Path, plan_name: str, mode: str, runs: list[dict]) -> "Plan":
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", plan_name):
+            raise ValueError(f"CONFIG_PLAN_NAME={plan_name!r}: use letters, digits, '.', '_' and '-' only")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(runs_dir) / f"{plan_name}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(runs_dir) / f"{plan_name}-{stamp}-{n}"
+        path.mkdir(parents=True)
+        names = [r["name"] for r in runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"run names in plan {plan_name} are not unique: {names}")
+        record = {"name": path.name, "mode": mode, "created": now(),
+                  "runs": [{"status": "pending", "error": None, "start": None, "end": None, **r} for r in runs]}
+        plan = cls(path, record)
+        plan.save()
+        return plan
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        path = Path(path)
+        return cls(path, json.loads((path / PLAN_FILE).read_text()))
+
+    def save(self) -> None:
+        write_text_if_changed(self.path / PLAN_FILE, json.dumps(self.record, indent=2) + "\n")
+
+    @property
+    def runs(self) -> list[dict]:
+        return self.record["runs"]
+
+    def run_dir(self, name: str) -> Path:
+        return self.path / name
+
+    def update(self, name: str, **fields) -> None:
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ValueError(f"unknown run status {fields['status']!r}")
+        for run in self.runs:
+            if run["name"] == name:
+                run.update(fields)
+                self.save()
+                return
+        raise KeyError(f"no run {name!r} in plan {self.path}")
+
+
+def newest_run_dir(runs_dir: Path) -> Path | None:
+    """The most recently finished run with a checkpoint, across all plans."""
+    candidates = [p.parent for p in Path(runs_dir).glob("*/*/ckpt.pt")]
+    return max(candidates, key=lambda p: (p / "ckpt.pt").stat().st_mtime, default=None)

@@ -1,0 +1,105 @@
+"""The make targets, exercised as a user would, in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_make
+
+
+def test_help_lists_every_target(make):
+    out = make("help").stdout
+    for target in ("defconfig-<name>", "menuconfig", "olddefconfig", "savedefconfig", "list-defconfigs",
+                   "run", "check", "sample", "bench", "test", "help", "defconfig-quickstart",
+                   "defconfig-nanogpt-shakespeare-char-cpu"):
+        assert target in out, target
+
+
+def test_defconfig_targets_are_explicit_for_tab_completion(make):
+    db = make("-pq", "help", check=False).stdout
+    assert "\ndefconfig-quickstart:" in db
+
+
+def test_make_without_config_says_what_to_do(make):
+    p = make(check=False)
+    assert p.returncode != 0
+    assert "no configuration yet: run 'make defconfig-<name>'" in p.stderr
+
+
+def test_bad_defconfig_stops_with_file_line_symbol_reason(repo, make):
+    (repo / "defconfigs" / "broken").write_text(
+        "# a preset with mistakes\nCONFIG_SEED=1\nCONFIG_N_LAYER=3\nCONFIG_LR=\"fast\"\n")
+    p = make("defconfig-broken", check=False)
+    assert p.returncode != 0
+    assert "defconfigs/broken:3: CONFIG_N_LAYER=3: did not take: unmet dependency MODEL_SIZE_CUSTOM" in p.stderr
+    assert 'defconfigs/broken:4: CONFIG_LR="fast": not a number' in p.stderr
+    assert not (repo / ".config").exists(), "a failed defconfig writes nothing"
+
+
+def test_unknown_defconfig(make):
+    p = make("defconfig-nope", check=False)
+    assert p.returncode != 0
+
+
+def test_savedefconfig_and_olddefconfig(repo, make):
+    make("defconfig-nanogpt-shakespeare-char-cpu")
+    config_py = (repo / "config.py").read_text()
+    assert "N_EMBD: int = 128" in config_py and "DATASET_SHAKESPEARE: bool = True" in config_py
+    make("savedefconfig")
+    saved = (repo / "defconfig").read_text()
+    assert "CONFIG_BLOCK_SIZE=64" in saved and "CONFIG_SEED" not in saved
+    (repo / "defconfigs" / "mine").write_text(saved)
+    make("defconfig-mine")
+    assert (repo / "config.py").read_text() == config_py
+    make("olddefconfig")
+    assert (repo / "config.py").read_text() == config_py
+
+
+def test_set_override_is_validated(make):
+    make("defconfig-quickstart")
+    p = make("check", env={"SET": "MAX_ITERS=ten"}, check=False)
+    assert p.returncode != 0 and "SET:1: CONFIG_MAX_ITERS: malformed integer 'ten'" in p.stderr
+
+
+def test_check_dry_run(make):
+    make("defconfig-nanogpt-shakespeare-char")
+    out = make("check").stdout
+    assert "check base: ok: 10,818,432 params" in out and "built at full size" in out
+    out = make("check", env={"SET": "MODEL_SIZE_GPT2_MEDIUM=y"}).stdout
+    assert "reduced twin" in out
+    out = make(env={"SET": "DRY_RUN=y"}).stdout
+    assert "check base: ok" in out
+
+
+def test_quickstart_on_a_reduced_budget(repo, make):
+    make("defconfig-quickstart")
+    out = make(env={"SET": "MAX_ITERS=40 EVAL_INTERVAL=20 LOG_INTERVAL=10 EVAL_BATCHES=4 SAMPLE_TOKENS=30"}).stdout
+    plans = list((repo / "runs").iterdir())
+    assert len(plans) == 1 and plans[0].name.startswith("quickstart-")
+    plan = json.loads((plans[0] / "plan.json").read_text())
+    assert [(r["name"], r["status"], r["error"]) for r in plan["runs"]] == [("base", "done", None)]
+    assert plan["runs"][0]["overrides"]["MAX_ITERS"] == 40
+    run_dir = plans[0] / "base"
+    for name in (".config", "config.py", "metrics.jsonl", "summary.json", "ckpt.pt", "train.log", "samples.txt"):
+        assert (run_dir / name).is_file(), name
+    assert "CONFIG_MAX_ITERS=40" in (run_dir / ".config").read_text(), "SET is recorded in the run's config"
+    assert "CONFIG_MAX_ITERS=600" in (repo / ".config").read_text(), "SET does not change .config"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["final_val_loss"] < summary["unigram_entropy_nats"]
+    for words in ("run directory:", "final loss:", "unigram entropy:", "tokens/s", "sample:"):
+        assert words in out
+    sample = make("sample", env={"PROMPT": "import ", "TOKENS": "12"}).stdout
+    assert sample.startswith("import ") and len(sample.rstrip("\n")) >= len("import ")
+
+
+def test_failed_run_is_recorded_in_the_plan(repo, make):
+    make("defconfig-quickstart")
+    p = make(env={"SET": "DEVICE_CUDA=y MAX_ITERS=2"}, check=False)
+    assert p.returncode != 0 and "1 run(s) did not finish: base" in p.stdout
+    plan = json.loads(next((repo / "runs").iterdir()).joinpath("plan.json").read_text())
+    run = plan["runs"][0]
+    assert run["status"] == "failed" and "CONFIG_DEVICE_CUDA=y" in run["error"]
+
+
+def test_run_outside_make_dir_uses_run_make_helper(repo):
+    assert run_make(repo, "list-defconfigs").stdout.count("defconfig-") >= 3

@@ -1,0 +1,53 @@
+"""Train one run from its directory: python -m train RUNS_DIR/<plan>/<run>
+
+The run directory holds the resolved .config the runner wrote; everything this
+process needs comes from there, so a run is reproducible from its directory.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+from kbuild.kconfig import ROOT, load
+
+
+class Tee:
+    """print() to the console and to the run's train.log."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, message: str) -> None:
+        print(message, flush=True)
+        self.file.write(message + "\n")
+        self.file.flush()
+
+
+def main(run_dir: Path) -> int:
+    log = Tee(run_dir / "train.log")
+    try:
+        from data.prepare import prepare
+        from train.trainer import Trainer, write_summary
+
+        _, cfg = load(run_dir / ".config")
+        data = prepare(cfg, ROOT, log=log)
+        summary = Trainer(cfg, data, run_dir, log=log).run()
+        write_summary(run_dir, summary)
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception as e:  # recorded for plan.json; the traceback goes to the log
+        log(traceback.format_exc())
+        from train.trainer import write_summary
+
+        write_summary(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        return 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m train RUN_DIR")
+    sys.exit(main(Path(sys.argv[1])))
