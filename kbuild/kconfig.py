@@ -44,6 +44,7 @@ class Assignment:
     source: str
     line: int
     snapshot: bool = False  # from a full .config: values of hidden symbols are records, not requests
+    bare_strings: bool = False  # command-line overrides may leave string values unquoted
 
     @property
     def where(self) -> str:
@@ -103,7 +104,7 @@ def parse_overrides(text: str, source: str = "SET") -> list[Assignment]:
         if not sep or not name:
             raise ConfigError([f"{source} item {i}: {word!r} is not NAME=value"])
         name = name.removeprefix(PREFIX)
-        out.append(Assignment(name, value, source, i))
+        out.append(Assignment(name, value, source, i, bare_strings=True))
     return out
 
 
@@ -179,7 +180,7 @@ def _apply(kconf: kconfiglib.Kconfig, a: Assignment) -> str | None:
     if sym.orig_type == kconfiglib.STRING:
         unquoted = _unquote(value)
         if unquoted is None:
-            if a.source != "SET":
+            if not a.bare_strings:
                 return f'malformed string: write CONFIG_{a.symbol}="{value}" (with double quotes)'
             unquoted = value  # SET allows unquoted strings
         value = unquoted
