@@ -53,6 +53,14 @@ def cmd_olddefconfig(args) -> int:
     return 0
 
 
+def cmd_syncconfig(args) -> int:
+    """After menuconfig: validate .config strictly (float fields are free text there) and regenerate config.py."""
+    kconf, _ = load(DOT_CONFIG)
+    write_outputs(kconf, DOT_CONFIG, CONFIG_PY)
+    print("validated .config and regenerated config.py")
+    return 0
+
+
 def cmd_savedefconfig(args) -> int:
     kconf, _ = load(DOT_CONFIG, args.set)
     write_min_config(kconf, Path(args.out))
@@ -126,6 +134,7 @@ def main(argv=None) -> int:
 
     add("defconfig", cmd_defconfig, "load a defconfig strictly").add_argument("name")
     add("olddefconfig", cmd_olddefconfig, "update .config to the current Kconfig tree")
+    add("syncconfig", cmd_syncconfig, "validate .config strictly and regenerate config.py")
     add("savedefconfig", cmd_savedefconfig, "write a minimal defconfig").add_argument("--out", default="defconfig")
     add("list-defconfigs", cmd_list_defconfigs, "list presets")
     add("run", cmd_run, "run the configured plan")

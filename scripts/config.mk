@@ -12,7 +12,7 @@ $(DEFCONFIG_TARGETS): defconfig-%: $(CORE)
 ## menuconfig: edit .config in a terminal menu, then regenerate config.py
 menuconfig: $(CORE)
 	@KCONFIG_CONFIG=.config $(PY) -m menuconfig Kconfig
-	@$(PY) -m kbuild olddefconfig
+	@$(PY) -m kbuild syncconfig || { echo "fix the values above with 'make menuconfig'"; exit 2; }
 
 ## olddefconfig: update .config to the current Kconfig tree (new symbols get defaults)
 olddefconfig: $(CORE)

@@ -24,7 +24,7 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-core
 	@touch $@
 
 .PHONY: setup distclean clean
-## setup: create $(VENV) with torch ($(TORCH_SPEC)) and the core packages
+## setup: create the virtualenv (VENV, default .venv) with pinned torch (TORCH_SPEC) and core packages
 setup: $(CORE)
 
 ## clean: remove Python caches and prepared data (.cache/); runs/ is kept

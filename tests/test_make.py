@@ -103,3 +103,15 @@ def test_failed_run_is_recorded_in_the_plan(repo, make):
 
 def test_run_outside_make_dir_uses_run_make_helper(repo):
     assert run_make(repo, "list-defconfigs").stdout.count("defconfig-") >= 3
+
+
+def test_hand_edited_config_is_validated_strictly(repo, make):
+    make("defconfig-quickstart")
+    dot = repo / ".config"
+    dot.write_text(dot.read_text().replace('CONFIG_LR="2e-3"', 'CONFIG_LR="fast"'))
+    p = make("check", check=False)
+    line = next(i for i, l in enumerate(dot.read_text().splitlines(), 1) if l.startswith("CONFIG_LR="))
+    assert f'.config:{line}: CONFIG_LR="fast": not a number' in p.stderr
+    p = run_make(repo, "menuconfig", check=False, env={"TERM": "dumb"}, timeout=60)
+    assert p.returncode != 0, "menuconfig without a terminal fails instead of writing anything"
+    assert 'CONFIG_LR="fast"' in dot.read_text()
