@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from kbuild.kconfig import (ROOT, ConfigError, load, parse_file, parse_overrides, resolve, values,
+from kbuild.kconfig import (ROOT, ConfigError, load, load_layers, parse_file, parse_overrides, resolve,
                             write_min_config, write_outputs)
 
 from data.corpus import DataError
@@ -72,39 +72,77 @@ def cmd_list_defconfigs(args) -> int:
     for p in sorted(DEFCONFIGS.iterdir()):
         if p.is_file():
             print(f"  defconfig-{p.name:<32} {describe_defconfig(p)}")
+    fragments = DEFCONFIGS / "fragments"
+    if fragments.is_dir():
+        print("\nFragments (for CONFIG_ABLATION_STEPS):")
+        for p in sorted(fragments.iterdir()):
+            if p.is_file():
+                print(f"  {p.name:<42} {describe_defconfig(p)}")
     return 0
 
 
-def overrides_of(cfg, text: str) -> dict:
-    return {a.symbol: cfg[a.symbol] for a in parse_overrides(text)}
-
-
 def cmd_run(args) -> int:
-    kconf, cfg = load(DOT_CONFIG, args.set)
+    layers, _, cfg = load_layers(DOT_CONFIG, args.set)
     if cfg.DRY_RUN:
         return cmd_check(args)
-    from plan.runner import execute
+    from plan.expand import expand
+    from plan.runner import create_plan
 
-    plan = execute(kconf, cfg, overrides_of(cfg, args.set))
-    return 0 if all(r["status"] == "done" for r in plan.runs) else 1
+    plan = create_plan(cfg, expand(layers, cfg), args.set)
+    return finish(plan)
+
+
+def cmd_continue(args) -> int:
+    from plan.runner import claim, newest_unfinished_plan, runs_dir
+
+    root = runs_dir(load(DOT_CONFIG)[1]) if DOT_CONFIG.exists() else ROOT / "runs"
+    plan = newest_unfinished_plan(root)
+    if plan is None:
+        print(f"nothing to continue: every plan under {root} is finished")
+        return 0
+    claim(plan)
+    print(f"continuing {plan.path.name}: " + ", ".join(f"{r['name']} ({r['status']})" for r in plan.runs
+                                                       if r["status"] not in ("done", "rejected")))
+    return finish(plan)
+
+
+def finish(plan) -> int:
+    """Train what is left of a plan, then report."""
+    from plan.report import write_report
+    from plan.runner import execute, print_summary
+
+    execute(plan)
+    print_summary(plan)
+    written = write_report(plan.path)
+    if written:
+        print("report: " + ", ".join(str(p) for p in written))
+    return 0 if all(r["status"] in ("done", "rejected") for r in plan.runs) else 1
+
+
+def cmd_report(args) -> int:
+    from plan.plan import Plan
+    from plan.report import write_report
+    from plan.runner import runs_dir
+
+    if args.plan:
+        path = Path(args.plan)
+    else:
+        root = runs_dir(load(DOT_CONFIG)[1]) if DOT_CONFIG.exists() else ROOT / "runs"
+        plans = [Plan.load(f.parent) for f in root.glob("*/plan.json")]
+        if not plans:
+            print(f"error: no plan under {root}; run 'make' first", file=sys.stderr)
+            return 1
+        path = max(plans, key=lambda p: p.record["created"]).path
+    for p in write_report(path):
+        print(p)
+    return 0
 
 
 def cmd_check(args) -> int:
-    from plan.check import check_config
-    from plan.runner import plan_runs
+    from plan.check import check_plan
 
-    _, cfg = load(DOT_CONFIG, args.set)
-    failures = 0
-    for run in plan_runs(cfg, overrides_of(cfg, args.set)):
-        try:
-            r = check_config(cfg)
-            how = "reduced twin (full model exceeds the CPU budget)" if r["twin"] else "full size"
-            print(f"check {run['name']}: ok: {r['params']:,} params, built at {how}, "
-                  f"2 steps, losses {r['losses'][0]:.3f} -> {r['losses'][1]:.3f}, every parameter got a gradient")
-        except Exception as e:
-            failures += 1
-            print(f"check {run['name']}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-    return 1 if failures else 0
+    layers, _, cfg = load_layers(DOT_CONFIG, args.set)
+    return 1 if check_plan(layers, cfg) else 0
 
 
 def cmd_sample(args) -> int:
@@ -139,6 +177,9 @@ def main(argv=None) -> int:
     add("list-defconfigs", cmd_list_defconfigs, "list presets")
     add("run", cmd_run, "run the configured plan")
     add("check", cmd_check, "CPU dry run of every planned run")
+    add("continue", cmd_continue, "finish the newest unfinished plan")
+    add("report", cmd_report, "table and plots for a plan").add_argument(
+        "--plan", default=os.environ.get("PLAN", ""), help="plan directory (default: $PLAN, else the newest)")
     p = add("sample", cmd_sample, "generate text from a run's checkpoint")
     p.add_argument("--run", default=os.environ.get("RUN_DIR", ""),
                    help="run directory (default: $RUN_DIR, else the newest run with a checkpoint)")

@@ -24,7 +24,7 @@ PREFIX = "CONFIG_"
 
 _SET_RE = re.compile(r"^CONFIG_([A-Za-z0-9_]+)=(.*)$")
 _UNSET_RE = re.compile(r"^# CONFIG_([A-Za-z0-9_]+) is not set$")
-_FLOAT_PROMPT_RE = re.compile(r"\(float(?: ([-+0-9.eE]+)\.\.([-+0-9.eE]+))?\)\s*$")
+_FLOAT_PROMPT_RE = re.compile(r"\(float( list)?(?: ([-+0-9.eE]+)\.\.([-+0-9.eE]+))?\)\s*$")
 
 
 class ConfigError(Exception):
@@ -48,7 +48,7 @@ class Assignment:
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}"
+        return f"{self.source}:{self.line}" if self.line else self.source
 
 
 class Config(dict):
@@ -66,7 +66,7 @@ class Config(dict):
 
 def parse_file(path: str | os.PathLike, snapshot: bool = False) -> list[Assignment]:
     """Assignments of a defconfig, fragment or (with snapshot=True) full .config file, with line numbers."""
-    path = Path(path)
+    path = _shown(Path(path))
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -90,6 +90,14 @@ def parse_file(path: str | os.PathLike, snapshot: bool = False) -> list[Assignme
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def _shown(path: Path) -> Path:
+    """Paths inside the tree are shown relative to its top (defconfigs/x:3), others as given."""
+    try:
+        return path.resolve().relative_to(Path.cwd()) if path.is_absolute() else path
+    except ValueError:
+        return path
 
 
 def parse_overrides(text: str, source: str = "SET") -> list[Assignment]:
@@ -246,11 +254,14 @@ def _check_took(kconf: kconfiglib.Kconfig, a: Assignment) -> str | None:
 
 def _unmet_deps(sym: kconfiglib.Symbol) -> str:
     parts = []
-    for node in sym.nodes:
-        parts.append(kconfiglib.expr_str(node.dep))
-        if node.prompt and node.prompt[1] is not sym.kconfig.y:
-            parts.append(kconfiglib.expr_str(node.prompt[1]))
-    return " && ".join(dict.fromkeys(p for p in parts if p != "y")) or "y"
+    nodes = list(sym.nodes) + (list(sym.choice.nodes) if sym.choice is not None else [])
+    for node in nodes:
+        conds = [node.dep] + ([node.prompt[1]] if node.prompt else [])
+        for cond in conds:
+            text = re.sub(r"( && )?<choice>( && )?", "", kconfiglib.expr_str(cond))
+            if text and text != "y" and text not in parts:
+                parts.append(text)
+    return " && ".join(parts) or "y"
 
 
 def _active_range(sym: kconfiglib.Symbol) -> tuple[int | None, int | None]:
@@ -260,31 +271,46 @@ def _active_range(sym: kconfiglib.Symbol) -> tuple[int | None, int | None]:
     return None, None
 
 
-def float_bounds(sym: kconfiglib.Symbol) -> tuple[float, float] | None:
-    """(lo, hi) for a float symbol (prompt ends in '(float)' or '(float LO..HI)'), else None."""
+@dataclass(frozen=True)
+class FloatSpec:
+    """A string symbol holding a float, or a comma-separated list of floats, within [lo, hi]."""
+
+    is_list: bool
+    lo: float
+    hi: float
+
+    def parse(self, text: str):
+        """The typed value: a float, or a tuple of floats ('' is the empty list). Raises ValueError."""
+        if not self.is_list:
+            return float(text)
+        return tuple(float(item) for item in text.split(",")) if text.strip() else ()
+
+
+def float_spec(sym: kconfiglib.Symbol) -> FloatSpec | None:
+    """How to read a float symbol (prompt ends in '(float)', '(float LO..HI)' or '(float list ...)'), else None."""
     for node in sym.nodes:
         if node.prompt and (m := _FLOAT_PROMPT_RE.search(node.prompt[0])):
-            lo = float(m[1]) if m[1] else float("-inf")
-            hi = float(m[2]) if m[2] else float("inf")
-            return lo, hi
+            return FloatSpec(bool(m[1]), float(m[2]) if m[2] else float("-inf"), float(m[3]) if m[3] else float("inf"))
     return None
 
 
 def _check_floats(kconf: kconfiglib.Kconfig, final: dict[str, Assignment]) -> list[str]:
     problems = []
     for sym in kconf.unique_defined_syms:
-        bounds = float_bounds(sym)
-        if bounds is None or not sym.str_value:
+        spec = float_spec(sym)
+        if spec is None or not kconfiglib.expr_value(sym.direct_dep):
             continue
         a = final.get(sym.name)
         where = a.where if a else f"{sym.nodes[0].filename}:{sym.nodes[0].linenr} (default)"
+        shown = f'CONFIG_{sym.name}="{sym.str_value}"'
         try:
-            x = float(sym.str_value)
+            value = spec.parse(sym.str_value)
         except ValueError:
-            problems.append(f'{where}: CONFIG_{sym.name}="{sym.str_value}": not a number; write a float such as 3e-4')
+            example = "comma-separated floats such as 1e-3,3e-3" if spec.is_list else "a float such as 3e-4"
+            problems.append(f"{where}: {shown}: not a number; write {example}")
             continue
-        if not bounds[0] <= x <= bounds[1]:
-            problems.append(f"{where}: CONFIG_{sym.name}={sym.str_value}: out of range: must be within [{bounds[0]:g}, {bounds[1]:g}]")
+        if any(not spec.lo <= x <= spec.hi for x in (value if spec.is_list else (value,))):
+            problems.append(f"{where}: {shown}: out of range: must be within [{spec.lo:g}, {spec.hi:g}]")
     return problems
 
 
@@ -316,8 +342,8 @@ def _typed(sym: kconfiglib.Symbol):
         return int(s) if s else None
     if sym.orig_type == kconfiglib.HEX:
         return int(s, 16) if s else None
-    if float_bounds(sym) is not None:
-        return float(s) if s else None
+    if (spec := float_spec(sym)) is not None:
+        return spec.parse(s) if s or spec.is_list else None
     if sym.orig_type == kconfiglib.STRING:
         return s
     raise ConfigError([f"CONFIG_{sym.name}: unsupported Kconfig type {kconfiglib.TYPE_TO_STR[sym.orig_type]}"])
@@ -331,10 +357,10 @@ def config_py_text(kconf: kconfiglib.Kconfig) -> str:
     ]
     for sym in kconf.unique_defined_syms:
         v = _typed(sym)
-        kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(v))
+        kind = {bool: "bool", int: "int", float: "float", str: "str", tuple: "tuple[float, ...]"}.get(type(v))
         if v is None:
             kind = {kconfiglib.INT: "int", kconfiglib.HEX: "int", kconfiglib.STRING: "str"}[sym.orig_type]
-            if float_bounds(sym) is not None:
+            if float_spec(sym) is not None:
                 kind = "float"
             kind += " | None"
         lines.append(f"{sym.name}: {kind} = {v!r}")
@@ -395,14 +421,53 @@ def write_min_config(kconf: kconfiglib.Kconfig, path: Path) -> None:
 
 def load(dot_config: str | os.PathLike, overrides: str = "") -> tuple[kconfiglib.Kconfig, Config]:
     """Resolve a .config (strictly) plus SET overrides; return the tree and typed values."""
+    _, kconf, cfg = load_layers(dot_config, overrides)
+    return kconf, cfg
+
+
+def load_layers(dot_config: str | os.PathLike, overrides: str = ""):
+    """As load(), also returning the assignment layers (for plans that add layers on top)."""
     path = Path(dot_config)
     if not path.exists():
         raise ConfigError([f"{path}: no configuration yet: run 'make defconfig-<name>' "
                            f"(see 'make list-defconfigs') or 'make menuconfig' first"])
+    layers = [parse_file(path, snapshot=True), parse_overrides(overrides)]
     try:
-        kconf, _ = resolve(parse_file(path, snapshot=True), parse_overrides(overrides))
+        kconf, _ = resolve(*layers)
     except ConfigError as e:
         hint = (f"(if {path} was written by an older version of the Kconfig tree, "
                 f"'make olddefconfig' updates it)")
         raise ConfigError(e.problems + [hint]) from None
-    return kconf, values(kconf)
+    return layers, kconf, values(kconf)
+
+
+def drift(path: str | os.PathLike) -> list[str]:
+    """Problems with a defconfig or fragment: invalid, or not equal to its own savedefconfig output.
+
+    Catches a Kconfig change (a new default, a renamed option) that would silently change a preset.
+    """
+    try:
+        mine = parse_file(path)
+        kconf, _ = resolve(mine)
+    except ConfigError as e:
+        return e.problems
+    fd, tmp = tempfile.mkstemp(suffix=".defconfig")
+    os.close(fd)
+    try:
+        kconf.write_min_config(tmp, header="")
+        minimal = {a.symbol: a.value for a in parse_file(tmp)}
+    finally:
+        os.unlink(tmp)
+    written = {a.symbol: a.value for a in mine}
+    problems = []
+    for sym in sorted(set(written) | set(minimal)):
+        if written.get(sym) == minimal.get(sym):
+            continue
+        if sym not in minimal:
+            problems.append(f"{path}: CONFIG_{sym}={written[sym]} equals the Kconfig default, so savedefconfig omits it; remove the line")
+        elif sym not in written:
+            problems.append(f"{path}: savedefconfig adds CONFIG_{sym}={minimal[sym]}: the preset's "
+                            f"meaning changed; add the line or fix the Kconfig change that caused it")
+        else:
+            problems.append(f"{path}: CONFIG_{sym}={written[sym]} resolves as {minimal[sym]}")
+    return problems

@@ -21,26 +21,28 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def run_name(differences: dict[str, object]) -> str:
-    """The one function that names runs: what differs from the base, readable and filesystem-safe.
+def run_name(parts: list[tuple[str, object]]) -> str:
+    """The one function that names runs: readable, filesystem-safe, stable for the same parts.
 
-    {} -> "base"; {"LR": 3e-4, "SEED": 1} -> "lr3e-4-seed1"; bools -> "qk_norm" / "no-qk_norm".
+    ``parts`` are (key, value) pairs saying what sets a run apart from the base, in a fixed order:
+    [] -> "base"; [("", "adamw"), ("lr", 3e-4), ("seed", 1)] -> "adamw-lr3e-4-seed1";
+    [("", "rope+rmsnorm")] -> "rope+rmsnorm".
     """
-    if not differences:
+    if not parts:
         return "base"
-    parts = []
-    for sym, value in differences.items():
-        key = sym.lower()
-        if value is True:
-            parts.append(key)
-        elif value is False:
-            parts.append(f"no-{key}")
-        else:
-            text = f"{value:g}" if isinstance(value, float) else str(value)
-            text = re.sub(r"e([+-])0*(\d)", lambda m: f"e{'-' if m[1] == '-' else ''}{m[2]}", text)
-            parts.append(f"{key}{text}")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)).strip("._-")
+    words = [f"{key}{_short(value)}" for key, value in parts]
+    name = re.sub(r"[^A-Za-z0-9.+_-]+", "_", "-".join(words)).strip("._-")
     return name[:120] or "run"
+
+
+def _short(value: object) -> str:
+    """3e-4 -> '3e-4', 0.5 -> '0.5', 2e-05 -> '2e-5'; other values as str()."""
+    if not isinstance(value, float):
+        return str(value)
+    if value and (abs(value) < 1e-2 or abs(value) >= 1e4):
+        mantissa, exponent = f"{value:.6e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}"
 
 
 class Plan:
@@ -83,15 +85,17 @@ class Plan:
     def run_dir(self, name: str) -> Path:
         return self.path / name
 
+    def run_by_name(self, name: str) -> dict:
+        for run in self.runs:
+            if run["name"] == name:
+                return run
+        raise KeyError(f"no run {name!r} in plan {self.path}")
+
     def update(self, name: str, **fields) -> None:
         if "status" in fields and fields["status"] not in STATUSES:
             raise ValueError(f"unknown run status {fields['status']!r}")
-        for run in self.runs:
-            if run["name"] == name:
-                run.update(fields)
-                self.save()
-                return
-        raise KeyError(f"no run {name!r} in plan {self.path}")
+        self.run_by_name(name).update(fields)
+        self.save()
 
 
 def newest_run_dir(runs_dir: Path) -> Path | None:

@@ -1,24 +1,24 @@
-"""Execute a plan: resolve each run into its own directory, then train them one by one."""
+"""Execute a plan: resolve each run into its own directory, then train them.
+
+Runs go one after another on a CPU machine; on a machine with N GPUs, N at
+once, one per GPU. A failed run is recorded in plan.json and the plan goes on.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kbuild.kconfig import ROOT, Config, write_outputs
-from plan.plan import Plan, now, run_name
+from plan.expand import RunSpec, mode_of
+from plan.plan import PLAN_FILE, Plan, now
 
-
-def plan_runs(cfg: Config, overrides: dict[str, object]) -> list[dict]:
-    """The runs the configuration describes (single mode: one run)."""
-    if cfg.RUN_ABLATION or cfg.RUN_MATRIX:
-        mode = "RUN_ABLATION" if cfg.RUN_ABLATION else "RUN_MATRIX"
-        raise NotImplementedError(f"CONFIG_{mode}=y: ablation and matrix plans are not available in this "
-                                  f"version; select RUN_SINGLE (make menuconfig, Run mode)")
-    return [{"name": run_name({}), "overrides": overrides}]
+UNFINISHED = ("pending", "running", "failed", "interrupted")
 
 
 def runs_dir(cfg: Config) -> Path:
@@ -26,38 +26,91 @@ def runs_dir(cfg: Config) -> Path:
     return p if p.is_absolute() else ROOT / p
 
 
-def execute(kconf, cfg: Config, overrides: dict[str, object]) -> Plan:
-    """Create the plan, resolve every run into its directory, run them all; return the plan."""
-    from data.prepare import prepare
-
-    runs = plan_runs(cfg, overrides)
-    data = prepare(cfg, ROOT)  # before any run starts: data errors stop the plan early
-    plan = Plan.create(runs_dir(cfg), cfg.PLAN_NAME, "single", runs)
-    print(f"plan: {plan.path} ({len(runs)} run{'s' if len(runs) != 1 else ''})", flush=True)
-    for run in plan.runs:
-        write_outputs(kconf, plan.run_dir(run["name"]) / ".config", plan.run_dir(run["name"]) / "config.py")
-    for run in plan.runs:
-        train_one(plan, run["name"])
-    print_summary(plan, data.manifest)
+def create_plan(cfg: Config, specs: list[RunSpec], overrides: str = "") -> Plan:
+    """Write runs/<plan>/plan.json and every run's resolved .config/config.py before anything runs."""
+    records = [{"name": s.name, "baseline": s.baseline, "differences": s.differences} for s in specs]
+    plan = Plan.create(runs_dir(cfg), cfg.PLAN_NAME, mode_of(cfg), records)
+    plan.record.update(set=overrides, runner_pid=os.getpid())
+    for spec in specs:
+        if spec.rejected:
+            plan.update(spec.name, status="rejected", error=spec.error)
+        else:
+            run_dir = plan.run_dir(spec.name)
+            write_outputs(spec.kconf, run_dir / ".config", run_dir / "config.py")
     return plan
 
 
-def train_one(plan: Plan, name: str) -> None:
-    """Train one run in a child process; a failure is recorded, never raised."""
-    run_dir = plan.run_dir(name)
-    plan.update(name, status="running", start=now(), error=None)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def execute(plan: Plan) -> Plan:
+    """Train every unfinished run of ``plan`` (interrupted ones resume from their checkpoint)."""
+    from data.prepare import prepare
+    from kbuild.kconfig import load
+
+    todo = []
+    for name in [r["name"] for r in plan.runs if r["status"] in UNFINISHED]:
+        try:  # prepare data up front: data errors show before hours of training
+            prepare(load(plan.run_dir(name) / ".config")[1], ROOT)
+            todo.append(name)
+        except Exception as e:
+            plan.update(name, status="failed", error=f"data: {type(e).__name__}: {e}", end=now())
+    print(f"plan: {plan.path} ({len(plan.runs)} runs, {len(todo)} to train)", flush=True)
+    slots = _device_slots()
+    active: dict[str, tuple[subprocess.Popen, str | None]] = {}
+    queue = list(todo)
+    while queue or active:
+        while queue and len(active) < len(slots):
+            name = queue.pop(0)
+            free = [s for s in slots if s not in {slot for _, slot in active.values()}][0]
+            active[name] = (_start(plan, name, free), free)
+        for name, (proc, _) in list(active.items()):
+            if proc.poll() is not None:
+                _finish(plan, name, proc.returncode)
+                del active[name]
+        time.sleep(0.2)
+    return plan
+
+
+def _device_slots() -> list[str | None]:
+    """One slot per visible GPU (runs are pinned with CUDA_VISIBLE_DEVICES), else one CPU slot."""
     try:
-        code = subprocess.call([sys.executable, "-m", "train", str(run_dir)], cwd=ROOT, env=env)
-    except KeyboardInterrupt:
-        plan.update(name, status="interrupted", end=now(), error="interrupted by the user")
-        raise
-    summary = read_summary(run_dir)
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:
+        n = 0
+    return [str(i) for i in range(n)] if n > 1 else [None]
+
+
+def _start(plan: Plan, name: str, gpu: str | None) -> subprocess.Popen:
+    run_dir = plan.run_dir(name)
+    record = plan.run_by_name(name)
+    resume = record["status"] in ("interrupted", "running") and (run_dir / "ckpt.pt").exists()
+    if not resume:
+        _clear_outputs(run_dir)
+    plan.update(name, status="running", start=now(), end=None, error=None)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    args = [sys.executable, "-m", "train", str(run_dir)] + (["--resume"] if resume else [])
+    print(f"\n--- run {name}{' (resuming from its checkpoint)' if resume else ''} ---", flush=True)
+    return subprocess.Popen(args, cwd=ROOT, env=env)
+
+
+def _clear_outputs(run_dir: Path) -> None:
+    """A run that starts over keeps only its resolved configuration."""
+    for p in run_dir.iterdir():
+        if p.name not in (".config", "config.py"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _finish(plan: Plan, name: str, code: int) -> None:
+    summary = read_summary(plan.run_dir(name))
     if code == 0 and summary.get("status") == "done":
         plan.update(name, status="done", end=now())
+    elif code in (130, -2, -15, 143):
+        plan.update(name, status="interrupted", end=now(), error="interrupted")
     else:
-        error = summary.get("error") or f"training exited with code {code}; see {run_dir / 'train.log'}"
-        plan.update(name, status="interrupted" if code == 130 else "failed", end=now(), error=error)
+        error = summary.get("error") or f"training exited with code {code}; see {plan.run_dir(name) / 'train.log'}"
+        plan.update(name, status="failed", end=now(), error=error)
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -67,15 +120,54 @@ def read_summary(run_dir: Path) -> dict:
         return {}
 
 
-def print_summary(plan: Plan, manifest: dict) -> None:
-    print(f"\n=== plan {plan.path.name} ===")
+def newest_unfinished_plan(root: Path) -> Plan | None:
+    """The most recently created plan with a run still to do (by plan.json, never by logs)."""
+    plans = []
+    for f in Path(root).glob(f"*/{PLAN_FILE}"):
+        plan = Plan.load(f.parent)
+        if any(r["status"] in UNFINISHED for r in plan.runs):
+            plans.append(plan)
+    return max(plans, key=lambda p: p.record["created"], default=None)
+
+
+def claim(plan: Plan) -> None:
+    """Refuse to run a plan another live process is running; mark its stale 'running' runs interrupted."""
+    pid = plan.record.get("runner_pid")
+    if pid and pid != os.getpid() and _alive(pid):
+        raise RuntimeError(f"plan {plan.path.name} is being run by process {pid}; wait for it or stop it first")
+    plan.record["runner_pid"] = os.getpid()
+    for run in plan.runs:
+        if run["status"] == "running":
+            run.update(status="interrupted", error="the process running it stopped")
+    plan.save()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process nobody has reaped yet (a zombie) is not running anything
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def print_summary(plan: Plan) -> None:
+    print(f"\n=== plan {plan.path.name} ({plan.record['mode']}) ===")
     for run in plan.runs:
         run_dir = plan.run_dir(run["name"])
         s = read_summary(run_dir)
-        print(f"run directory:   {run_dir}")
         if run["status"] != "done":
-            print(f"status:          {run['status']}: {run['error']}")
+            print(f"{run['name']}: {run['status']}: {run['error']}")
             continue
+        if len(plan.runs) > 1:
+            print(f"{run['name']}: val {s['final_val_loss']:.4f} (best {s['best_val_loss']:.4f}), "
+                  f"{s['tokens_per_s']:,.0f} tokens/s, {s['wall_time_s']:.0f}s")
+            continue
+        print(f"run directory:   {run_dir}")
         print(f"final loss:      train {s['final_train_loss']:.4f} | val {s['final_val_loss']:.4f} "
               f"(best val {s['best_val_loss']:.4f} at step {s['best_val_step']})")
         print(f"unigram entropy: {s['unigram_entropy_nats']:.4f} nats/token (a model that ignores context)")
@@ -85,6 +177,7 @@ def print_summary(plan: Plan, manifest: dict) -> None:
         print(f"throughput:      {speed} on {s['device']}")
         print(f"wall time:       {s['wall_time_s']:.1f}s for {s['steps']} steps, {s['params']:,} parameters")
         print(f"sample:\n{s['sample']}")
-    failed = [r["name"] for r in plan.runs if r["status"] != "done"]
+    failed = [r["name"] for r in plan.runs if r["status"] not in ("done", "rejected")]
     if failed:
-        print(f"\n{len(failed)} run(s) did not finish: {', '.join(failed)} (details in {plan.path / 'plan.json'})")
+        print(f"\n{len(failed)} run(s) did not finish: {', '.join(failed)} (details in {plan.path / PLAN_FILE}; "
+              f"'make continue' retries them)")

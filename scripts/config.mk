@@ -1,6 +1,6 @@
 # Configuration: every assignment is validated by kbuild/kconfig.py (kconfiglib).
 
-DEFCONFIGS := $(sort $(notdir $(wildcard defconfigs/*)))
+DEFCONFIGS := $(filter-out fragments,$(sort $(notdir $(wildcard defconfigs/*))))
 DEFCONFIG_TARGETS := $(addprefix defconfig-,$(DEFCONFIGS))
 
 .PHONY: $(DEFCONFIG_TARGETS) menuconfig olddefconfig savedefconfig list-defconfigs
@@ -22,6 +22,6 @@ olddefconfig: $(CORE)
 savedefconfig: $(CORE)
 	@$(PY) -m kbuild savedefconfig --out defconfig
 
-## list-defconfigs: list the presets in defconfigs/ with their descriptions
+## list-defconfigs: list the presets in defconfigs/ and the fragments, with their descriptions
 list-defconfigs: $(CORE)
 	@$(PY) -m kbuild list-defconfigs

@@ -1,14 +1,22 @@
 # Running what .config describes. SET="SYM=value ..." applies to this invocation only.
 
-.PHONY: run check sample bench
+.PHONY: run check continue report sample bench bench-check
 
 ## run: (default) run the plan .config describes; results in RUNS_DIR/<plan>/<run>/
 run: $(CORE)
 	@$(PY) -m kbuild run
 
-## check: CPU dry run: build every planned run's model and take two optimizer steps
+## check: CPU dry run of every planned run: build, two steps, gradients, memory fit; preset drift
 check: $(CORE)
 	@$(PY) -m kbuild check
+
+## continue: finish the newest unfinished plan (never redoes a done run)
+continue: $(CORE)
+	@$(PY) -m kbuild continue
+
+## report: table (markdown, CSV) and plots for the newest plan (PLAN=runs/<plan> to choose)
+report: $(CORE)
+	@$(PY) -m kbuild report
 
 ## sample: generate text from the newest run (RUN_DIR=, PROMPT=, TOKENS= to choose)
 sample: $(CORE)
@@ -17,3 +25,7 @@ sample: $(CORE)
 ## bench: measure training tokens/s and FLOP/s of the configured model on this machine
 bench: $(CORE)
 	@$(PY) scripts/bench.py
+
+## bench-check: time 'make check' on the ablation and matrix presets (seconds per run)
+bench-check: $(CORE)
+	@$(PY) scripts/bench_check.py

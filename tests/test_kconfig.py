@@ -9,7 +9,7 @@ from pathlib import Path
 import kconfiglib
 import pytest
 
-from kbuild.kconfig import (ROOT, Assignment, ConfigError, config_py_text, float_bounds, parse_file,
+from kbuild.kconfig import (ROOT, Assignment, ConfigError, config_py_text, float_spec, parse_file,
                             parse_overrides, resolve, values, write_min_config, write_outputs)
 
 DEFCONFIGS = sorted(p for p in (ROOT / "defconfigs").iterdir() if p.is_file())
@@ -147,9 +147,9 @@ def test_every_visible_symbol_has_help_and_float_defaults_parse():
             if node.prompt:
                 assert node.help, f"{node.filename}:{node.linenr}: {sym.name or 'choice'} has no help text"
     for sym in kconf.unique_defined_syms:
-        bounds = float_bounds(sym)
-        if bounds and sym.str_value:
-            assert bounds[0] <= float(sym.str_value) <= bounds[1], sym.name
+        spec = float_spec(sym)
+        if spec and sym.str_value and not spec.is_list:
+            assert spec.lo <= float(sym.str_value) <= spec.hi, sym.name
 
 
 def test_contract_symbols_exist_with_their_types():

@@ -25,7 +25,7 @@ class Tee:
         self.file.flush()
 
 
-def main(run_dir: Path) -> int:
+def main(run_dir: Path, resume: bool = False) -> int:
     log = Tee(run_dir / "train.log")
     try:
         from data.prepare import prepare
@@ -33,7 +33,10 @@ def main(run_dir: Path) -> int:
 
         _, cfg = load(run_dir / ".config")
         data = prepare(cfg, ROOT, log=log)
-        summary = Trainer(cfg, data, run_dir, log=log).run()
+        trainer = Trainer(cfg, data, run_dir, log=log)
+        if resume:
+            trainer.resume()
+        summary = trainer.run()
         write_summary(run_dir, summary)
         return 0
     except KeyboardInterrupt:
@@ -48,6 +51,7 @@ def main(run_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m train RUN_DIR")
-    sys.exit(main(Path(sys.argv[1])))
+    args = sys.argv[1:]
+    if len(args) not in (1, 2) or (len(args) == 2 and args[1] != "--resume"):
+        sys.exit("usage: python -m train RUN_DIR [--resume]")
+    sys.exit(main(Path(args[0]), resume=len(args) == 2))

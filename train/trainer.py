@@ -55,6 +55,7 @@ class Trainer:
         self.eval_sets = {split: Batches(data, split, cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED + 1)
                           for split in ("train", "val")}
         self.tokens_per_step = cfg.MICRO_BATCH * cfg.GRAD_ACCUM * cfg.BLOCK_SIZE
+        self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -94,7 +95,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
 
-    def save_checkpoint(self, step: int, val_loss: float | None) -> None:
+    def save_checkpoint(self, step: int, val_loss: float | None, elapsed: float) -> None:
         checkpoint.save(self.run_dir / checkpoint.CHECKPOINT, {
             "format": 1,
             "step": step,
@@ -105,7 +106,27 @@ class Trainer:
             "tokenizer": self.tokenizer.spec,
             "config": dict(self.cfg),
             "val_loss": val_loss,
+            "best_val_loss": self.best_val,
+            "best_val_step": self.best_step,
+            "wall_time_s": elapsed,
+            "data_rng": self.batches.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
         })
+
+    def resume(self) -> None:
+        """Continue from the run directory's checkpoint: weights, optimizer, step, data position, RNG."""
+        state = checkpoint.load(self.run_dir / checkpoint.CHECKPOINT)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.generator.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.start_step, self.elapsed_before = state["step"], state["wall_time_s"]
+        self.best_val, self.best_step = state["best_val_loss"], state["best_val_step"]
+        metrics = self.run_dir / "metrics.jsonl"  # drop what the interrupted attempt logged after the checkpoint
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.start_step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        self.log(f"resumed from step {self.start_step} ({self.start_step * self.tokens_per_step:,} tokens)")
 
     def run(self) -> dict:
         cfg, log = self.cfg, self.log
@@ -117,11 +138,11 @@ class Trainer:
         log(f"device: {self.device_name}, dtype {self.dtype}, compile {'on' if cfg.COMPILE else 'off'}, "
             f"{self.tokens_per_step:,} tokens/step")
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        best_val, best_step, last_eval = float("inf"), 0, {}
+        last_eval = {}
         train_time, interval_steps = 0.0, 0
-        start = time.time()
+        start = time.time() - self.elapsed_before
         interval_start, paused = time.perf_counter(), 0.0  # paused: eval and checkpoint time, not counted
-        step = 0
+        step = self.start_step
         try:
             while step < cfg.MAX_ITERS:
                 loss, grad_norm = self.train_step(step)
@@ -147,31 +168,34 @@ class Trainer:
                 pause_start = time.perf_counter()
                 if step % cfg.EVAL_INTERVAL == 0 or is_last:
                     last_eval = self.evaluate()
-                    if last_eval["val"] < best_val:
-                        best_val, best_step = last_eval["val"], step
+                    if last_eval["val"] < self.best_val:
+                        self.best_val, self.best_step = last_eval["val"], step
                     metrics.write(step=step, tokens=step * self.tokens_per_step, val_loss=last_eval["val"],
                                   train_eval_loss=last_eval["train"], elapsed_s=time.time() - start)
                     log(f"eval step {step}: train {last_eval['train']:.4f} | val {last_eval['val']:.4f}")
                 if cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0 and not is_last:
-                    self.save_checkpoint(step, last_eval.get("val"))
+                    self.save_checkpoint(step, last_eval.get("val"), time.time() - start)
                 paused += time.perf_counter() - pause_start
                 if is_last:
                     break
         finally:
             metrics.close()
-        self.save_checkpoint(step, last_eval.get("val"))
+        if not last_eval:  # resumed at the very end: nothing left to train
+            last_eval = self.evaluate()
+            self.best_val = min(self.best_val, last_eval["val"])
+        self.save_checkpoint(step, last_eval.get("val"), time.time() - start)
         sample = generate_text(self.model, self.tokenizer, cfg.SAMPLE_PROMPT, cfg.SAMPLE_TOKENS,
                                cfg.SAMPLE_TEMPERATURE, cfg.SAMPLE_TOP_K, self.device, cfg.SEED)
         (self.run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
-        tokens_per_s = step * self.tokens_per_step / train_time
+        tokens_per_s = (step - self.start_step) * self.tokens_per_step / train_time if train_time else 0.0
         return {
             "status": "done",
             "steps": step,
             "tokens": step * self.tokens_per_step,
             "final_train_loss": last_eval["train"],
             "final_val_loss": last_eval["val"],
-            "best_val_loss": best_val,
-            "best_val_step": best_step,
+            "best_val_loss": self.best_val,
+            "best_val_step": self.best_step,
             "unigram_entropy_nats": self.data.manifest["unigram_entropy_nats"],
             "tokens_per_s": tokens_per_s,
             "flops_per_s": flops_per_token * tokens_per_s,

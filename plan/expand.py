@@ -1,0 +1,179 @@
+"""Expand a configuration into the runs of its plan: single, ablation or matrix.
+
+Every run is the base layers (.config, SET) plus its own layers (fragments for
+an ablation step, axis assignments for a matrix cell), resolved through
+kconfiglib. A run whose assignments do not take is kept in the plan as
+rejected, with Kconfig's reason; it never runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import kconfiglib
+
+from kbuild.kconfig import ROOT, Assignment, Config, ConfigError, new_kconfig, parse_file, resolve, values
+from plan.plan import run_name
+
+FRAGMENTS = ROOT / "defconfigs" / "fragments"
+PLAN_KCONFIG = "plan/Kconfig"  # symbols that describe the plan itself, not a run
+MATRIX_PREFIX = "MATRIX_"
+
+
+@dataclass
+class RunSpec:
+    name: str
+    layers: list[list[Assignment]] = field(default_factory=list)
+    baseline: bool = False
+    kconf: kconfiglib.Kconfig | None = None
+    cfg: Config | None = None
+    differences: dict = field(default_factory=dict)
+    error: str | None = None  # set for a rejected run
+
+    @property
+    def rejected(self) -> bool:
+        return self.error is not None
+
+
+def mode_of(cfg: Config) -> str:
+    return "ablation" if cfg.RUN_ABLATION else "matrix" if cfg.RUN_MATRIX else "single"
+
+
+def expand(base_layers: list[list[Assignment]], base_cfg: Config) -> list[RunSpec]:
+    """The plan's runs, each resolved (or rejected). Raises ConfigError for a broken plan definition."""
+    mode = mode_of(base_cfg)
+    if mode == "ablation":
+        specs = ablation_runs(base_cfg)
+    elif mode == "matrix":
+        specs = matrix_runs(base_cfg)
+    else:
+        specs = [RunSpec("base", baseline=True)]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError([f"the plan names two runs alike: {', '.join(dupes)}; give ablation steps distinct names"])
+    # Each run's own config is a single run: the plan-describing assignments stay with the plan.
+    single = [Assignment("RUN_SINGLE", "y", "plan", 0)]
+    plan_syms = plan_symbols()
+    run_base = [[a for a in layer if a.symbol not in plan_syms] for layer in base_layers]
+    for spec in specs:
+        try:
+            spec.kconf, _ = resolve(*run_base, *spec.layers, single)
+        except ConfigError as e:
+            spec.error = "; ".join(e.problems)
+            continue
+        spec.cfg = values(spec.kconf)
+        spec.differences = differences(base_cfg, spec.cfg, spec.kconf)
+    return specs
+
+
+def plan_symbols() -> set[str]:
+    """The run-mode options and everything that depends on the ablation or matrix mode."""
+    kconf = new_kconfig()
+    modes = {kconf.syms[n] for n in ("RUN_SINGLE", "RUN_ABLATION", "RUN_MATRIX")}
+    def deps(sym) -> set:
+        items = set(kconfiglib.expr_items(sym.direct_dep))
+        return items | (set(kconfiglib.expr_items(sym.choice.direct_dep)) if sym.choice else set())
+
+    return {s.name for s in kconf.unique_defined_syms if s in modes or modes & deps(s)}
+
+
+# --------------------------------------------------------------------------- ablation
+
+
+def parse_steps(text: str) -> list[tuple[str, list[str]]]:
+    """ "rope llama=rmsnorm+swiglu" -> [("rope", ["rope"]), ("llama", ["rmsnorm", "swiglu"])]"""
+    steps = []
+    for item in text.split():
+        name, sep, frags = item.partition("=")
+        fragments = (frags if sep else name).split("+")
+        if not name or not all(fragments):
+            raise ConfigError([f"CONFIG_ABLATION_STEPS: malformed step {item!r}: write FRAGMENT or NAME=FRAG1+FRAG2"])
+        steps.append((name, fragments))
+    return steps
+
+
+def fragment_path(name: str) -> Path:
+    path = FRAGMENTS / name
+    if not path.is_file():
+        known = ", ".join(sorted(p.name for p in FRAGMENTS.iterdir() if p.is_file())) if FRAGMENTS.is_dir() else ""
+        raise ConfigError([f"CONFIG_ABLATION_STEPS: no fragment {name!r} in {FRAGMENTS}/"
+                           f" (have: {known or 'none'})"])
+    return path
+
+
+def ablation_runs(cfg: Config) -> list[RunSpec]:
+    steps = parse_steps(cfg.ABLATION_STEPS or "")
+    if not steps:
+        raise ConfigError(["CONFIG_ABLATION_STEPS is empty: name at least one fragment, e.g. \"rope rmsnorm\""])
+    specs = [RunSpec(run_name([]), baseline=True)] if cfg.ABLATION_BASELINE else []
+    applied: list[list[Assignment]] = []
+    for name, fragments in steps:
+        layers = [parse_file(fragment_path(f)) for f in fragments]
+        applied = applied + layers if cfg.ABLATION_CUMULATIVE else layers
+        specs.append(RunSpec(run_name([("", name)]), layers=list(applied)))
+    return specs
+
+
+# --------------------------------------------------------------------------- matrix
+
+
+def matrix_axes(cfg: Config, kconf_syms: dict) -> list[list[tuple[str, list[Assignment]]]]:
+    """Axes as lists of (label, assignments). Choice axes come from ticked MATRIX_<OPTION> symbols."""
+    by_choice: dict[object, list[str]] = {}
+    for name, ticked in cfg.items():
+        if not (name.startswith(MATRIX_PREFIX) and ticked is True):
+            continue
+        option = kconf_syms.get(name[len(MATRIX_PREFIX):])
+        if option is None or option.choice is None:
+            raise ConfigError([f"CONFIG_{name}: {name[len(MATRIX_PREFIX):]} is not an option of a Kconfig choice"])
+        by_choice.setdefault(option.choice, []).append(option.name)
+    axes = []
+    for choice, options in by_choice.items():
+        prefix = os.path.commonprefix([s.name for s in choice.syms])
+        prefix = prefix[:prefix.rfind("_") + 1]  # whole words: OPT_ADAMW -> "adamw" even when alone
+        axes.append([(o[len(prefix):].lower(), [Assignment(o, "y", f"matrix axis CONFIG_{MATRIX_PREFIX}{o}", 0)])
+                     for o in options])
+    if cfg.MATRIX_LRS:
+        axes.append([(f"lr{_lr_text(lr)}", [Assignment("LR", f'"{lr!r}"', "matrix axis CONFIG_MATRIX_LRS", 0)])
+                     for i, lr in enumerate(cfg.MATRIX_LRS)])
+    if cfg.MATRIX_SEEDS > 1:
+        axes.append([(f"seed{cfg.SEED + i}", [Assignment("SEED", str(cfg.SEED + i), "matrix axis CONFIG_MATRIX_SEEDS", 0)])
+                     for i in range(cfg.MATRIX_SEEDS)])
+    return axes
+
+
+def _lr_text(lr: float) -> str:
+    return run_name([("", lr)])
+
+
+def matrix_runs(cfg: Config) -> list[RunSpec]:
+    axes = matrix_axes(cfg, new_kconfig().syms)
+    specs = []
+    for cell in itertools.product(*axes):
+        # An axis with one value is still named: it is what differs from the base.
+        name = run_name([("", label) for label, _ in cell])
+        specs.append(RunSpec(name, layers=[[a for _, assignments in cell for a in assignments]],
+                             baseline=not cell))
+    return specs
+
+
+# --------------------------------------------------------------------------- differences
+
+
+def differences(base: Config, run: Config, kconf: kconfiglib.Kconfig) -> dict:
+    """User-facing symbols whose value differs from the base (choices: only the newly selected option)."""
+    out = {}
+    for sym in kconf.unique_defined_syms:
+        name = sym.name
+        if base.get(name) == run[name] or sym.nodes[0].filename == PLAN_KCONFIG:
+            continue
+        if sym.visibility == 0:
+            continue  # derived (e.g. N_LAYER from a size preset); its cause is listed instead
+        if sym.choice is not None and run[name] is not True:
+            continue
+        out[name] = run[name]
+    return out

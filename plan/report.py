@@ -1,0 +1,280 @@
+"""The report of a plan: report.md, report.csv and PNG plots written into runs/<plan>/.
+
+Inputs are what the runner leaves behind: plan.json (runs, status, differences from the base),
+each run's summary.json and metrics.jsonl. Any of the per-run files may be missing or partial
+(pending, rejected, failed or interrupted runs), so every reader tolerates that.
+
+Plots are drawn on a bare ``Figure`` with the Agg canvas, never through pyplot: no global
+backend is switched and no figure is left open, so other matplotlib users are unaffected.
+Every file is written atomically (temporary name in the same folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from kbuild.kconfig import write_text_if_changed
+
+PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "final_val_loss.png", "tokens_per_s.png")
+COLUMNS = ("run", "status", "baseline", "differs_from_base", "params", "tokens_per_s", "mfu",
+           "final_val_loss", "best_val_loss", "best_val_step", "steps", "wall_time_s", "error")
+NUMERIC = ("params", "tokens_per_s", "mfu", "final_val_loss", "best_val_loss", "best_val_step", "steps",
+           "wall_time_s")
+DASH = "–"
+
+
+# --------------------------------------------------------------------------- reading
+
+def _parse(text: str) -> dict:
+    """A JSON object, or {} for torn or non-object text."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+
+
+def _read_evals(path: Path) -> list[dict]:
+    """Evaluation lines of metrics.jsonl; a torn last line (run killed mid-write) is skipped."""
+    return [e for e in map(_parse, _read(path).splitlines()) if _num(e.get("val_loss")) is not None]
+
+
+def _num(value) -> float | None:
+    """A finite number, or None (missing, null, NaN, bool or text)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
+
+
+def load_rows(plan_dir: Path) -> tuple[dict, list[dict]]:
+    """plan.json and one row per run in plan order: the plan record merged with its summary."""
+    record = json.loads((plan_dir / "plan.json").read_text(encoding="utf-8"))
+    rows = []
+    for run in record.get("runs", []):
+        run_dir = plan_dir / run["name"]
+        summary = _parse(_read(run_dir / "summary.json"))
+        rows.append({"name": run["name"], "status": run.get("status", "pending"),
+                     "baseline": bool(run.get("baseline")), "differences": run.get("differences") or {},
+                     "error": run.get("error") or summary.get("error"),
+                     "summary": summary, "evals": _read_evals(run_dir / "metrics.jsonl")})
+    return record, rows
+
+
+# --------------------------------------------------------------------------- tables
+
+def format_differences(row: dict) -> str:
+    """``LR=0.0003, POS_ROPE=y``; bools as y/n, like a .config; "(baseline)" for the baseline."""
+    if row["baseline"]:
+        return "(baseline)"
+    return ", ".join(f"{sym}={'y' if v is True else 'n' if v is False else v}"
+                     for sym, v in row["differences"].items())
+
+
+def _values(row: dict) -> dict:
+    """The report's fields of one run, numbers raw (None when the run has no such value)."""
+    s = row["summary"]
+    return {"run": row["name"], "status": row["status"], "baseline": row["baseline"],
+            "differs_from_base": format_differences(row), "error": row["error"],
+            **{k: _num(s.get(k)) for k in NUMERIC}}
+
+
+def format_csv(rows: list[dict]) -> str:
+    """Machine-readable rows: numbers unformatted, missing values empty."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in _values(row).items()})
+    return out.getvalue()
+
+
+def _fmt(value, spec: str) -> str:
+    return DASH if value is None else format(value, spec)
+
+
+def _short(text, limit: int = 80) -> str:
+    text = " ".join(str(text or "").split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def format_table(rows: list[dict]) -> str:
+    """The markdown table: one row per run, in plan order."""
+    head = ["run", "status", "differs from base", "params", "tokens/s", "MFU", "final val loss",
+            "best val loss", "wall time", "error"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        v = _values(row)
+        mfu = DASH if v["mfu"] is None else f"{100 * v['mfu']:.1f}%"
+        cells = [f"`{row['name']}`", row["status"], _short(v["differs_from_base"], 120) or DASH,
+                 _fmt(v["params"], ",.0f"), _fmt(v["tokens_per_s"], ",.0f"), mfu,
+                 _fmt(v["final_val_loss"], ".4f"), _fmt(v["best_val_loss"], ".4f"),
+                 _fmt(v["wall_time_s"], ".1f") + ("s" if v["wall_time_s"] is not None else ""),
+                 _short(row["error"]) if row["status"] in ("failed", "rejected", "interrupted") else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best_line(rows: list[dict]) -> str | None:
+    """The best done run by final val loss, and its delta vs the baseline when one finished."""
+    done = [r for r in rows if r["status"] == "done" and _num(r["summary"].get("final_val_loss")) is not None]
+    if not done:
+        return None
+    best = min(done, key=lambda r: r["summary"]["final_val_loss"])
+    loss = best["summary"]["final_val_loss"]
+    text = f"Best run by final val loss: `{best['name']}` ({loss:.4f})"
+    base = next((r for r in rows if r["baseline"]), None)
+    if base is best:
+        return text + ", the baseline."
+    if base is None:
+        return text + "."
+    if base not in done:
+        return text + f"; baseline `{base['name']}` has no final val loss ({base['status']})."
+    ref = base["summary"]["final_val_loss"]
+    delta = f"{loss - ref:+.4f} ({100 * (loss - ref) / ref:+.2f}%)"
+    return text + f", {delta} vs baseline `{base['name']}` ({ref:.4f})."
+
+
+def format_markdown(record: dict, rows: list[dict], plots: list[str]) -> str:
+    """Headline (plan, mode, runs per status), the table, the best run, then the plots."""
+    counts = Counter(row["status"] for row in rows)
+    status = ", ".join(f"{n} {s}" for s, n in counts.items())
+    parts = [f"# Plan {record.get('name', '?')}: {record.get('mode', '?')}, {len(rows)} runs ({status})", "",
+             format_table(rows), ""]
+    best = best_line(rows)
+    if best:
+        parts += [best, ""]
+    parts += [f"![{p[:-4].replace('_', ' ')}]({p})\n" for p in plots]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+def _label(row: dict, limit: int = 44) -> str:
+    """Run name shortened in the middle (ends usually differ: seeds, values), plus a status mark."""
+    name = row["name"]
+    if len(name) > limit:
+        name = name[:limit // 2 - 1] + "…" + name[-(limit - limit // 2):]
+    if row["baseline"]:
+        name += " (baseline)"
+    return name if row["status"] == "done" else f"{name} [{row['status']}]"
+
+
+def _colors(n: int) -> list:
+    """Qualitative colors up to 20 runs; beyond that an evenly sampled continuous map (plus line styles)."""
+    if n <= 20:
+        return [colormaps["tab10" if n <= 10 else "tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Render to a temporary file next to ``path``, then rename: never a half-written PNG."""
+    FigureCanvasAgg(fig)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot_curves(rows: list[dict], x_key: str, xlabel: str, path: Path) -> bool:
+    """Eval val_loss of every run that has some; the baseline drawn thick and black."""
+    runs = [r for r in rows if any(_num(e.get(x_key)) is not None for e in r["evals"])]
+    if not runs:
+        return False
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.add_subplot()
+    styles = ("-", "--", ":", "-.")
+    for i, (row, color) in enumerate(zip(runs, _colors(len(runs)))):
+        pts = [(e[x_key], e["val_loss"]) for e in row["evals"] if _num(e.get(x_key)) is not None]
+        kw = dict(color="black", lw=2.6, zorder=3) if row["baseline"] else \
+            dict(color=color, lw=1.4, ls=styles[(i // 10) % 4] if len(runs) > 20 else "-")
+        ax.plot(*zip(*pts), marker="o" if len(pts) == 1 else None, label=_label(row), **kw)
+    ax.set(xlabel=xlabel, ylabel="val loss", title=f"validation loss vs {xlabel.split(' ')[0]}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8 if len(runs) <= 15 else 7,
+              ncol=1 if len(runs) <= 18 else 2, frameon=False)
+    _save(fig, path)
+    return True
+
+
+def plot_bars(rows: list[dict], key: str, xlabel: str, title: str, path: Path, sort: bool) -> bool:
+    """Horizontal bars, one per run (sorted ascending = best on top when ``sort``); baseline hatched."""
+    runs = [r for r in rows if _num(r["summary"].get(key)) is not None]
+    if not runs:
+        return False
+    if sort:
+        runs.sort(key=lambda r: r["summary"][key])
+    runs.reverse()  # barh draws bottom-up; keep the first run at the top
+    values = [r["summary"][key] for r in runs]
+    fig = Figure(figsize=(8, 1.2 + 0.32 * len(runs)))
+    ax = fig.add_subplot()
+    bars = ax.barh(range(len(runs)), values, color=["0.35" if r["baseline"] else "tab:blue" for r in runs])
+    for bar, row in zip(bars, runs):
+        if row["baseline"]:
+            bar.set(hatch="//", edgecolor="white")
+    ax.set_yticks(range(len(runs)), [_label(r) for r in runs], fontsize=8 if len(runs) <= 20 else 7)
+    ax.set_ylim(-0.6, len(runs) - 0.4)
+    lo, hi = min(values), max(values)
+    if key == "final_val_loss":  # losses sit close together: start the axis near the best one
+        span = (hi - lo) or 0.05 * abs(hi) or 1.0
+        ax.set_xlim(max(0.0, lo - 0.6 * span), hi + 0.35 * span)
+        base = next((r for r in runs if r["baseline"]), None)
+        if base:
+            ax.axvline(base["summary"][key], color="0.35", ls="--", lw=1, zorder=0)
+            title += " (dashed line: baseline)"
+    else:
+        ax.set_xlim(0, hi * 1.18)
+    spec = ".4f" if key == "final_val_loss" else ",.0f"
+    ax.bar_label(bars, [format(v, spec) for v in values], padding=3, fontsize=7)
+    ax.set(xlabel=xlabel, title=title)
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def write_plots(plan_dir: Path, rows: list[dict]) -> list[Path]:
+    """Draw each plot that some run has data for; remove a stale copy of one that has none."""
+    jobs = (
+        lambda p: plot_curves(rows, "step", "step", p),
+        lambda p: plot_curves(rows, "elapsed_s", "time (s since start)", p),
+        lambda p: plot_bars(rows, "final_val_loss", "final val loss", "final val loss, best on top", p, sort=True),
+        lambda p: plot_bars(rows, "tokens_per_s", "tokens/s", "training throughput (plan order)", p, sort=False),
+    )
+    written = []
+    for name, draw in zip(PLOTS, jobs):
+        if draw(plan_dir / name):
+            written.append(plan_dir / name)
+        else:
+            (plan_dir / name).unlink(missing_ok=True)
+    return written
+
+
+def write_report(plan_dir: Path) -> list[Path]:
+    """Write report.md, report.csv and the plots into ``plan_dir``; return the paths written."""
+    plan_dir = Path(plan_dir)
+    record, rows = load_rows(plan_dir)
+    plots = write_plots(plan_dir, rows)
+    md, csv_path = plan_dir / "report.md", plan_dir / "report.csv"
+    write_text_if_changed(csv_path, format_csv(rows))
+    write_text_if_changed(md, format_markdown(record, rows, [p.name for p in plots]))
+    return [md, csv_path, *plots]

@@ -1,0 +1,193 @@
+"""plan/report.py on synthetic plan directories: tables, numbers, plots, atomic writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from matplotlib.figure import Figure
+
+from plan.report import PLOTS, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(plan_dir: Path, name: str, final: float, tps: float, steps: int = 400, metrics: bool = True) -> None:
+    """A done run: summary.json and a metrics.jsonl whose val loss decreases to ``final``."""
+    run_dir = plan_dir / name
+    run_dir.mkdir(parents=True)
+    summary = {"status": "done", "steps": steps, "tokens": steps * 2048, "final_train_loss": final + 0.1,
+               "final_val_loss": final, "best_val_loss": final, "best_val_step": steps,
+               "unigram_entropy_nats": 3.2, "tokens_per_s": tps, "flops_per_s": tps * 6e6, "mfu": None,
+               "params": 869504, "params_non_embedding": 800000, "wall_time_s": steps * 2048 / tps,
+               "device": "cpu (2 threads)", "dtype": "fp32", "sample": "def f():", "data": {}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    if metrics:
+        lines = []
+        for step in range(100, steps + 1, 100):
+            t = step * 2048 / tps
+            lines.append({"step": step, "tokens": step * 2048, "train_loss": final + 1, "lr": 1e-3,
+                          "grad_norm": 1.0, "tokens_per_s": tps, "flops_per_s": 1.0, "mfu": None, "elapsed_s": t})
+            lines.append({"step": step, "tokens": step * 2048, "val_loss": final + 1.0 * (steps - step) / steps,
+                          "train_eval_loss": final, "elapsed_s": t + 0.5})
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def write_plan(plan_dir: Path, mode: str, runs: list[dict]) -> None:
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    runs = [{"status": "done", "error": None, "start": None, "end": None, "baseline": False, **r} for r in runs]
+    (plan_dir / "plan.json").write_text(json.dumps({"name": plan_dir.name, "mode": mode,
+                                                    "created": "2026-01-01T00:00:00", "runs": runs}))
+
+
+@pytest.fixture
+def ablation(tmp_path) -> Path:
+    """Baseline, a better LR run, a RoPE run, one failed (partial metrics) and one rejected run."""
+    d = tmp_path / "abl"
+    write_plan(d, "ablation", [
+        {"name": "base", "baseline": True, "differences": {}},
+        {"name": "lr3e-4", "differences": {"LR": 0.0003}},
+        {"name": "pos_rope-no-qk_norm", "differences": {"POS_ROPE": True, "QK_NORM": False}},
+        {"name": "n_layer64", "status": "failed", "error": "CUDA out of memory | tried to allocate 2 GiB",
+         "differences": {"N_LAYER": 64}},
+        {"name": "n_embd30", "status": "rejected", "differences": {"N_EMBD": 30},
+         "error": "CONFIG_N_EMBD=30 is not divisible by CONFIG_N_HEAD=4"},
+    ])
+    write_run(d, "base", 1.30, 12000.0)
+    write_run(d, "lr3e-4", 1.20, 11000.0)
+    write_run(d, "pos_rope-no-qk_norm", 1.25, 10000.0)
+    (d / "n_layer64").mkdir()
+    (d / "n_layer64" / "summary.json").write_text(json.dumps({"status": "failed", "error": "CUDA out of memory"}))
+    (d / "n_layer64" / "metrics.jsonl").write_text(
+        json.dumps({"step": 100, "tokens": 1, "val_loss": 2.5, "train_eval_loss": 2.6, "elapsed_s": 9.0})
+        + '\n{"step": 200, "val_lo')  # torn last line: the run was killed mid-write
+    return d
+
+
+def read_csv(plan_dir: Path) -> list[dict]:
+    with open(plan_dir / "report.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_ablation_report_files(ablation):
+    paths = write_report(ablation)
+    assert {p.name for p in paths} == {"report.md", "report.csv", *PLOTS}
+    for p in paths:
+        assert p.parent == ablation and p.stat().st_size > 0
+    for name in PLOTS:
+        png_size(ablation / name)
+    leftovers = [p.name for p in ablation.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_ablation_csv_rows_and_numbers(ablation):
+    write_report(ablation)
+    rows = read_csv(ablation)
+    assert [r["run"] for r in rows] == ["base", "lr3e-4", "pos_rope-no-qk_norm", "n_layer64", "n_embd30"]
+    assert [r["status"] for r in rows] == ["done", "done", "done", "failed", "rejected"]
+    assert [r["baseline"] for r in rows] == ["True", "False", "False", "False", "False"]
+    assert rows[0]["differs_from_base"] == "(baseline)"
+    assert rows[1]["differs_from_base"] == "LR=0.0003"
+    assert rows[2]["differs_from_base"] == "POS_ROPE=y, QK_NORM=n"
+    assert float(rows[1]["final_val_loss"]) == 1.20 and float(rows[0]["tokens_per_s"]) == 12000.0
+    assert int(rows[0]["params"]) == 869504 and rows[0]["mfu"] == ""
+    assert rows[3]["final_val_loss"] == "" and "out of memory" in rows[3]["error"]
+    assert "not divisible" in rows[4]["error"]
+
+
+def test_ablation_markdown(ablation):
+    write_report(ablation)
+    md = (ablation / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| `")]
+    assert len(table) == 5
+    assert "ablation" in md and "3 done, 1 failed, 1 rejected" in md
+    assert "LR=0.0003" in table[1] and "(baseline)" in table[0] and "–" in table[0]  # MFU null on CPU
+    assert "1.2000" in table[1] and "12,000" in table[0]
+    assert "out of memory \\| tried" in table[3]  # a pipe in an error must not split the table
+    best = next(line for line in md.splitlines() if line.startswith("Best run"))
+    assert "`lr3e-4` (1.2000)" in best and "-0.1000" in best and "-7.69%" in best and "`base` (1.3000)" in best
+    for name in PLOTS:
+        assert f"({name})" in md
+
+
+def test_best_run_is_baseline_and_no_baseline(tmp_path):
+    d = tmp_path / "p"
+    write_plan(d, "ablation", [{"name": "base", "baseline": True, "differences": {}},
+                               {"name": "seed1", "differences": {"SEED": 1}}])
+    write_run(d, "base", 1.1, 1000.0)
+    write_run(d, "seed1", 1.3, 1000.0)
+    write_report(d)
+    assert "`base` (1.1000), the baseline." in (d / "report.md").read_text()
+    write_plan(d, "single", [{"name": "seed1", "differences": {"SEED": 1}}])
+    write_report(d)
+    md = (d / "report.md").read_text()
+    assert "Best run by final val loss: `seed1` (1.3000)." in md and "vs baseline" not in md
+
+
+def test_matrix_30_runs(tmp_path):
+    d = tmp_path / "matrix"
+    runs = []
+    for i in range(30):
+        diff = {"N_LAYER": 2 + i % 3, "N_EMBD": 64 * (1 + i % 2), "LR": 0.001 * (1 + i % 5),
+                "POS_ROPE": i % 2 == 0, "SEED": i}
+        rope = "pos_rope" if diff["POS_ROPE"] else "no-pos_rope"
+        name = f"n_layer{diff['N_LAYER']}-n_embd{diff['N_EMBD']}-lr{diff['LR']:g}-{rope}-seed{i}"
+        runs.append({"name": name, "differences": diff})
+        write_run(d, runs[-1]["name"], 1.0 + 0.01 * ((i * 7) % 30), 5000.0 + 100 * i)
+    write_plan(d, "matrix", runs)
+    paths = write_report(d)
+    assert {p.name for p in paths} == {"report.md", "report.csv", *PLOTS}
+    rows = read_csv(d)
+    assert len(rows) == 30 and {r["status"] for r in rows} == {"done"}
+    assert [r["run"] for r in rows] == [r["name"] for r in runs]
+    md = (d / "report.md").read_text()
+    assert len([line for line in md.splitlines() if line.startswith("| `")]) == 30
+    assert f"`{runs[0]['name']}` (1.0000)" in md  # i=0 has the lowest loss
+    # Bar charts grow with the run count, so 30 names stay readable.
+    small = tmp_path / "small"
+    write_plan(small, "ablation", runs[:2])
+    for r in runs[:2]:
+        write_run(small, r["name"], 1.0, 1000.0)
+    write_report(small)
+    for name in ("final_val_loss.png", "tokens_per_s.png"):
+        assert png_size(d / name)[1] > 2 * png_size(small / name)[1]
+
+
+def test_plots_skipped_without_data(tmp_path):
+    d = tmp_path / "p"
+    write_plan(d, "ablation", [{"name": "base", "baseline": True, "differences": {}, "status": "pending"},
+                               {"name": "lr1", "differences": {"LR": 1.0}, "status": "rejected",
+                                "error": "LR out of range"}])
+    paths = write_report(d)
+    assert {p.name for p in paths} == {"report.md", "report.csv"}
+    assert not any((d / name).exists() for name in PLOTS)
+    assert "Best run" not in (d / "report.md").read_text()
+    # Summaries but no metrics: the bar charts exist, the curves do not.
+    write_plan(d, "ablation", [{"name": "base", "baseline": True, "differences": {}}])
+    write_run(d, "base", 1.0, 1000.0, metrics=False)
+    names = {p.name for p in write_report(d)}
+    assert names == {"report.md", "report.csv", "final_val_loss.png", "tokens_per_s.png"}
+
+
+def test_interrupted_plot_leaves_old_file(ablation, monkeypatch):
+    write_report(ablation)
+    before = {name: (ablation / name).read_bytes() for name in PLOTS}
+
+    def torn_savefig(self, fname, **kw):
+        Path(fname).write_bytes(PNG_SIGNATURE + b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", torn_savefig)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(ablation)
+    assert {name: (ablation / name).read_bytes() for name in PLOTS} == before
+    assert [p.name for p in ablation.iterdir() if p.name.endswith(".tmp")] == []
