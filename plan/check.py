@@ -122,5 +122,7 @@ def check_plan(base_layers: list[list[Assignment]], cfg: Config) -> int:
     for problem in drifted:
         print(f"  {problem}")
     failures = sum(r.status == "FAILED" for r in rows) + len(drifted)
+    if cfg.RUN_ABLATION:  # a matrix may rule out cells; an ablation step that cannot apply is a mistake
+        failures += sum(r.status == "rejected" for r in rows)
     print("check passed" if not failures else f"check FAILED: {failures} problem(s)")
     return failures

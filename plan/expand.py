@@ -175,5 +175,7 @@ def differences(base: Config, run: Config, kconf: kconfiglib.Kconfig) -> dict:
             continue  # derived (e.g. N_LAYER from a size preset); its cause is listed instead
         if sym.choice is not None and run[name] is not True:
             continue
+        if base.get(name) is None and sym.user_value is None:
+            continue  # newly applicable at its default (ROPE_THETA once RoPE is on): follows its cause
         out[name] = run[name]
     return out

@@ -51,9 +51,10 @@ class MemoryEstimate:
         return self.total / GIB
 
     def describe(self) -> str:
-        g = lambda n: f"{n / GIB:.2f}"  # noqa: E731
-        return (f"peak {g(self.total)} GiB = weights {g(self.weights)} + optimizer {g(self.optimizer_state)}"
-                f" + max(activations {g(self.activations)}, grads {g(self.grads)}) (GiB)")
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
+        g = lambda n: f"{n / scale:.2f}"  # noqa: E731
+        return (f"peak {g(self.total)} {unit} = weights {g(self.weights)} + optimizer {g(self.optimizer_state)}"
+                f" + max(activations {g(self.activations)}, grads {g(self.grads)}) ({unit})")
 
 
 def param_counts(c: ModelConfig) -> tuple[int, int]:

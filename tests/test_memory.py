@@ -89,7 +89,10 @@ def test_peak_is_not_the_plain_sum():
     e = predict_memory(ModelConfig(vocab_size=VOCAB, **options), batch, seq, dtype)
     assert e.weights + e.optimizer_state + max(e.activations, e.grads) <= e.total
     assert e.total < e.weights + e.grads + e.optimizer_state + e.activations
-    assert e.describe().startswith(f"peak {e.gib():.2f} GiB = weights ")
+    assert e.describe().startswith(f"peak {e.total / 2**20:.2f} MiB = weights ")  # under 1 GiB: MiB
+    big = predict_memory(ModelConfig(vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
+                                     block_size=1024), 8, 1024, "bf16")
+    assert big.describe().startswith(f"peak {big.gib():.2f} GiB = weights ")
 
 
 def test_unknown_names_are_rejected():

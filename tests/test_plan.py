@@ -23,7 +23,7 @@ def test_cumulative_ablation_builds_step_on_step():
     specs = plan_for("ablation-modern-gpt")
     assert [s.name for s in specs] == ["base", "rope", "rmsnorm", "swiglu", "qk-norm"]
     assert specs[0].baseline and specs[0].differences == {}
-    assert specs[2].differences == {"POS_ROPE": True, "ROPE_THETA": 10000.0, "NORM_RMSNORM": True}
+    assert specs[2].differences == {"POS_ROPE": True, "NORM_RMSNORM": True}
     last = specs[-1].cfg
     assert last.POS_ROPE and last.NORM_RMSNORM and last.MLP_SWIGLU and last.QK_NORM
     assert last.RUN_SINGLE and not last.RUN_ABLATION, "each run's own config is a single run"
@@ -34,7 +34,7 @@ def test_independent_ablation_and_multi_fragment_steps():
     specs = plan_for("ablation-modern-gpt", set_='ABLATION_INDEPENDENT=y ABLATION_BASELINE=n '
                                                'ABLATION_STEPS="rope llama=rmsnorm+swiglu+no-bias"')
     assert [s.name for s in specs] == ["rope", "llama"]
-    assert specs[0].differences == {"POS_ROPE": True, "ROPE_THETA": 10000.0}
+    assert specs[0].differences == {"POS_ROPE": True}
     assert specs[1].differences == {"NORM_RMSNORM": True, "MLP_SWIGLU": True, "BIAS": False}
 
 
@@ -65,7 +65,7 @@ def test_matrix_is_the_cartesian_product_with_rejections():
     assert len(rejected) == 8 and all("-fp16-" in s.name for s in rejected)
     assert all("CONFIG_DTYPE_FP16=y: did not take: unmet dependency !DEVICE_CPU" in s.error for s in rejected)
     ok = next(s for s in specs if s.name == "adamw-rope-fp32-lr3e-3-seed1338")
-    assert ok.differences == {"POS_ROPE": True, "ROPE_THETA": 10000.0, "LR": 3e-3, "SEED": 1338}
+    assert ok.differences == {"POS_ROPE": True, "LR": 3e-3, "SEED": 1338}
     assert ok.cfg.LR == 3e-3 and ok.cfg.SEED == 1338 and ok.cfg.POS_ROPE
 
 
@@ -156,3 +156,12 @@ def test_check_reports_drift(capsys, tmp_path, monkeypatch):
     failures, out = check(capsys, "quickstart")
     assert failures == 1
     assert "stale: CONFIG_SEED=1337 equals the Kconfig default, so savedefconfig omits it" in out
+
+
+def test_check_fails_a_rejected_ablation_step_but_not_a_rejected_matrix_cell(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(expand_mod, "FRAGMENTS", tmp_path)
+    (tmp_path / "theta").write_text("# theta without rope\nCONFIG_ROPE_THETA=\"500000\"\n")
+    failures, out = check(capsys, "ablation-modern-gpt", set_='ABLATION_STEPS="theta"')
+    assert failures == 1 and "\ntheta  rejected " in out
+    failures, out = check(capsys, "matrix-optimizers", set_="MATRIX_DTYPE_FP32=y MATRIX_DTYPE_FP16=y MATRIX_SEEDS=1")
+    assert failures == 0 and out.count(" rejected ") == 2
