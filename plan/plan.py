@@ -100,5 +100,5 @@ class Plan:
 
 def newest_run_dir(runs_dir: Path) -> Path | None:
     """The most recently finished run with a checkpoint, across all plans."""
-    candidates = [p.parent for p in Path(runs_dir).glob("*/*/ckpt.pt")]
-    return max(candidates, key=lambda p: (p / "ckpt.pt").stat().st_mtime, default=None)
+    candidates = [p.parent.parent for p in Path(runs_dir).glob("*/*/checkpoints/step-*.pt")]
+    return max(candidates, key=lambda p: (p / "checkpoints").stat().st_mtime, default=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from kbuild.kconfig import ROOT, Config, write_outputs
 from plan.expand import RunSpec, mode_of
 from plan.plan import PLAN_FILE, Plan, now
+from train.checkpoint import has_checkpoint
 
 UNFINISHED = ("pending", "running", "failed", "interrupted")
 
@@ -56,17 +58,34 @@ def execute(plan: Plan) -> Plan:
     slots = _device_slots()
     active: dict[str, tuple[subprocess.Popen, str | None]] = {}
     queue = list(todo)
-    while queue or active:
-        while queue and len(active) < len(slots):
-            name = queue.pop(0)
-            free = [s for s in slots if s not in {slot for _, slot in active.values()}][0]
-            active[name] = (_start(plan, name, free), free)
-        for name, (proc, _) in list(active.items()):
-            if proc.poll() is not None:
-                _finish(plan, name, proc.returncode)
-                del active[name]
-        time.sleep(0.2)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while queue or active:
+            while queue and len(active) < len(slots):
+                name = queue.pop(0)
+                free = [s for s in slots if s not in {slot for _, slot in active.values()}][0]
+                active[name] = (_start(plan, name, free), free)
+            for name, (proc, _) in list(active.items()):
+                if proc.poll() is not None:
+                    _finish(plan, name, proc.returncode)
+                    del active[name]
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: let every run checkpoint, record it, stop
+        print("\nstopping: each running run finishes its step and writes a checkpoint ...", flush=True)
+        for name, (proc, _) in active.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, (proc, _) in active.items():
+            _finish(plan, name, proc.wait())
+        print(f"interrupted; 'make continue' resumes {plan.path.name}", flush=True)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return plan
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _device_slots() -> list[str | None]:
@@ -83,7 +102,7 @@ def _device_slots() -> list[str | None]:
 def _start(plan: Plan, name: str, gpu: str | None) -> subprocess.Popen:
     run_dir = plan.run_dir(name)
     record = plan.run_by_name(name)
-    resume = record["status"] in ("interrupted", "running") and (run_dir / "ckpt.pt").exists()
+    resume = record["status"] in ("interrupted", "running") and has_checkpoint(run_dir)
     if not resume:
         _clear_outputs(run_dir)
     plan.update(name, status="running", start=now(), end=None, error=None)

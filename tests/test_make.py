@@ -80,7 +80,8 @@ def test_quickstart_on_a_reduced_budget(repo, make):
     assert [(r["name"], r["status"], r["error"]) for r in plan["runs"]] == [("base", "done", None)]
     assert plan["set"].startswith("MAX_ITERS=40") and plan["mode"] == "single"
     run_dir = plans[0] / "base"
-    for name in (".config", "config.py", "metrics.jsonl", "summary.json", "ckpt.pt", "train.log", "samples.txt"):
+    for name in (".config", "config.py", "metrics.jsonl", "summary.json", "train.log", "samples.txt",
+                 "checkpoints/step-00000040.pt", "checkpoints/best.pt"):
         assert (run_dir / name).is_file(), name
     assert "CONFIG_MAX_ITERS=40" in (run_dir / ".config").read_text(), "SET is recorded in the run's config"
     assert "CONFIG_MAX_ITERS=600" in (repo / ".config").read_text(), "SET does not change .config"
@@ -137,8 +138,8 @@ def test_killed_plan_continues_without_redoing_done_runs(repo):
         plan_file = next((repo / "runs").glob("*/plan.json"), None) if (repo / "runs").exists() else None
         if plan_file:
             runs = json.loads(plan_file.read_text())["runs"]
-            second_ckpt = plan_file.parent / runs[1]["name"] / "ckpt.pt"
-            if runs[0]["status"] == "done" and runs[1]["status"] == "running" and second_ckpt.exists():
+            second = plan_file.parent / runs[1]["name"] / "checkpoints"
+            if runs[0]["status"] == "done" and runs[1]["status"] == "running" and any(second.glob("step-*.pt")):
                 break
         time.sleep(0.2)
     else:
@@ -147,12 +148,12 @@ def test_killed_plan_continues_without_redoing_done_runs(repo):
     os.killpg(proc.pid, signal.SIGKILL)  # a crash: no chance to clean up
     proc.wait()
     first = plan_file.parent / runs[0]["name"]
-    before = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
     out = run_make(repo, "continue").stdout
     assert "continuing" in out and "(interrupted)" in out and "(pending)" in out
     record = json.loads(plan_file.read_text())
     assert [r["status"] for r in record["runs"]] == ["done", "done", "done"]
-    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before, "a done run is never touched"
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == before, "a done run is never touched"
     log = (plan_file.parent / runs[1]["name"] / "train.log").read_text()
     assert "resumed from step" in log
     steps = [json.loads(line)["step"] for line in

@@ -72,8 +72,8 @@ def trained(tmp_path):
 
 def test_checkpoint_loads_without_pickled_code_and_samples(trained):
     summary, run_dir, _ = trained
-    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT)
-    assert state["step"] == 20 and state["config"]["N_LAYER"] == 2
+    path, state = checkpoint.latest(run_dir)
+    assert path.name == "step-00000020.pt" and state["step"] == 20 and state["config"]["N_LAYER"] == 2
     assert state["model_config"]["vocab_size"] == padded_vocab(state["model_config"]["vocab_size"])
     assert set(state["optimizer"]) == {"state", "param_groups"}
     text = sample_from(run_dir, prompt="cat ", tokens=15)

@@ -13,6 +13,9 @@ from pathlib import Path
 from kbuild.kconfig import ROOT, load
 
 
+EXIT_CODES = {"done": 0, "failed": 1, "interrupted": 130}  # the runner maps these back to plan.json
+
+
 class Tee:
     """print() to the console and to the run's train.log."""
 
@@ -38,10 +41,10 @@ def main(run_dir: Path, resume: bool = False) -> int:
             trainer.resume()
         summary = trainer.run()
         write_summary(run_dir, summary)
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+        return EXIT_CODES[summary["status"]]
+    except KeyboardInterrupt:  # a signal before the training loop took over its handling
+        log("interrupted before training started")
+        return EXIT_CODES["interrupted"]
     except Exception as e:  # recorded for plan.json; the traceback goes to the log
         log(traceback.format_exc())
         from train.trainer import write_summary

@@ -1,26 +1,86 @@
-"""Checkpoints: atomic writes, and loads that never execute pickled code."""
+"""Checkpoints: atomic writes, rotation plus the best, loads that never execute pickled code.
+
+Layout in a run directory: checkpoints/step-00000400.pt (the last CHECKPOINT_KEEP of them) and
+checkpoints/best.pt (lowest val loss so far). Each file is written to a temporary name, fsynced
+and renamed, so a crash or a full disk never leaves a file that looks complete; a file that does
+not load (truncated, corrupt) is skipped with a warning and the previous one is used.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
 
-CHECKPOINT = "ckpt.pt"
+FOLDER = "checkpoints"
+BEST = "best.pt"
+_STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written or used; the message says what to do."""
 
 
 def save(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, fsync, then rename over ``path``."""
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise CheckpointError(f"no space left on the device while writing {path}; earlier checkpoints "
+                                  f"are intact. Free space, then 'make continue' resumes from the last one") from None
+        raise
 
 
 def load(path: Path, map_location="cpu") -> dict:
     """Load with weights_only=True: tensors and plain containers only, no code."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def step_paths(run_dir: Path) -> list[Path]:
+    """Step checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / FOLDER
+    found = [(int(m[1]), p) for p in folder.glob("step-*.pt") if (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_step(run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Write the checkpoint of ``step`` and delete all but the newest ``keep`` step checkpoints."""
+    path = Path(run_dir) / FOLDER / f"step-{step:08d}.pt"
+    save(path, state)
+    for old in step_paths(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def save_best(run_dir: Path, state: dict) -> Path:
+    path = Path(run_dir) / FOLDER / BEST
+    save(path, state)
+    return path
+
+
+def latest(run_dir: Path, map_location="cpu") -> tuple[Path, dict] | None:
+    """The newest step checkpoint that loads; unreadable ones are skipped with a warning."""
+    for path in reversed(step_paths(run_dir)):
+        try:
+            return path, load(path, map_location)
+        except Exception as e:  # truncated zip, bad magic, unpickling error: all mean "not usable"
+            warnings.warn(f"skipping unreadable checkpoint {path} ({type(e).__name__}: {e}); using an earlier one",
+                          stacklevel=2)
+    return None
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return bool(step_paths(run_dir))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from pathlib import Path
 
 # Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched by substring
@@ -47,3 +49,39 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+class Throughput:
+    """Tokens/s over logging intervals, not counting time spent in evaluation and checkpoints."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.total_time, self.total_steps = 0.0, 0
+        self._restart()
+
+    def _restart(self) -> None:
+        self.start, self.paused, self.steps = time.perf_counter(), 0.0, 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def pause(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t0
+
+    def interval(self) -> float:
+        """Tokens/s since the previous call (call it right after a host sync)."""
+        elapsed = max(time.perf_counter() - self.start - self.paused, 1e-9)
+        self.total_time += elapsed
+        self.total_steps += self.steps
+        tps = self.steps * self.tokens_per_step / elapsed
+        self._restart()
+        return tps
+
+    @property
+    def average(self) -> float:
+        return self.total_steps * self.tokens_per_step / self.total_time if self.total_time else 0.0

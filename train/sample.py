@@ -32,10 +32,10 @@ def sample_from(run_dir, prompt: str | None = None, tokens: int | None = None) -
     from model.gpt import GPT, ModelConfig
     from train import checkpoint
 
-    path = Path(run_dir) / checkpoint.CHECKPOINT
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint in this run directory")
-    state = checkpoint.load(path)
+    found = checkpoint.latest(Path(run_dir))
+    if found is None:
+        raise FileNotFoundError(f"{run_dir}: no readable checkpoint in this run directory")
+    _, state = found
     cfg = state["config"]
     model = GPT(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])

@@ -18,8 +18,12 @@ from model.gpt import GPT, ModelConfig
 from optim.optimizers import build_optimizer, describe
 from optim.schedule import lr_at
 from train import checkpoint
+from train.checkpoint import CheckpointError
+from train.health import NonFiniteGuard
+from train.signals import StopRequest
+from train.state import capture_rng, incompatibilities, restore_rng
 from train.device import autocast, device_name, resolve_device, resolve_dtype, setup_backend
-from train.metrics import MetricsLog, mfu
+from train.metrics import MetricsLog, Throughput, mfu
 from train.sample import generate_text
 
 
@@ -56,6 +60,7 @@ class Trainer:
                           for split in ("train", "val")}
         self.tokens_per_step = cfg.MICRO_BATCH * cfg.GRAD_ACCUM * cfg.BLOCK_SIZE
         self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
+        self.guard = NonFiniteGuard(cfg.MAX_BAD_STEPS or 1)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -74,7 +79,11 @@ class Trainer:
         return out
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over GRAD_ACCUM micro-batches. Returns (loss, grad norm) as device tensors."""
+        """One optimizer step over GRAD_ACCUM micro-batches. Returns (loss, grad norm) as device tensors.
+
+        With SKIP_NONFINITE the update is skipped (and counted) when the loss or gradient norm is
+        NaN/Inf; that check is the one host sync per step this option costs.
+        """
         cfg = self.cfg
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
@@ -90,104 +99,143 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.GRAD_CLIP if cfg.GRAD_CLIP > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
+        if not cfg.SKIP_NONFINITE or self.guard.check(loss_sum.item(), grad_norm.item()):
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
 
-    def save_checkpoint(self, step: int, val_loss: float | None, elapsed: float) -> None:
-        checkpoint.save(self.run_dir / checkpoint.CHECKPOINT, {
-            "format": 1,
+    def state(self, step: int, val_loss: float | None, elapsed: float) -> dict:
+        """Everything needed to continue exactly: weights, optimizer, scaler, step, data position, RNG."""
+        return {
+            "format": 2,
             "step": step,
             "tokens": step * self.tokens_per_step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "model_config": asdict(self.model.cfg),
             "tokenizer": self.tokenizer.spec,
             "config": dict(self.cfg),
             "val_loss": val_loss,
             "best_val_loss": self.best_val,
             "best_val_step": self.best_step,
+            "skipped_steps": self.guard.skipped,
             "wall_time_s": elapsed,
             "data_rng": self.batches.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-        })
+            "rng": capture_rng(),
+        }
+
+    def save_checkpoint(self, step: int, val_loss: float | None, elapsed: float) -> None:
+        checkpoint.save_step(self.run_dir, step, self.state(step, val_loss, elapsed), self.cfg.CHECKPOINT_KEEP)
 
     def resume(self) -> None:
-        """Continue from the run directory's checkpoint: weights, optimizer, step, data position, RNG."""
-        state = checkpoint.load(self.run_dir / checkpoint.CHECKPOINT)
+        """Continue from the run directory's newest readable checkpoint."""
+        found = checkpoint.latest(self.run_dir)
+        if found is None:
+            raise CheckpointError(f"{self.run_dir}: no readable checkpoint to resume from")
+        path, state = found
+        problems = incompatibilities(state["config"], self.cfg)
+        if problems:
+            raise CheckpointError(f"{path} was trained with a different model; differing symbols: "
+                                  + "; ".join(problems))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
         self.batches.generator.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng(state["rng"])
         self.start_step, self.elapsed_before = state["step"], state["wall_time_s"]
         self.best_val, self.best_step = state["best_val_loss"], state["best_val_step"]
+        self.guard.skipped = state["skipped_steps"]
         metrics = self.run_dir / "metrics.jsonl"  # drop what the interrupted attempt logged after the checkpoint
         if metrics.exists():
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.start_step]
             metrics.write_text("".join(line + "\n" for line in kept))
-        self.log(f"resumed from step {self.start_step} ({self.start_step * self.tokens_per_step:,} tokens)")
+        self.log(f"resumed from step {self.start_step} ({self.start_step * self.tokens_per_step:,} tokens) "
+                 f"of {path.name}")
 
     def run(self) -> dict:
-        cfg, log = self.cfg, self.log
-        n_params = self.model.num_params(non_embedding=False)
-        flops_per_token = self.model.flops_per_token()
-        log(f"model: {n_params:,} parameters ({self.model.num_params():,} non-embedding), "
-            f"vocab {self.tokenizer.vocab_size} padded to {self.model.cfg.vocab_size}")
-        log(describe(self.optimizer))
-        log(f"device: {self.device_name}, dtype {self.dtype}, compile {'on' if cfg.COMPILE else 'off'}, "
-            f"{self.tokens_per_step:,} tokens/step")
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        last_eval = {}
-        train_time, interval_steps = 0.0, 0
-        start = time.time() - self.elapsed_before
-        interval_start, paused = time.perf_counter(), 0.0  # paused: eval and checkpoint time, not counted
-        step = self.start_step
-        try:
-            while step < cfg.MAX_ITERS:
-                loss, grad_norm = self.train_step(step)
-                step += 1
-                interval_steps += 1
-                is_last = step == cfg.MAX_ITERS or bool(cfg.MAX_TIME and time.time() - start >= cfg.MAX_TIME)
-                if step % cfg.LOG_INTERVAL == 0 or is_last:
-                    loss_value, norm_value = loss.item(), grad_norm.item()  # the only host sync per interval
-                    elapsed = time.perf_counter() - interval_start - paused
-                    train_time += elapsed
-                    tps = interval_steps * self.tokens_per_step / elapsed
-                    utilization = mfu(flops_per_token, tps, self.device_name)
-                    lr = lr_at(step - 1, cfg)
-                    metrics.write(step=step, tokens=step * self.tokens_per_step, train_loss=loss_value,
-                                  lr=lr, grad_norm=norm_value, tokens_per_s=tps,
-                                  flops_per_s=flops_per_token * tps, mfu=utilization,
-                                  elapsed_s=time.time() - start)
-                    log(f"step {step:>6}/{cfg.MAX_ITERS} | loss {loss_value:.4f} | lr {lr:.2e} "
-                        f"| grad norm {norm_value:.3f} | {tps:,.0f} tok/s"
-                        + (f" | MFU {100 * utilization:.1f}%" if utilization is not None else ""))
-                    interval_steps, paused = 0, 0.0
-                    interval_start = time.perf_counter()
-                pause_start = time.perf_counter()
-                if step % cfg.EVAL_INTERVAL == 0 or is_last:
-                    last_eval = self.evaluate()
-                    if last_eval["val"] < self.best_val:
-                        self.best_val, self.best_step = last_eval["val"], step
-                    metrics.write(step=step, tokens=step * self.tokens_per_step, val_loss=last_eval["val"],
-                                  train_eval_loss=last_eval["train"], elapsed_s=time.time() - start)
-                    log(f"eval step {step}: train {last_eval['train']:.4f} | val {last_eval['val']:.4f}")
-                if cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0 and not is_last:
-                    self.save_checkpoint(step, last_eval.get("val"), time.time() - start)
-                paused += time.perf_counter() - pause_start
-                if is_last:
-                    break
-        finally:
-            metrics.close()
-        if not last_eval:  # resumed at the very end: nothing left to train
-            last_eval = self.evaluate()
-            self.best_val = min(self.best_val, last_eval["val"])
-        self.save_checkpoint(step, last_eval.get("val"), time.time() - start)
+        """Train from start_step to MAX_ITERS (or MAX_TIME, a stop signal, persistent NaN/Inf)."""
+        cfg = self.cfg
+        self.log(f"model: {self.model.num_params(non_embedding=False):,} parameters "
+                 f"({self.model.num_params():,} non-embedding), "
+                 f"vocab {self.tokenizer.vocab_size} padded to {self.model.cfg.vocab_size}")
+        self.log(describe(self.optimizer))
+        self.log(f"device: {self.device_name}, dtype {self.dtype}, compile {'on' if cfg.COMPILE else 'off'}, "
+                 f"{self.tokens_per_step:,} tokens/step")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.speed = Throughput(self.tokens_per_step)
+        self.start = time.time() - self.elapsed_before
+        step, last_eval, stop_reason = self.start_step, {}, None
+        with StopRequest() as stop:
+            try:
+                while step < cfg.MAX_ITERS:
+                    loss, grad_norm = self.train_step(step)
+                    step += 1
+                    self.speed.step()
+                    finished = step == cfg.MAX_ITERS or bool(cfg.MAX_TIME and time.time() - self.start >= cfg.MAX_TIME)
+                    if stop.requested:
+                        stop_reason = f"interrupted by {stop.name}"
+                    elif self.guard.should_stop:
+                        stop_reason = "nonfinite"
+                    ending = finished or stop_reason is not None
+                    if step % cfg.LOG_INTERVAL == 0 or ending:
+                        self.log_step(step, loss, grad_norm)
+                    with self.speed.pause():
+                        if (step % cfg.EVAL_INTERVAL == 0 or finished) and stop_reason is None:
+                            last_eval = self.evaluate_and_track(step)
+                        if cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0 and not ending:
+                            self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start)
+                    if ending:
+                        break
+            finally:
+                self.metrics.close()
+            if stop_reason is None and not last_eval:  # resumed at the very end: nothing left to train
+                last_eval = self.evaluate_and_track(step)
+            self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start)
+        if stop_reason == "nonfinite":
+            message = (f"stopped at step {step}: loss or gradient was NaN/Inf for {self.guard.in_a_row} steps in a "
+                       f"row (CONFIG_MAX_BAD_STEPS={cfg.MAX_BAD_STEPS}); the last good weights are in the "
+                       f"checkpoint. Lower LR, raise WARMUP_ITERS or set GRAD_CLIP")
+            self.log(message)
+            return {"status": "failed", "error": message, "steps": step, "skipped_steps": self.guard.skipped}
+        if stop_reason is not None:
+            self.log(f"{stop_reason} at step {step}: checkpoint written; 'make continue' resumes the run")
+            return {"status": "interrupted", "error": stop_reason, "steps": step}
+        return self.summary(step, last_eval)
+
+    def log_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        loss_value, norm_value = loss.item(), grad_norm.item()  # the host sync of this interval
+        tps = self.speed.interval()
+        flops = self.model.flops_per_token() * tps
+        utilization = mfu(self.model.flops_per_token(), tps, self.device_name)
+        lr = lr_at(step - 1, self.cfg)
+        self.metrics.write(step=step, tokens=step * self.tokens_per_step, train_loss=loss_value, lr=lr,
+                           grad_norm=norm_value, skipped_steps=self.guard.skipped, tokens_per_s=tps,
+                           flops_per_s=flops, mfu=utilization, elapsed_s=time.time() - self.start)
+        self.log(f"step {step:>6}/{self.cfg.MAX_ITERS} | loss {loss_value:.4f} | lr {lr:.2e} "
+                 f"| grad norm {norm_value:.3f} | {tps:,.0f} tok/s"
+                 + (f" | MFU {100 * utilization:.1f}%" if utilization is not None else "")
+                 + (f" | skipped {self.guard.skipped}" if self.guard.skipped else ""))
+
+    def evaluate_and_track(self, step: int) -> dict[str, float]:
+        """Evaluate, log, and keep checkpoints/best.pt at the lowest val loss."""
+        result = self.evaluate()
+        if result["val"] < self.best_val:
+            self.best_val, self.best_step = result["val"], step
+            checkpoint.save_best(self.run_dir, self.state(step, result["val"], time.time() - self.start))
+        self.metrics.write(step=step, tokens=step * self.tokens_per_step, val_loss=result["val"],
+                           train_eval_loss=result["train"], elapsed_s=time.time() - self.start)
+        self.log(f"eval step {step}: train {result['train']:.4f} | val {result['val']:.4f}")
+        return result
+
+    def summary(self, step: int, last_eval: dict) -> dict:
+        cfg = self.cfg
         sample = generate_text(self.model, self.tokenizer, cfg.SAMPLE_PROMPT, cfg.SAMPLE_TOKENS,
                                cfg.SAMPLE_TEMPERATURE, cfg.SAMPLE_TOP_K, self.device, cfg.SEED)
         (self.run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
-        tokens_per_s = (step - self.start_step) * self.tokens_per_step / train_time if train_time else 0.0
+        tokens_per_s = self.speed.average
+        flops_per_token = self.model.flops_per_token()
         return {
             "status": "done",
             "steps": step,
@@ -196,13 +244,14 @@ class Trainer:
             "final_val_loss": last_eval["val"],
             "best_val_loss": self.best_val,
             "best_val_step": self.best_step,
+            "skipped_steps": self.guard.skipped,
             "unigram_entropy_nats": self.data.manifest["unigram_entropy_nats"],
             "tokens_per_s": tokens_per_s,
             "flops_per_s": flops_per_token * tokens_per_s,
             "mfu": mfu(flops_per_token, tokens_per_s, self.device_name),
-            "params": n_params,
+            "params": self.model.num_params(non_embedding=False),
             "params_non_embedding": self.model.num_params(),
-            "wall_time_s": time.time() - start,
+            "wall_time_s": time.time() - self.start,
             "device": self.device_name,
             "dtype": self.dtype,
             "data": {"path": str(self.data.path), "sha256": self.data.manifest["sha256"],

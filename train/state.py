@@ -1,0 +1,49 @@
+"""What a checkpoint holds beyond weights: RNG states, and the check that it fits this config."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+MODEL_KCONFIG = "model/Kconfig"
+
+
+def capture_rng() -> dict:
+    """Python, NumPy, torch CPU and CUDA generator states, as tensors and plain containers
+    (so the checkpoint loads with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_symbols() -> set[str]:
+    """Symbols of the Model menu: a checkpoint's weights only fit a config that agrees on all of them."""
+    from kbuild.kconfig import new_kconfig
+
+    return {s.name for s in new_kconfig().unique_defined_syms if s.nodes[0].filename == MODEL_KCONFIG}
+
+
+def incompatibilities(saved: dict, current: dict) -> list[str]:
+    """Model symbols whose value differs between a checkpoint's config and this one."""
+    return [f"CONFIG_{name}: checkpoint {saved.get(name)!r}, configuration {current.get(name)!r}"
+            for name in sorted(model_symbols()) if saved.get(name) != current.get(name)]
