@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data.corpus import DataError
 from data.prepare import PreparedData
 
 
@@ -20,9 +21,10 @@ class Batches:
         self.tokens = data.tokens(split)
         self.split = split
         if len(self.tokens) <= block_size + 1:
-            raise ValueError(
-                f"the {split} split has {len(self.tokens)} tokens, too few for CONFIG_BLOCK_SIZE={block_size}; "
-                f"use more data, a smaller BLOCK_SIZE or a different VAL_FRACTION")
+            raise DataError(
+                f"the {split} split of {data.path} has {len(self.tokens)} tokens, too few for "
+                f"CONFIG_BLOCK_SIZE={block_size} (needs at least {block_size + 2}); use more data, "
+                f"a smaller BLOCK_SIZE or a {'larger' if split == 'val' else 'smaller'} VAL_FRACTION")
         self.batch_size, self.block_size, self.device = batch_size, block_size, device
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)

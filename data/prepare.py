@@ -3,12 +3,16 @@
 Layout of a prepared dataset (under DATA_CACHE_DIR/<label>-<tokenizer>-<key>/):
 train.bin and val.bin (uint16 ids, uint32 when the vocabulary exceeds 65535),
 tokenizer.json, manifest.json. Everything is written into a temporary folder
-that is renamed into place at the end, so an interrupted preparation never
-leaves a folder that looks complete.
+that is renamed into place at the end, so an interrupted preparation (or a full
+disk) never leaves a folder that looks complete. The key covers the source and
+the tokenizer settings; the manifest records the tokenizer's SHA-256, and data
+made with a different tokenizer than the configured one is refused.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -20,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data.corpus import Source, source_for
+from data.corpus import DataError, Source, rooted, source_for
+from data.stream import entropy_of_counts, tokenize_to
 from data.tokenizer import Tokenizer
+from data.vocab import configured_tokenizer, tokenizer_settings
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class PreparedData:
     path: Path
     manifest: dict
 
-    @property
+    @functools.cached_property
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.load(self.path / "tokenizer.json")
 
@@ -44,71 +50,91 @@ class PreparedData:
 
 
 def tokenizer_kind(cfg) -> str:
-    return "byte" if cfg.TOKENIZER_BYTE else "char"
+    return tokenizer_settings(cfg)["kind"]
+
+
+def prepared_path(cfg, root: Path, source: Source) -> Path:
+    """Where ``cfg``'s prepared data lives (whether or not it exists yet)."""
+    settings = tokenizer_settings(cfg)
+    key = hashlib.sha256(f"{FORMAT}|{source.fingerprint}|{json.dumps(settings, sort_keys=True)}|"
+                         f"{cfg.VAL_FRACTION!r}".encode()).hexdigest()[:12]
+    return rooted(cfg.DATA_CACHE_DIR, root) / f"{source.label}-{settings['kind']}-{key}"
 
 
 def prepare(cfg, root: Path, log=print) -> PreparedData:
     """Prepared data for ``cfg``, reusing an up-to-date copy when one exists."""
     source = source_for(cfg, root)
-    kind = tokenizer_kind(cfg)
-    key = hashlib.sha256(f"{FORMAT}|{source.fingerprint}|{kind}|{cfg.VAL_FRACTION!r}".encode()).hexdigest()[:12]
-    cache = Path(cfg.DATA_CACHE_DIR)
-    cache = cache if cache.is_absolute() else root / cache
-    out = cache / f"{source.label}-{kind}-{key}"
+    out = prepared_path(cfg, root, source)
+    cache = out.parent
+    tok = configured_tokenizer(cfg, source, cache, log)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
-        return PreparedData(out, json.loads(manifest_path.read_text()))
-    log(f"data: preparing {source.description} with the {kind} tokenizer -> {out}")
+        manifest = json.loads(manifest_path.read_text())
+        _check_tokenizer(manifest, tok, out)
+        return PreparedData(out, manifest)
+    log(f"data: preparing {source.description} with the {tok.kind} tokenizer -> {out}")
     t0 = time.time()
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=cache))
     try:
-        manifest = _write(source, kind, cfg.VAL_FRACTION, tmp)
-        if out.exists():  # a stale, manifest-less leftover from an older layout
+        manifest = _write(source, tok, cfg.VAL_FRACTION, tmp, log)
+        if out.exists():  # a stale, manifest-less leftover (a crash of an older version)
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"{cache}: no space left on the device while preparing {source.description} "
+                            f"({e.strerror}); free space or set CONFIG_DATA_CACHE_DIR to a larger disk. "
+                            "Nothing was replaced: earlier prepared data is intact") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    skipped = manifest["skipped"]
     log(f"data: {manifest['train_tokens']:,} train + {manifest['val_tokens']:,} val tokens, "
-        f"vocab {manifest['tokenizer']['vocab_size']}, in {time.time() - t0:.1f}s")
+        f"{manifest['source']['documents']:,} documents, vocab {manifest['tokenizer']['vocab_size']}, "
+        f"in {time.time() - t0:.1f}s")
+    if skipped["non_utf8_files"] or skipped["non_utf8_records"] or skipped["binary_files"]:
+        log(f"data: skipped {skipped['non_utf8_files']} non-UTF-8 files {skipped['non_utf8_files_first']}, "
+            f"{skipped['non_utf8_records']} non-UTF-8 records and {skipped['binary_files']} binary files")
+    if skipped["replaced_byte_sequences"]:
+        log(f"data: replaced {skipped['replaced_byte_sequences']} invalid UTF-8 byte sequences with U+FFFD")
     return PreparedData(out, manifest)
 
 
-def _write(source: Source, kind: str, val_fraction: float, folder: Path) -> dict:
-    text = source.read_text()
-    if not text:
-        raise ValueError(f"{source.description}: the corpus is empty")
-    tok = Tokenizer.fit(kind, text)
-    ids = tok.encode_array(text)
-    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-    n_val = max(1, int(len(ids) * val_fraction))
-    splits = {"train": ids[:-n_val].astype(dtype), "val": ids[-n_val:].astype(dtype)}
+def _check_tokenizer(manifest: dict, tok: Tokenizer, out: Path) -> None:
+    have = manifest.get("tokenizer", {}).get("sha256")
+    if have != tok.sha256:
+        raise DataError(f"{out}: prepared with a different tokenizer (sha256 {str(have)[:12]}) than the configured "
+                        f"{tok.kind} tokenizer (sha256 {tok.sha256[:12]}); re-prepare it with "
+                        f"`make data REPREPARE=1` (or delete {out}) and run again")
+
+
+def _write(source: Source, tok: Tokenizer, val_fraction: float, folder: Path, log) -> dict:
     tok.save(folder / "tokenizer.json")
-    digests = {}
-    for name, arr in splits.items():
-        arr.tofile(folder / f"{name}.bin")
-        digests[f"{name}.bin"] = hashlib.sha256(arr.tobytes()).hexdigest()
+    if tok.kind == "sentencepiece":  # for other tools (spm_encode, transformers)
+        import base64
+
+        (folder / "tokenizer.model").write_bytes(base64.b64decode(tok.spec["model"]))
+    result = tokenize_to(source, tok, val_fraction, folder, log)
     manifest = {
         "format": FORMAT,
         "source": {"description": source.description, "label": source.label,
                    "files": len(source.files), "fingerprint": source.fingerprint,
-                   "bytes": len(text.encode("utf-8"))},
-        "tokenizer": {"kind": kind, "vocab_size": tok.vocab_size, "sha256": tok.sha256},
-        "dtype": np.dtype(dtype).name,
+                   "bytes": result.pop("text_bytes"), "documents": result.pop("documents")},
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "sha256": tok.sha256,
+                      "eos_id": tok.eos_id},
         "val_fraction": val_fraction,
-        "train_tokens": int(len(splits["train"])),
-        "val_tokens": int(len(splits["val"])),
-        "sha256": digests,
-        "unigram_entropy_nats": unigram_entropy(splits["train"], tok.vocab_size),
+        **result,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, folder / "manifest.json")
     return manifest
 
 
 def unigram_entropy(ids: np.ndarray, vocab_size: int) -> float:
     """Entropy (nats) of the token frequency distribution: the loss of the best model that ignores context."""
-    counts = np.bincount(ids, minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return entropy_of_counts(np.bincount(ids, minlength=vocab_size))

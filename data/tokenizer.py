@@ -1,7 +1,13 @@
-"""Character- and byte-level tokenizers, stored as JSON next to the prepared data."""
+"""Character, byte and SentencePiece tokenizers, defined by a JSON-serializable spec.
+
+The spec is everything needed to rebuild a tokenizer (a SentencePiece model is
+carried base64-encoded), so a checkpoint that stores ``tokenizer.spec`` can
+sample without the data cache. ``sha256`` is the digest of the canonical spec.
+"""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 
@@ -14,10 +20,19 @@ class Tokenizer:
     def __init__(self, spec: dict):
         self.spec = spec
         self.kind = spec["kind"]
+        self.eos_id: int | None = None
         if self.kind == "char":
             self.chars = spec["chars"]
             self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
             self._index = {c: i for i, c in enumerate(self.chars)}
+        elif self.kind == "sentencepiece":
+            import sentencepiece as spm
+
+            proto = base64.b64decode(spec["model"])
+            if "model_sha256" in spec and hashlib.sha256(proto).hexdigest() != spec["model_sha256"]:
+                raise ValueError("SentencePiece model in the tokenizer spec does not match its model_sha256")
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+            self.eos_id = self._sp.eos_id()
         elif self.kind != "byte":
             raise ValueError(f"unknown tokenizer kind {self.kind!r} in tokenizer spec")
 
@@ -26,11 +41,18 @@ class Tokenizer:
         """A tokenizer for ``text``: char vocab = its sorted distinct characters."""
         if kind == "byte":
             return cls({"kind": "byte"})
-        codepoints = np.unique(_codepoints(text))
-        return cls({"kind": "char", "chars": [chr(c) for c in codepoints]})
+        if kind != "char":
+            raise ValueError(f"Tokenizer.fit makes char or byte tokenizers, not {kind!r}")
+        return cls.from_chars(np.unique(_codepoints(text)))
+
+    @classmethod
+    def from_chars(cls, codepoints) -> "Tokenizer":
+        return cls({"kind": "char", "chars": [chr(c) for c in sorted(int(c) for c in codepoints)]})
 
     @property
     def vocab_size(self) -> int:
+        if self.kind == "sentencepiece":
+            return self._sp.get_piece_size()
         return len(self.chars) if self.kind == "char" else 256
 
     @property
@@ -38,10 +60,14 @@ class Tokenizer:
         blob = json.dumps(self.spec, sort_keys=True, ensure_ascii=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def encode_array(self, text: str) -> np.ndarray:
-        """Token ids of ``text`` as an int64 array (vectorized; no per-character Python loop)."""
+    def encode_array(self, text: str, dtype=np.int64) -> np.ndarray:
+        """Token ids of ``text`` as a ``dtype`` array (vectorized; no per-character Python loop)."""
         if self.kind == "byte":
-            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype)
+        if self.kind == "sentencepiece":
+            # Line by line: long inputs encode several times faster, with identical ids ("\n" is its own piece).
+            lines = self._sp.encode(text.splitlines(keepends=True))
+            return np.fromiter((i for ids in lines for i in ids), dtype=dtype)
         cps = _codepoints(text)
         ids = np.searchsorted(self._codepoints, cps)
         ids = np.minimum(ids, len(self._codepoints) - 1)
@@ -49,7 +75,7 @@ class Tokenizer:
         if unknown.any():
             bad = sorted({chr(c) for c in cps[unknown]})[:10]
             raise ValueError(f"characters not in the char vocabulary: {bad!r}")
-        return ids.astype(np.int64)
+        return ids.astype(dtype)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
@@ -58,6 +84,8 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if self.kind == "byte":
             return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        if self.kind == "sentencepiece":
+            return self._sp.decode([i for i in ids if 0 <= i < self.vocab_size])
         return "".join(self.chars[i] for i in ids if i < len(self.chars))
 
     def save(self, path) -> None:
@@ -68,6 +96,16 @@ class Tokenizer:
     def load(cls, path) -> "Tokenizer":
         with open(path, encoding="utf-8") as f:
             return cls(json.load(f))
+
+
+def check_vocab_fits(tokenizer: Tokenizer, embedding_rows: int, where: str) -> None:
+    """Refuse a model whose embedding has fewer rows than the tokenizer has ids (e.g. an old checkpoint)."""
+    from data.corpus import DataError
+
+    if tokenizer.vocab_size > embedding_rows:
+        raise DataError(f"{where}: the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                        f"embedding has only {embedding_rows} rows; train a new model for this tokenizer "
+                        "(or use the tokenizer the checkpoint was trained with)")
 
 
 def _codepoints(text: str) -> np.ndarray:

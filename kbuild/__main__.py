@@ -145,6 +145,26 @@ def cmd_check(args) -> int:
     return 1 if check_plan(layers, cfg) else 0
 
 
+def cmd_data(args) -> int:
+    """Prepare the data the configuration needs (make does it on demand too)."""
+    import shutil
+
+    from data.corpus import source_for
+    from data.prepare import prepare, prepared_path
+
+    _, cfg = load(DOT_CONFIG, args.set)
+    if args.reprepare:
+        out = prepared_path(cfg, ROOT, source_for(cfg, ROOT))
+        if out.exists():
+            print(f"data: removing {out}")
+            shutil.rmtree(out)
+    data = prepare(cfg, ROOT)
+    m = data.manifest
+    print(f"data: {data.path}: {m['train_tokens']:,} train + {m['val_tokens']:,} val tokens, "
+          f"{m['tokenizer']['kind']} tokenizer, vocab {m['tokenizer']['vocab_size']}")
+    return 0
+
+
 def cmd_sample(args) -> int:
     from plan.runner import runs_dir
     from plan.plan import newest_run_dir
@@ -178,6 +198,9 @@ def main(argv=None) -> int:
     add("run", cmd_run, "run the configured plan")
     add("check", cmd_check, "CPU dry run of every planned run")
     add("continue", cmd_continue, "finish the newest unfinished plan")
+    add("data", cmd_data, "prepare the configured data").add_argument(
+        "--reprepare", action="store_true", default=bool(os.environ.get("REPREPARE")),
+        help="delete this configuration's prepared data first (default: $REPREPARE)")
     add("report", cmd_report, "table and plots for a plan").add_argument(
         "--plan", default=os.environ.get("PLAN", ""), help="plan directory (default: $PLAN, else the newest)")
     p = add("sample", cmd_sample, "generate text from a run's checkpoint")

@@ -24,7 +24,14 @@ from plan.expand import FRAGMENTS, RunSpec, expand
 from plan.memory import predict_memory
 
 CPU_PARAM_BUDGET = 30_000_000  # larger models are checked as a reduced twin
-CHECK_VOCAB = 256  # byte vocabulary; char vocabularies of the shipped corpora pad to at most this
+CHAR_BYTE_VOCAB = 256  # byte vocabulary; char vocabularies of the shipped corpora pad to at most this
+
+
+def check_vocab(cfg: Config) -> int:
+    """The vocabulary the run's model will have, known without data (SentencePiece: its configured size)."""
+    from train.trainer import padded_vocab
+
+    return padded_vocab(cfg.SENTENCEPIECE_VOCAB_SIZE) if cfg.TOKENIZER_SENTENCEPIECE else CHAR_BYTE_VOCAB
 GIB = 1024 ** 3
 
 
@@ -41,7 +48,7 @@ def optimizer_name(cfg: Config) -> str:
 
 def step_twice(cfg: Config) -> dict:
     """Build the run's model (or its twin), take two steps; raise with a reason if anything is off."""
-    mcfg = ModelConfig.from_config(cfg, CHECK_VOCAB)
+    mcfg = ModelConfig.from_config(cfg, check_vocab(cfg))
     with torch.device("meta"):
         full = GPT(mcfg)
     params, flops = full.num_params(non_embedding=False), full.flops_per_token()
@@ -68,7 +75,7 @@ def step_twice(cfg: Config) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    memory = predict_memory(ModelConfig.from_config(cfg, CHECK_VOCAB), cfg.MICRO_BATCH, cfg.BLOCK_SIZE,
+    memory = predict_memory(ModelConfig.from_config(cfg, check_vocab(cfg)), cfg.MICRO_BATCH, cfg.BLOCK_SIZE,
                             target_dtype(cfg), optimizer_name(cfg))
     return {"params": params, "flops_per_token": flops, "twin": twin, "losses": losses, "memory": memory}
 

@@ -58,7 +58,8 @@ def execute(plan: Plan) -> Plan:
     slots = _device_slots()
     active: dict[str, tuple[subprocess.Popen, str | None]] = {}
     queue = list(todo)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while queue or active:
             while queue and len(active) < len(slots):
@@ -71,6 +72,8 @@ def execute(plan: Plan) -> Plan:
                     del active[name]
             time.sleep(0.2)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: let every run checkpoint, record it, stop
+        for sig in previous:  # a second signal (make forwards one too) must not cut this short
+            signal.signal(sig, signal.SIG_IGN)
         print("\nstopping: each running run finishes its step and writes a checkpoint ...", flush=True)
         for name, (proc, _) in active.items():
             if proc.poll() is None:
@@ -80,7 +83,8 @@ def execute(plan: Plan) -> Plan:
         print(f"interrupted; 'make continue' resumes {plan.path.name}", flush=True)
         raise SystemExit(130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return plan
 
 

@@ -1,6 +1,6 @@
 # Running what .config describes. SET="SYM=value ..." applies to this invocation only.
 
-.PHONY: run check continue report sample bench bench-check
+.PHONY: run check continue report data sample bench bench-check
 
 ## run: (default) run the plan .config describes; results in RUNS_DIR/<plan>/<run>/
 run: $(CORE)
@@ -17,6 +17,10 @@ continue: $(CORE)
 ## report: table (markdown, CSV) and plots for the newest plan (PLAN=runs/<plan> to choose)
 report: $(CORE)
 	@$(PY) -m kbuild report
+
+## data: prepare the configured data now (REPREPARE=1 rebuilds it); make does it on demand
+data: $(CORE)
+	@$(PY) -m kbuild data
 
 ## sample: generate text from the newest run (RUN_DIR=, PROMPT=, TOKENS= to choose)
 sample: $(CORE)

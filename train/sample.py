@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, check_vocab_fits
 
 
 def generate_text(model, tokenizer: Tokenizer, prompt: str, tokens: int, temperature: float,
@@ -35,12 +35,14 @@ def sample_from(run_dir, prompt: str | None = None, tokens: int | None = None) -
     found = checkpoint.latest(Path(run_dir))
     if found is None:
         raise FileNotFoundError(f"{run_dir}: no readable checkpoint in this run directory")
-    _, state = found
+    path, state = found
+    tokenizer = Tokenizer(state["tokenizer"])
+    check_vocab_fits(tokenizer, state["model_config"]["vocab_size"], str(path))
     cfg = state["config"]
     model = GPT(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     device = torch.device("cpu")
-    return generate_text(model, Tokenizer(state["tokenizer"]),
+    return generate_text(model, tokenizer,
                          cfg["SAMPLE_PROMPT"] if prompt is None else prompt,
                          cfg["SAMPLE_TOKENS"] if tokens is None else tokens,
                          cfg["SAMPLE_TEMPERATURE"], cfg["SAMPLE_TOP_K"], device, cfg["SEED"])

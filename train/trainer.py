@@ -14,6 +14,7 @@ import torch
 
 from data.loader import Batches
 from data.prepare import PreparedData
+from data.tokenizer import check_vocab_fits
 from model.gpt import GPT, ModelConfig
 from optim.optimizers import build_optimizer, describe
 from optim.schedule import lr_at
@@ -135,6 +136,7 @@ class Trainer:
         if found is None:
             raise CheckpointError(f"{self.run_dir}: no readable checkpoint to resume from")
         path, state = found
+        check_vocab_fits(self.tokenizer, state["model_config"]["vocab_size"], str(path))
         problems = incompatibilities(state["config"], self.cfg)
         if problems:
             raise CheckpointError(f"{path} was trained with a different model; differing symbols: "
