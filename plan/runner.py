@@ -54,7 +54,7 @@ def execute(plan: Plan) -> Plan:
             todo.append(name)
         except Exception as e:
             plan.update(name, status="failed", error=f"data: {type(e).__name__}: {e}", end=now())
-    print(f"plan: {plan.path} ({len(plan.runs)} runs, {len(todo)} to train)", flush=True)
+    print(f"plan: {plan.path} ({len(plan.runs)} run{'s' if len(plan.runs) != 1 else ''}, {len(todo)} to train)", flush=True)
     slots = _device_slots()
     active: dict[str, tuple[subprocess.Popen, str | None]] = {}
     queue = list(todo)

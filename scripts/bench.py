@@ -5,7 +5,8 @@ Runs the real trainer for BENCH_STEPS steps (default 60) with the current
 needed: the data's content does not change the speed, and its char vocabulary
 (97) pads to the same 128 ids as tiny Shakespeare's (65). Reports the median
 tokens/s of the logging intervals after the first, which holds warmup and
-torch.compile time. BENCH_JSON=path also writes the figures as JSON.
+torch.compile time, and the time to save (atomically, with fsync) and load a
+checkpoint of the full training state. BENCH_JSON=path also writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +24,22 @@ sys.path.insert(0, str(ROOT))
 
 from data.prepare import prepare  # noqa: E402
 from kbuild.kconfig import load, parse_overrides, resolve, parse_file, values  # noqa: E402
+from train import checkpoint  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
+
+
+def checkpoint_times(trainer: Trainer, folder: Path) -> tuple[float, float, int]:
+    """Median wall time of writing (atomically, with fsync) and loading the full training state."""
+    saves, loads = [], []
+    path = folder / "bench-ckpt.pt"
+    for _ in range(5):
+        t0 = time.perf_counter()
+        checkpoint.save(path, trainer.state(trainer.start_step, None, 0.0))
+        saves.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        checkpoint.load(path)
+        loads.append(time.perf_counter() - t0)
+    return statistics.median(saves), statistics.median(loads), path.stat().st_size
 
 
 def main() -> int:
@@ -39,6 +56,7 @@ def main() -> int:
         trainer = Trainer(cfg, data, Path(tmp), log=lambda m: None)
         summary = trainer.run()
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        save_s, load_s, ckpt_bytes = checkpoint_times(trainer, Path(tmp))
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
     tps = statistics.median(speeds)
     flops = trainer.model.flops_per_token() * tps
@@ -52,6 +70,9 @@ def main() -> int:
           f"{summary['device']}, {summary['dtype']}, compile {'on' if cfg.COMPILE else 'off'}")
     print(f"  {tps:,.0f} tokens/s (median of {len(speeds)} intervals of {interval} steps), "
           f"{flops / 1e9:.1f} GFLOP/s" + (f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] else ""))
+    print(f"  checkpoint: {ckpt_bytes / 2**20:.1f} MiB, save {1000 * save_s:.0f} ms, load {1000 * load_s:.0f} ms "
+          f"(median of 5, including fsync)")
+    result.update(checkpoint_bytes=ckpt_bytes, checkpoint_save_s=save_s, checkpoint_load_s=load_s)
     if out := os.environ.get("BENCH_JSON"):
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
