@@ -140,9 +140,13 @@ def embedded_source(byte_cap: int) -> Source:
                   ReadOptions(invalid="replace"))
 
 
-def local_source(path: Path, opts: ReadOptions = ReadOptions(), label: str = "", description: str = "") -> Source:
-    """A file, or every readable file under a folder (recursive, sorted; binary files skipped)."""
-    where = f"CONFIG_DATA_PATH={str(path)!r}"
+def local_source(path: Path, opts: ReadOptions = ReadOptions(), label: str = "", description: str = "",
+                 where: str = "") -> Source:
+    """A file, or every readable file under a folder (recursive, sorted; binary files skipped).
+
+    ``where`` names the setting in errors (default: CONFIG_DATA_PATH=<path>).
+    """
+    where = where or f"CONFIG_DATA_PATH={str(path)!r}"
     binary: list[Path] = []
     if path.is_file():
         files = [path]

@@ -1,6 +1,8 @@
-"""Random fixed-length training windows drawn from prepared token files."""
+"""Random fixed-length training windows drawn from prepared token files, from one source or a weighted mix."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,10 +35,69 @@ class Batches:
     def reset(self) -> None:
         self.generator.manual_seed(self.seed)
 
+    def starts(self, n: int, generator: torch.Generator) -> np.ndarray:
+        """``n`` random window starts drawn from ``generator``."""
+        return torch.randint(len(self.tokens) - self.block_size - 1, (n,), generator=generator).numpy()
+
+    def windows(self, starts: np.ndarray) -> np.ndarray:
+        """(len(starts), block_size + 1) token ids as int64."""
+        return self.tokens[starts[:, None] + self._offsets].astype(np.int64)
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,),
-                               generator=self.generator).numpy()
-        window = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
-        if self.device.type == "cuda":
-            window = window.pin_memory().to(self.device, non_blocking=True)
-        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+        return to_device(self.windows(self.starts(self.batch_size, self.generator)), self.device)
+
+
+class MixedBatches:
+    """Batches whose every sequence comes from one of several sources, chosen by weight.
+
+    One seeded generator draws both each sequence's source and its position, so the
+    data order is a function of the seed, and that generator's state (``.generator``,
+    stored as a checkpoint's data_rng) is all an exact resume needs. With one source
+    no source draw is made: the batches equal a plain Batches with the same seed.
+    ``counts`` is the number of sequences drawn from each source.
+    """
+
+    def __init__(self, parts: Sequence[Batches], weights: Sequence[float], seed: int):
+        if len(parts) != len(weights) or not parts:
+            raise ValueError("MixedBatches needs one positive weight per source")
+        self.parts = list(parts)
+        self.batch_size, self.block_size, self.device = parts[0].batch_size, parts[0].block_size, parts[0].device
+        w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+        self._cumulative = torch.cumsum(w / w.sum(), 0)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts = np.zeros(len(parts), dtype=np.int64)
+
+    def reset(self) -> None:
+        self.generator.manual_seed(self.seed)
+
+    def choose(self, n: int) -> np.ndarray:
+        """The source index of each of ``n`` sequences, drawn from the generator by weight."""
+        u = torch.rand(n, generator=self.generator, dtype=torch.float64)
+        return torch.searchsorted(self._cumulative, u, right=True).clamp_(max=len(self.parts) - 1).numpy()
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.parts) == 1:
+            self.counts[0] += self.batch_size
+            part = self.parts[0]
+            return to_device(part.windows(part.starts(self.batch_size, self.generator)), self.device)
+        choice = self.choose(self.batch_size)
+        rows = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
+        for i, part in enumerate(self.parts):
+            where = np.flatnonzero(choice == i)
+            if len(where):
+                rows[where] = part.windows(part.starts(len(where), self.generator))
+            self.counts[i] += len(where)
+        return to_device(rows, self.device)
+
+    def shares(self, names: Sequence[str]) -> dict[str, float]:
+        """The fraction of sequences drawn so far from each source, by name."""
+        total = max(1, int(self.counts.sum()))
+        return {name: int(c) / total for name, c in zip(names, self.counts)}
+
+
+def to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    window = torch.from_numpy(rows)
+    if device.type == "cuda":
+        window = window.pin_memory().to(device, non_blocking=True)
+    return window[:, :-1].contiguous(), window[:, 1:].contiguous()

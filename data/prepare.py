@@ -53,20 +53,42 @@ def tokenizer_kind(cfg) -> str:
     return tokenizer_settings(cfg)["kind"]
 
 
-def prepared_path(cfg, root: Path, source: Source) -> Path:
-    """Where ``cfg``'s prepared data lives (whether or not it exists yet)."""
+def prepared_path(cfg, root: Path, source: Source, tokenizer_sha: str = "",
+                  val_fraction: float | None = None) -> Path:
+    """Where ``cfg``'s prepared data lives (whether or not it exists yet).
+
+    A mix's sources pass the shared tokenizer's SHA (it differs from the source's own
+    char or SentencePiece tokenizer) and validation-only sets pass val_fraction=1.0.
+    """
     settings = tokenizer_settings(cfg)
-    key = hashlib.sha256(f"{FORMAT}|{source.fingerprint}|{json.dumps(settings, sort_keys=True)}|"
-                         f"{cfg.VAL_FRACTION!r}".encode()).hexdigest()[:12]
+    fraction = cfg.VAL_FRACTION if val_fraction is None else val_fraction
+    text = f"{FORMAT}|{source.fingerprint}|{json.dumps(settings, sort_keys=True)}|{fraction!r}"
+    if tokenizer_sha:
+        text += f"|{tokenizer_sha}"
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
     return rooted(cfg.DATA_CACHE_DIR, root) / f"{source.label}-{settings['kind']}-{key}"
 
 
-def prepare(cfg, root: Path, log=print) -> PreparedData:
-    """Prepared data for ``cfg``, reusing an up-to-date copy when one exists."""
+def prepare(cfg, root: Path, log=print):
+    """Prepared data for ``cfg``, reusing an up-to-date copy when one exists.
+
+    A PreparedData for one source; a data.mix.PreparedMix when DATA_MIX or DATA_VAL_EXTRA is set.
+    """
+    if cfg.get("DATA_MIX") or cfg.get("DATA_VAL_EXTRA"):
+        from data.mix import prepare_mix
+
+        return prepare_mix(cfg, root, log)
     source = source_for(cfg, root)
-    out = prepared_path(cfg, root, source)
+    cache = rooted(cfg.DATA_CACHE_DIR, root)
+    return prepare_source(cfg, root, source, configured_tokenizer(cfg, source, cache, log), log)
+
+
+def prepare_source(cfg, root: Path, source: Source, tok: Tokenizer, log=print, shared: bool = False,
+                   val_fraction: float | None = None) -> PreparedData:
+    """``source`` tokenized with ``tok`` (cached, atomic); ``shared``: tok is a mix's common tokenizer."""
+    out = prepared_path(cfg, root, source, tok.sha256 if shared else "", val_fraction)
     cache = out.parent
-    tok = configured_tokenizer(cfg, source, cache, log)
+    fraction = cfg.VAL_FRACTION if val_fraction is None else val_fraction
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -77,7 +99,7 @@ def prepare(cfg, root: Path, log=print) -> PreparedData:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=cache))
     try:
-        manifest = _write(source, tok, cfg.VAL_FRACTION, tmp, log)
+        manifest = _write(source, tok, fraction, tmp, log)
         if out.exists():  # a stale, manifest-less leftover (a crash of an older version)
             shutil.rmtree(out)
         os.replace(tmp, out)

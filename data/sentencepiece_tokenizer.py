@@ -34,9 +34,14 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int, model_type: str, 
             "model_sha256": hashlib.sha256(proto).hexdigest(), "model": base64.b64encode(proto).decode("ascii")}
 
 
+MAX_SENTENCE = 1 << 14  # characters; SentencePiece silently drops longer sentences
+
+
 def sample_lines(texts: Iterable[str]) -> Iterable[str]:
-    """Training sentences: the sample's lines (SentencePiece learns within a sentence), blank ones dropped."""
+    """Training sentences: the sample's lines (SentencePiece learns within a sentence), blank ones
+    dropped, and long lines (a one-line JSONL document) cut into pieces it will not skip."""
     for text in texts:
         for line in text.split("\n"):
             if line.strip():
-                yield line
+                for start in range(0, len(line), MAX_SENTENCE):
+                    yield line[start:start + MAX_SENTENCE]

@@ -78,29 +78,60 @@ def _store(tok: Tokenizer, path: Path) -> None:
         os.replace(tmp, target)
 
 
-def _fit_chars(source: Source, log) -> Tokenizer:
+def mix_tokenizer(cfg, sources: list[tuple[Source, float]], extras: list[Source], cache: Path,
+                  log=print) -> Tokenizer:
+    """One tokenizer shared by weighted training sources (and validation-only ``extras``).
+
+    char: the distinct characters of every source and extra (all must encode);
+    SentencePiece: trained on a sample of SENTENCEPIECE_SAMPLE_MB split across the
+    training sources by weight (extras are validation, never trained on); byte: fixed.
+    """
+    settings = tokenizer_settings(cfg)
+    if settings["kind"] == "byte":
+        return Tokenizer({"kind": "byte"})
+    covered = [s for s, _ in sources] + (list(extras) if settings["kind"] == "char" else [])
+    parts = [f"{s.fingerprint}:{w!r}" for s, w in sources] + [s.fingerprint for s in covered[len(sources):]]
+    key = hashlib.sha256(f"{FORMAT}|mix|{'|'.join(parts)}|{json.dumps(settings, sort_keys=True)}".encode())
+    path = cache / "tokenizers" / f"mix-{settings['kind']}-{key.hexdigest()[:12]}.json"
+    if path.exists():
+        return load_verified(path)
+    log(f"data: building the {settings['kind']} tokenizer for {len(covered)} sources -> {path}")
+    if settings["kind"] == "char":
+        tok = _fit_chars(covered, log, "the sources of CONFIG_DATA_MIX/CONFIG_DATA_VAL_EXTRA")
+    else:
+        tok = _train_sentencepiece(sources, settings, log)
+    _store(tok, path)
+    log(f"data: tokenizer {tok.kind}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}")
+    return tok
+
+
+def _fit_chars(sources, log, description: str = "") -> Tokenizer:
+    """The distinct characters of ``sources`` (a Source or a list of them), in one streaming pass."""
+    sources = [sources] if isinstance(sources, Source) else list(sources)
     seen = np.zeros(0, dtype=np.uint32)
-    progress = Progress(source.size_bytes, "char vocabulary", log)
-    stats, pending, docs = Stats(), [], 0
-    for piece in source.pieces(stats):
-        progress.update(piece.consumed)
-        pending.append(piece.text)
-        if sum(map(len, pending)) > 1 << 22:
-            seen = np.union1d(seen, np.unique(_codepoints("".join(pending))))
-            pending = []
+    progress = Progress(sum(s.size_bytes for s in sources), "char vocabulary", log)
+    pending, many_docs = [], False
+    for source in sources:
+        stats = Stats()
+        for piece in source.pieces(stats):
+            progress.update(piece.consumed)
+            pending.append(piece.text)
+            if sum(map(len, pending)) > 1 << 22:
+                seen = np.union1d(seen, np.unique(_codepoints("".join(pending))))
+                pending = []
+        many_docs = many_docs or stats.documents > 1
     progress.close()
     seen = np.union1d(seen, np.unique(_codepoints("".join(pending))))
-    if stats.documents > 1:
+    if many_docs:
         seen = np.union1d(seen, np.unique(_codepoints("\n")))  # the separator between documents
     if not len(seen):
-        raise DataError(f"{source.description}: the corpus is empty; point CONFIG_DATA_PATH at some text")
+        raise DataError(f"{description or sources[0].description}: the corpus is empty; "
+                        "point CONFIG_DATA_PATH at some text")
     return Tokenizer.from_chars(seen)
 
 
-def _train_sentencepiece(source: Source, settings: dict, log) -> Tokenizer:
-    from data.sentencepiece_tokenizer import sample_lines, train_sentencepiece
-
-    cap = settings["sample_mb"] * 1_000_000
+def _sample(source: Source, cap: int, val_fraction: float) -> tuple[list[str], int]:
+    """The first ``cap`` bytes of ``source``; all of it but its validation part when it is smaller."""
     texts, size, stats = [], 0, Stats()
     for piece in source.pieces(stats):
         if piece.text:
@@ -109,16 +140,33 @@ def _train_sentencepiece(source: Source, settings: dict, log) -> Tokenizer:
             if size >= cap:
                 break
     else:  # the whole corpus fits in the cap: keep to its training part (by bytes, close to by tokens)
-        keep = int(size * (1 - settings["val_fraction"]))
+        keep = int(size * (1 - val_fraction))
         texts = [b"".join(t.encode("utf-8") for t in texts)[:keep].decode("utf-8", errors="ignore")]
+    return texts, min(size, cap)
+
+
+def _train_sentencepiece(sources, settings: dict, log) -> Tokenizer:
+    """Train on SENTENCEPIECE_SAMPLE_MB of text: from one Source, or split by weight over (Source, weight) pairs."""
+    from data.sentencepiece_tokenizer import sample_lines, train_sentencepiece
+
+    weighted = [(sources, 1.0)] if isinstance(sources, Source) else list(sources)
+    cap = settings["sample_mb"] * 1_000_000
+    total = sum(w for _, w in weighted)
+    texts, size = [], 0
+    for source, weight in weighted:
+        got, n = _sample(source, cap if len(weighted) == 1 else max(1, int(cap * weight / total)),
+                         settings["val_fraction"])
+        texts += got
+        size += n
+    description = weighted[0][0].description if len(weighted) == 1 else "the sources of CONFIG_DATA_MIX"
     if not any(texts):
-        raise DataError(f"{source.description}: the corpus is empty; point CONFIG_DATA_PATH at some text")
+        raise DataError(f"{description}: the corpus is empty; point CONFIG_DATA_PATH at some text")
     log(f"data: training SentencePiece ({settings['model_type']}, vocab {settings['vocab_size']}) "
-        f"on {min(size, cap) / 1e6:.1f} MB")
+        f"on {size / 1e6:.1f} MB")
     try:
         spec = train_sentencepiece(sample_lines(texts), settings["vocab_size"], settings["model_type"],
                                    threads=os.cpu_count() or 1)
     except RuntimeError as e:
-        raise DataError(f"{source.description}: SentencePiece training failed ({e}); use a smaller "
+        raise DataError(f"{description}: SentencePiece training failed ({e}); use a smaller "
                         "CONFIG_SENTENCEPIECE_VOCAB_SIZE or more text") from None
     return Tokenizer(spec)

@@ -154,10 +154,15 @@ def cmd_data(args) -> int:
 
     _, cfg = load(DOT_CONFIG, args.set)
     if args.reprepare:
-        out = prepared_path(cfg, ROOT, source_for(cfg, ROOT))
-        if out.exists():
-            print(f"data: removing {out}")
-            shutil.rmtree(out)
+        if cfg.DATA_MIX or cfg.DATA_VAL_EXTRA:  # a mix's folders are keyed by its shared tokenizer
+            mix = prepare(cfg, ROOT)
+            folders = [m.data.path for m in mix.members] + [d.path for _, d in mix.extras]
+        else:  # found without preparing: a tokenizer mismatch is what REPREPARE is for
+            folders = [prepared_path(cfg, ROOT, source_for(cfg, ROOT))]
+        for out in folders:
+            if out.exists():
+                print(f"data: removing {out}")
+                shutil.rmtree(out)
     data = prepare(cfg, ROOT)
     m = data.manifest
     print(f"data: {data.path}: {m['train_tokens']:,} train + {m['val_tokens']:,} val tokens, "

@@ -43,12 +43,18 @@ class MetricsLog:
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, **record) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
+        self.file.write(json.dumps(_finite(record)) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
+
+
+def _finite(value):
+    """NaN/Inf floats as null (strict JSON), inside dicts too (val_losses, data_share)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class Throughput:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.loader import Batches
+from data.mix import PreparedMix, as_mix
 from data.prepare import PreparedData
 from data.tokenizer import check_vocab_fits
 from model.gpt import GPT, ModelConfig
@@ -43,8 +43,9 @@ def build_model(cfg, vocab_size: int, device: torch.device) -> GPT:
 
 
 class Trainer:
-    def __init__(self, cfg, data: PreparedData, run_dir: Path, log=print):
-        self.cfg, self.data, self.run_dir, self.log = cfg, data, Path(run_dir), log
+    def __init__(self, cfg, data: PreparedData | PreparedMix, run_dir: Path, log=print):
+        self.cfg, self.data, self.run_dir, self.log = cfg, as_mix(data), Path(run_dir), log
+        data = self.data
         self.device = resolve_device(cfg)
         setup_backend(cfg, self.device)
         self.dtype = resolve_dtype(cfg, self.device)
@@ -55,29 +56,33 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
         self.forward = torch.compile(self.model) if cfg.COMPILE else self.model
-        self.batches = Batches(data, "train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED)
+        # Each sequence's source is drawn by weight; with one source these are plain Batches' draws.
+        self.batches = data.train_batches("train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED)
         # Evaluation reuses the same batches every time (fixed seed), so curves compare across steps and runs.
-        self.eval_sets = {split: Batches(data, split, cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED + 1)
-                          for split in ("train", "val")}
+        self.eval_train = data.train_batches("train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED + 1)
+        self.val_sets = data.val_batches(cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED + 1)
         self.tokens_per_step = cfg.MICRO_BATCH * cfg.GRAD_ACCUM * cfg.BLOCK_SIZE
         self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
         self.guard = NonFiniteGuard(cfg.MAX_BAD_STEPS or 1)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict:
+        """{"train": loss, "val": the aggregate val_loss, "val_losses": {name: loss}}."""
         self.model.eval()
-        out = {}
-        for split, batches in self.eval_sets.items():
-            batches.reset()
-            total = torch.zeros((), device=self.device)
-            for _ in range(self.cfg.EVAL_BATCHES):
-                x, y = batches.next()
-                with autocast(self.device, self.dtype):
-                    _, loss = self.forward(x, y)
-                total += loss.float()
-            out[split] = (total / self.cfg.EVAL_BATCHES).item()
+        train = self._mean_loss(self.eval_train)
+        val_losses = {name: self._mean_loss(batches) for name, batches in self.val_sets.items()}
         self.model.train()
-        return out
+        return {"train": train, "val": self.data.aggregate(val_losses), "val_losses": val_losses}
+
+    def _mean_loss(self, batches) -> float:
+        batches.reset()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.EVAL_BATCHES):
+            x, y = batches.next()
+            with autocast(self.device, self.dtype):
+                _, loss = self.forward(x, y)
+            total += loss.float()
+        return (total / self.cfg.EVAL_BATCHES).item()
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over GRAD_ACCUM micro-batches. Returns (loss, grad norm) as device tensors.
@@ -124,6 +129,7 @@ class Trainer:
             "skipped_steps": self.guard.skipped,
             "wall_time_s": elapsed,
             "data_rng": self.batches.generator.get_state(),
+            "data_counts": self.batches.counts.tolist(),
             "rng": capture_rng(),
         }
 
@@ -145,6 +151,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.batches.generator.set_state(state["data_rng"])
+        if len(state.get("data_counts", ())) == len(self.batches.counts):
+            self.batches.counts[:] = state["data_counts"]
         restore_rng(state["rng"])
         self.start_step, self.elapsed_before = state["step"], state["wall_time_s"]
         self.best_val, self.best_step = state["best_val_loss"], state["best_val_step"]
@@ -214,7 +222,8 @@ class Trainer:
         lr = lr_at(step - 1, self.cfg)
         self.metrics.write(step=step, tokens=step * self.tokens_per_step, train_loss=loss_value, lr=lr,
                            grad_norm=norm_value, skipped_steps=self.guard.skipped, tokens_per_s=tps,
-                           flops_per_s=flops, mfu=utilization, elapsed_s=time.time() - self.start)
+                           flops_per_s=flops, mfu=utilization, elapsed_s=time.time() - self.start,
+                           data_share=self.batches.shares(self.data.names))
         self.log(f"step {step:>6}/{self.cfg.MAX_ITERS} | loss {loss_value:.4f} | lr {lr:.2e} "
                  f"| grad norm {norm_value:.3f} | {tps:,.0f} tok/s"
                  + (f" | MFU {100 * utilization:.1f}%" if utilization is not None else "")
@@ -227,8 +236,11 @@ class Trainer:
             self.best_val, self.best_step = result["val"], step
             checkpoint.save_best(self.run_dir, self.state(step, result["val"], time.time() - self.start))
         self.metrics.write(step=step, tokens=step * self.tokens_per_step, val_loss=result["val"],
-                           train_eval_loss=result["train"], elapsed_s=time.time() - self.start)
-        self.log(f"eval step {step}: train {result['train']:.4f} | val {result['val']:.4f}")
+                           train_eval_loss=result["train"], val_losses=result["val_losses"],
+                           elapsed_s=time.time() - self.start)
+        named = "".join(f" | {name} {loss:.4f}" for name, loss in result["val_losses"].items()
+                        if list(result["val_losses"]) != ["val"])
+        self.log(f"eval step {step}: train {result['train']:.4f} | val {result['val']:.4f}{named}")
         return result
 
     def summary(self, step: int, last_eval: dict) -> dict:
@@ -244,6 +256,7 @@ class Trainer:
             "tokens": step * self.tokens_per_step,
             "final_train_loss": last_eval["train"],
             "final_val_loss": last_eval["val"],
+            "final_val_losses": last_eval["val_losses"],
             "best_val_loss": self.best_val,
             "best_val_step": self.best_step,
             "skipped_steps": self.guard.skipped,
@@ -256,8 +269,8 @@ class Trainer:
             "wall_time_s": time.time() - self.start,
             "device": self.device_name,
             "dtype": self.dtype,
-            "data": {"path": str(self.data.path), "sha256": self.data.manifest["sha256"],
-                     "tokenizer_sha256": self.data.manifest["tokenizer"]["sha256"]},
+            "data_share": self.batches.shares(self.data.names),
+            "data": self.data.summary(),
             "sample": sample,
         }
 
