@@ -135,7 +135,8 @@ def _sample(source: Source, cap: int, val_fraction: float) -> tuple[list[str], i
     texts, size, stats = [], 0, Stats()
     for piece in source.pieces(stats):
         if piece.text:
-            texts.append(piece.text)
+            # a document's end is a line break for SentencePiece: documents never merge into one sentence
+            texts.append(piece.text + ("\n" if piece.doc_end else ""))
             size += len(piece.text.encode("utf-8"))
             if size >= cap:
                 break
