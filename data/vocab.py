@@ -42,13 +42,17 @@ def configured_tokenizer(cfg, source: Source, cache: Path, log=print) -> Tokeniz
         return Tokenizer({"kind": "byte"})
     key = hashlib.sha256(f"{FORMAT}|{source.fingerprint}|{json.dumps(settings, sort_keys=True)}".encode())
     path = cache / "tokenizers" / f"{source.label}-{settings['kind']}-{key.hexdigest()[:12]}.json"
+    build = (lambda: _fit_chars(source, log)) if settings["kind"] == "char" else \
+        (lambda: _train_sentencepiece(source, settings, log))
+    return _stored_or_built(path, f"{settings['kind']} tokenizer for {source.description}", build, log)
+
+
+def _stored_or_built(path: Path, what: str, build, log) -> Tokenizer:
+    """The tokenizer stored at ``path`` (SHA verified), or ``build()`` it and store it with its SHA."""
     if path.exists():
         return load_verified(path)
-    log(f"data: building the {settings['kind']} tokenizer for {source.description} -> {path}")
-    if settings["kind"] == "char":
-        tok = _fit_chars(source, log)
-    else:
-        tok = _train_sentencepiece(source, settings, log)
+    log(f"data: building the {what} -> {path}")
+    tok = build()
     _store(tok, path)
     log(f"data: tokenizer {tok.kind}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}")
     return tok
@@ -93,16 +97,9 @@ def mix_tokenizer(cfg, sources: list[tuple[Source, float]], extras: list[Source]
     parts = [f"{s.fingerprint}:{w!r}" for s, w in sources] + [s.fingerprint for s in covered[len(sources):]]
     key = hashlib.sha256(f"{FORMAT}|mix|{'|'.join(parts)}|{json.dumps(settings, sort_keys=True)}".encode())
     path = cache / "tokenizers" / f"mix-{settings['kind']}-{key.hexdigest()[:12]}.json"
-    if path.exists():
-        return load_verified(path)
-    log(f"data: building the {settings['kind']} tokenizer for {len(covered)} sources -> {path}")
-    if settings["kind"] == "char":
-        tok = _fit_chars(covered, log, "the sources of CONFIG_DATA_MIX/CONFIG_DATA_VAL_EXTRA")
-    else:
-        tok = _train_sentencepiece(sources, settings, log)
-    _store(tok, path)
-    log(f"data: tokenizer {tok.kind}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}")
-    return tok
+    build = (lambda: _fit_chars(covered, log, "the sources of CONFIG_DATA_MIX/CONFIG_DATA_VAL_EXTRA")) \
+        if settings["kind"] == "char" else (lambda: _train_sentencepiece(sources, settings, log))
+    return _stored_or_built(path, f"{settings['kind']} tokenizer for {len(covered)} sources", build, log)
 
 
 def _fit_chars(sources, log, description: str = "") -> Tokenizer:
