@@ -4,7 +4,7 @@ With the GPT-2 options (LayerNorm, learned positions, GELU, bias, tied
 embeddings) this is nanoGPT's architecture: pre-norm blocks, init std 0.02
 with residual projections scaled by 1/sqrt(2 * n_layer). The LLaMA options
 (RMSNorm, RoPE, SwiGLU, grouped-query attention) and QK-norm slot into the
-same blocks.
+same blocks. Attention kernels, sliding windows and soft-capping live in model/attention.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.attention import BACKENDS, CausalSelfAttention, causal_mask, softcap
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    attn: str = "sdpa"  # sdpa | flash | reference (model/attention.py)
+    attn_window: int = 0  # 0 = full causal; N = attend to the last N tokens, the current one included
+    attn_softcap: float = 0.0  # 0 = off; else scores -> c * tanh(s / c) before the softmax
+    final_logit_softcap: float = 0.0  # 0 = off; else logits -> c * tanh(logits / c)
 
     def __post_init__(self):
         # Cross-symbol rules Kconfig ranges cannot express; named by symbol.
@@ -44,6 +50,14 @@ class ModelConfig:
             raise ValueError(f"CONFIG_N_HEAD={self.n_head} is not divisible by CONFIG_N_KV_HEAD={self.n_kv_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head width; N_EMBD/N_HEAD = {self.n_embd // self.n_head}")
+        if self.attn not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attn!r}; expected one of {BACKENDS}")
+        if self.attn == "sdpa" and self.attn_softcap:
+            # Kconfig forbids this (ATTN_SOFTCAP depends on !ATTN_SDPA); this catches direct construction.
+            raise ValueError(f"CONFIG_ATTN_SOFTCAP={self.attn_softcap} needs CONFIG_ATTN_FLASH or CONFIG_ATTN_REFERENCE:"
+                             " scaled_dot_product_attention cannot soft-cap scores")
+        if self.attn_window < 0 or self.attn_softcap < 0 or self.final_logit_softcap < 0:
+            raise ValueError("CONFIG_ATTN_WINDOW, CONFIG_ATTN_SOFTCAP and CONFIG_FINAL_LOGIT_SOFTCAP must be >= 0")
 
     @property
     def head_dim(self) -> int:
@@ -76,6 +90,10 @@ class ModelConfig:
             dropout=cfg.DROPOUT,
             tie_embeddings=cfg.TIE_EMBEDDINGS,
             init_std=cfg.INIT_STD,
+            attn="flash" if cfg.ATTN_FLASH else "reference" if cfg.ATTN_REFERENCE else "sdpa",
+            attn_window=cfg.ATTN_WINDOW,
+            attn_softcap=cfg.ATTN_SOFTCAP or 0.0,  # None while ATTN_SDPA hides it
+            final_logit_softcap=cfg.FINAL_LOGIT_SOFTCAP,
         )
 
 
@@ -98,41 +116,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        kv_dim = cfg.n_kv_head * cfg.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual_scaled = True
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-        if cfg.qk_norm:
-            self.q_norm = make_norm(cfg, cfg.head_dim)
-            self.k_norm = make_norm(cfg, cfg.head_dim)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, C = x.shape
-        cfg = self.cfg
-        kv_dim = cfg.n_kv_head * cfg.head_dim
-        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
-        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            dropout_p=cfg.dropout if self.training else 0.0,
-            is_causal=True,
-            enable_gqa=cfg.n_kv_head != cfg.n_head,
-        )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -162,12 +145,12 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln_1 = make_norm(cfg, cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, make_norm, apply_rope)
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x: torch.Tensor, rope, mask) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -212,6 +195,14 @@ class GPT(nn.Module):
         c = self.cfg
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
+    def _attention_mask(self, T: int, device) -> torch.Tensor | None:
+        """The (T, T) bool mask shared by all layers, or None where the kernel needs none: SDPA with
+        full causal attention uses is_causal, and flash-attn takes the window as an argument."""
+        c = self.cfg
+        if c.attn == "flash" or (c.attn == "sdpa" and not c.attn_window):
+            return None
+        return causal_mask(T, c.attn_window, device)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits (B, T, V) and the mean cross-entropy when targets are given.
 
@@ -225,12 +216,13 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx.device))
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
+        mask = self._attention_mask(T, idx.device)
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, rope, mask)
         x = self.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, -1:, :]), None
-        logits = self.lm_head(x)
+            return softcap(self.lm_head(x[:, -1:, :]), self.cfg.final_logit_softcap), None
+        logits = softcap(self.lm_head(x), self.cfg.final_logit_softcap)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 

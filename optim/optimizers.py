@@ -1,37 +1,129 @@
-"""Optimizer construction. New optimizers add a Kconfig choice option and a branch here."""
+"""Optimizer construction: parameter groups by rule, then the optimizer the Optimizer menu picks.
+
+LR is the AdamW-equivalent peak learning rate; optimizers with another natural
+scale multiply it by their own factor (LION_LR_SCALE, SGD_LR_SCALE), so one LR
+axis of a test matrix means the same thing for every optimizer. Each group
+carries an ``lr_scale`` that set_lr applies on top of the schedule.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from optim.lion import Lion
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embeddings (2-D+); none on biases and norm gains."""
-    decay, no_decay = [], []
+
+def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
+    """Groups by rule: hidden matrices, embeddings, an untied output head (weight decay, LR multipliers);
+    vectors (norm gains, biases: no weight decay)."""
+    embeddings = {id(p) for name, p in model.named_parameters() if name.startswith(("wte.", "wpe."))}
+    head = {id(p) for name, p in model.named_parameters() if name.startswith("lm_head.")} - embeddings
+    rules = {
+        "matrices": dict(weight_decay=cfg.WEIGHT_DECAY, lr_scale=1.0),
+        "embeddings": dict(weight_decay=cfg.WEIGHT_DECAY, lr_scale=cfg.EMBEDDING_LR_SCALE),
+        "head": dict(weight_decay=cfg.WEIGHT_DECAY, lr_scale=cfg.HEAD_LR_SCALE),
+        "vectors": dict(weight_decay=0.0, lr_scale=1.0),
+    }
+    members: dict[str, list] = {name: [] for name in rules}
     for p in model.parameters():  # shared (tied) tensors are yielded once
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
+        if not p.requires_grad:
+            continue
+        group = ("embeddings" if id(p) in embeddings else "head" if id(p) in head
+                 else "matrices" if p.dim() >= 2 else "vectors")
+        members[group].append(p)
+    return [{"name": name, "params": members[name], **rule} for name, rule in rules.items() if members[name]]
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.WEIGHT_DECAY)
+    groups = param_groups(model, cfg)
     if cfg.OPT_ADAMW:
-        # The fused kernel exists for CUDA (and CPU in recent torch); fall back to foreach elsewhere.
-        fused = device.type in ("cuda", "cpu")
+        # The fused kernel exists for CUDA and CPU in current torch.
         return torch.optim.AdamW(groups, lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2), eps=cfg.ADAM_EPS,
-                                 fused=fused)
+                                 fused=device.type in ("cuda", "cpu"))
+    if cfg.OPT_LION:
+        for g in groups:
+            g["lr_scale"] *= cfg.LION_LR_SCALE
+        return Lion(groups, lr=cfg.LR * cfg.LION_LR_SCALE, betas=(cfg.BETA1, cfg.BETA2))
+    if cfg.OPT_MUON:
+        return muon_with_adamw(groups, cfg, device)
+    if cfg.OPT_SGD:
+        for g in groups:
+            g["lr_scale"] *= cfg.SGD_LR_SCALE
+        return torch.optim.SGD(groups, lr=cfg.LR * cfg.SGD_LR_SCALE, momentum=cfg.SGD_MOMENTUM,
+                               nesterov=cfg.SGD_MOMENTUM > 0)
     raise ValueError("no optimizer selected in the Optimizer menu")
 
 
+def muon_with_adamw(groups: list[dict], cfg, device: torch.device) -> "Composite":
+    """Muon on the hidden matrices; AdamW on embeddings, the head and vectors (as Muon's authors do).
+
+    torch.optim.Muon with adjust_lr_fn="match_rms_adamw" scales each matrix's update to AdamW's
+    RMS, so Muon runs at the same LR (times MUON_LR_SCALE) as the AdamW part.
+    """
+    if not hasattr(torch.optim, "Muon"):
+        raise RuntimeError(f"CONFIG_OPT_MUON=y needs torch.optim.Muon (torch 2.9 or newer); "
+                           f"this torch is {torch.__version__}")
+    matrices = [g for g in groups if g["name"] == "matrices"]
+    rest = [g for g in groups if g["name"] != "matrices"]
+    for g in matrices:
+        g["lr_scale"] *= cfg.MUON_LR_SCALE
+    muon = torch.optim.Muon(matrices, lr=cfg.LR * cfg.MUON_LR_SCALE, weight_decay=cfg.WEIGHT_DECAY,
+                            momentum=cfg.MUON_MOMENTUM, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(rest, lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2), eps=cfg.ADAM_EPS,
+                              fused=device.type in ("cuda", "cpu"))
+    return Composite(muon, adamw)
+
+
+class Composite:
+    """Several optimizers over disjoint parameter groups, stepped, saved and loaded as one."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def step(self, closure=None) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+    def __repr__(self) -> str:
+        return " + ".join(type(o).__name__ for o in self.optimizers)
+
+
+def optimizer_name(cfg) -> str:
+    """The selected optimizer, as plan/memory.py names it."""
+    return "lion" if cfg.OPT_LION else "sgd" if cfg.OPT_SGD else "muon" if cfg.OPT_MUON else "adamw"
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's learning rate for this step, times each group's lr_scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def describe(optimizer: torch.optim.Optimizer) -> str:
-    """One line per parameter group: name, tensors, parameters, weight decay."""
-    lines = [f"optimizer: {type(optimizer).__name__}"]
+    """One line per parameter group: name, tensors, parameters, weight decay, LR multiplier."""
+    name = repr(optimizer) if isinstance(optimizer, Composite) else type(optimizer).__name__
+    lines = [f"optimizer: {name}"]
     for g in optimizer.param_groups:
         n = sum(p.numel() for p in g["params"])
         lines.append(f"  group {g.get('name', '?')}: {len(g['params'])} tensors, {n:,} params, "
-                     f"weight_decay={g['weight_decay']}")
+                     f"weight_decay={g['weight_decay']}, lr x{g.get('lr_scale', 1.0):g}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import torch
 
 from kbuild.kconfig import ROOT, Assignment, Config, drift
 from model.gpt import GPT, ModelConfig
-from optim.optimizers import build_optimizer
+from optim.optimizers import build_optimizer, optimizer_name, set_lr
 from optim.schedule import lr_at
 from plan.expand import FRAGMENTS, RunSpec, expand
 from plan.memory import predict_memory
@@ -42,10 +42,6 @@ def target_dtype(cfg: Config) -> str:
     return "fp16" if cfg.DTYPE_FP16 else "bf16"
 
 
-def optimizer_name(cfg: Config) -> str:
-    return "adamw"
-
-
 def step_twice(cfg: Config) -> dict:
     """Build the run's model (or its twin), take two steps; raise with a reason if anything is off."""
     mcfg = ModelConfig.from_config(cfg, check_vocab(cfg))
@@ -62,8 +58,7 @@ def step_twice(cfg: Config) -> dict:
     batch, seq = min(cfg.MICRO_BATCH, 4), min(mcfg.block_size, 64)
     losses = []
     for step in range(2):  # the second step runs on optimizer state made by the first
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        set_lr(optimizer, lr_at(step, cfg))
         x = torch.randint(0, mcfg.vocab_size, (batch, seq))
         _, loss = model(x, torch.roll(x, -1, dims=1))
         if not torch.isfinite(loss):

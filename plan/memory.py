@@ -16,6 +16,9 @@ optim/optimizers.py builds); torch's foreach AdamW, the CUDA default, adds up to
 copy of the parameters at the step. On CUDA, known differences: dropout keeps 1-byte masks
 instead of activation-sized ones, the flash/efficient attention kernels handle dropout without
 keeping T x T probabilities, and RMSNorm may use a fused kernel that keeps only input and rstd.
+ATTN_FLASH is predicted as SDPA's fused kernel (both keep q, k, v, the output and a logsumexp).
+The reference attention (ATTN_REFERENCE) keeps B x n_head x T x T probabilities, and under
+ATTN_SOFTCAP the tanh output as well; its terms were fitted to measurements.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from model.gpt import ModelConfig
 
 GIB = 2**30
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of matmul outputs under autocast
-STATE_TENSORS = {"adamw": 2, "sgd": 1, "lion": 1}  # fp32 state tensors per parameter
+# fp32 state tensors per parameter; "muon": momentum for the hidden matrices, AdamW's two moments elsewhere
+STATE_TENSORS = {"adamw": 2, "sgd": 1, "lion": 1, "muon": (1, 2)}
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -110,24 +114,37 @@ def predict_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str
         block += 2 * T * c.head_dim * a  # cos and sin cast for q and for k, saved by the rotation
     if c.qk_norm:
         block += norm(N * nh, c.head_dim, a) + norm(N * c.n_kv_head, c.head_dim, a)
+    scores = B * nh * T * T * a  # one B x n_head x T x T tensor in the matmul dtype
     if c.dropout == 0:
         # The fused attention kernel keeps q, k, v (views of c_attn's output) and the logsumexp.
         block += N * (C + 2 * kv) * a + N * nh * f
-        if c.pos == "rope" or c.qk_norm:
+        rotated = c.pos == "rope" or c.qk_norm
+        if rotated:
             # Rotated or normalized q and k are new (B, n_head, T, hd) tensors; the attention output
             # then comes out in that layout, and c_proj's input is a separate (B, T, C) copy of it.
             block += N * (C + kv) * a + N * C * a
+        if c.attn == "reference":
+            # Measured: the probabilities, k and v repeated to n_head under GQA, and with RoPE alone
+            # (no QK-norm) none of the rotated q/k and output copies the fused kernel keeps.
+            block += scores + 2 * N * (C - kv) * a
+            block -= N * (C + kv) * a + N * C * a if c.pos == "rope" and not c.qk_norm else 0
+        elif c.attn == "sdpa" and c.attn_window:
+            block += T * T * a  # the boolean window mask, converted to an additive one and kept
     else:
         # No CPU fused kernel takes dropout: the math path keeps fp32 copies of scaled q and of k, v
         # (repeated to n_head), and three B x n_head x T x T tensors: softmax, dropout mask, dropped.
         block += 3 * N * C * f + 3 * B * nh * T * T * f
         block += N * (C + 2 * kv) * a if c.qk_norm else 0  # qk-norm keeps c_attn's output as its input
         block += 2 * N * C * a  # dropout masks after attention and MLP (CPU dropout keeps a scaled mask)
+    if c.attn == "reference" and c.attn_softcap:
+        block += scores  # tanh's output, kept for its backward
     saved = c.n_layer * block
+    saved += T * T if c.attn == "reference" or (c.attn == "sdpa" and c.attn_window) else 0  # the bool mask
     saved += N * C * f if c.dropout else 0  # embedding dropout mask
     saved += 2 * N * 8 + (T * 8 if c.pos == "learned" else 0)  # token ids x, y and position ids
     saved += linear_weights * a if a != f else 0  # autocast's low-precision weight copies
     head = N * C * f + norm(N, C, f) + N * C * a + N * V * f  # ln_f input, lm_head input, log-softmax
+    head += N * V * a if c.final_logit_softcap else 0  # tanh's output inside the logit soft-cap
     logits_held = N * V * a  # lm_head output, still referenced by the caller
 
     # Two moments in backward before most grads exist: its first op, where the log-softmax's and the
@@ -143,7 +160,11 @@ def predict_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str
     activations = saved + head + logits_held + max(2 * N * V * f, at_mlp, at_forward_end)
 
     weights = grads = params * f
-    state = STATE_TENSORS[optimizer] * params * f
+    if optimizer == "muon":
+        hidden = linear_weights - c.vocab_size * c.n_embd  # the blocks' matrices, Muon's share
+        state = (hidden + 2 * (params - hidden)) * f
+    else:
+        state = STATE_TENSORS[optimizer] * params * f
     late = grads + logits_held + 2 * N * 8  # end of backward / optimizer step
     late += 2 * V * C * f if c.tie_embeddings else 0  # wte's embedding grad and its sum with lm_head's
     return MemoryEstimate(weights, grads, state, activations, weights + state + max(activations, late))

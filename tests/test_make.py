@@ -130,7 +130,7 @@ def test_stopped_plan_continues_without_redoing_done_runs(repo, how):
     import time
 
     run_make(repo, "defconfig-matrix-optimizers")
-    env = dict(os.environ, SET="MATRIX_LRS= MATRIX_SEEDS=3 MAX_ITERS=40 CHECKPOINT_INTERVAL=5 EVAL_INTERVAL=20 "
+    env = dict(os.environ, SET="MATRIX_OPT_LION=n MATRIX_OPT_MUON=n MATRIX_LRS= MATRIX_SEEDS=3 MAX_ITERS=40 CHECKPOINT_INTERVAL=5 EVAL_INTERVAL=20 "
                               "EVAL_BATCHES=2 LOG_INTERVAL=5 SAMPLE_TOKENS=5 MICRO_BATCH=4 BLOCK_SIZE=64")
     proc = subprocess.Popen(["make", "--no-print-directory", "SKIP_SETUP=1", f"PYTHON={sys.executable}"],
                             cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -26,6 +26,21 @@ CONFIGS = {
     "llama-qknorm-bf16": (dict(n_embd=128, n_head=4, n_kv_head=2, n_layer=2, block_size=64, norm="rmsnorm",
                                pos="rope", mlp="swiglu", bias=False, tie_embeddings=False, qk_norm=True),
                           8, 64, "bf16"),
+    "reference": (dict(n_embd=128, n_head=4, n_layer=2, block_size=128, attn="reference"), 8, 128, "fp32"),
+    "reference-gqa-rope-qknorm-softcap": (dict(n_embd=128, n_head=4, n_kv_head=2, n_layer=2, block_size=128,
+                                               norm="rmsnorm", pos="rope", qk_norm=True, attn="reference",
+                                               attn_softcap=30.0), 8, 128, "fp32"),
+    "reference-rope-window-dropout": (dict(n_embd=128, n_head=4, n_layer=2, block_size=128, pos="rope", dropout=0.1,
+                                           attn="reference", attn_window=32, attn_softcap=20.0), 8, 128, "fp32"),
+    "reference-softcap-bf16": (dict(n_embd=128, n_head=4, n_layer=2, block_size=128, attn="reference",
+                                    attn_softcap=20.0), 4, 128, "bf16"),
+    "sdpa-window": (dict(n_embd=192, n_head=6, n_kv_head=6, n_layer=3, block_size=128, attn_window=32), 8, 128,
+                    "fp32"),
+    "sdpa-window-llama-bf16": (dict(n_embd=128, n_head=4, n_kv_head=2, n_layer=2, block_size=64, norm="rmsnorm",
+                                    pos="rope", mlp="swiglu", bias=False, attn_window=16,
+                                    final_logit_softcap=30.0), 8, 64, "bf16"),
+    "final-logit-softcap": (dict(n_embd=192, n_head=6, n_kv_head=6, n_layer=3, block_size=128,
+                                 final_logit_softcap=30.0), 8, 128, "fp32"),
     "tiny-batch": (dict(n_embd=256, n_head=4, n_layer=4, block_size=64), 1, 64, "fp32"),  # grads dominate
 }
 

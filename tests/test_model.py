@@ -35,15 +35,20 @@ def test_init_follows_gpt2():
     assert model.blocks[0].attn.c_attn.bias.abs().max().item() == 0
 
 
+# Attention: (backend, window, attention soft-cap, final-logit soft-cap). Each runs with every
+# norm/position/MLP/QK-norm combination; flash is covered by tests/test_attention.py (needs CUDA).
+ATTENTION = [("sdpa", 0, 0.0, 0.0), ("sdpa", 5, 0.0, 30.0), ("reference", 0, 0.0, 0.0), ("reference", 5, 20.0, 30.0)]
 OPTIONS = list(itertools.product(["layernorm", "rmsnorm"], ["learned", "rope"], ["gelu", "swiglu", "relu2"],
-                                 [False, True]))
+                                 [False, True], ATTENTION))
 
 
-@pytest.mark.parametrize("norm, pos, mlp, qk_norm", OPTIONS)
-def test_every_option_combination_trains(norm, pos, mlp, qk_norm):
+@pytest.mark.parametrize("norm, pos, mlp, qk_norm, attention", OPTIONS)
+def test_every_option_combination_trains(norm, pos, mlp, qk_norm, attention):
+    attn, window, attn_softcap, final_softcap = attention
     torch.manual_seed(0)
     cfg = tiny(norm=norm, pos=pos, mlp=mlp, qk_norm=qk_norm, bias=(norm == "layernorm"),
-               tie_embeddings=(mlp != "relu2"), n_kv_head=2 if qk_norm else 4, dropout=0.1)
+               tie_embeddings=(mlp != "relu2"), n_kv_head=2 if qk_norm else 4, dropout=0.1,
+               attn=attn, attn_window=window, attn_softcap=attn_softcap, final_logit_softcap=final_softcap)
     model = GPT(cfg)
     x = torch.randint(0, 64, (3, 16))
     logits, loss = model(x, torch.roll(x, -1, 1))

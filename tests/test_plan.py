@@ -21,11 +21,11 @@ def plan_for(*sources: str, set_: str = ""):
 
 def test_cumulative_ablation_builds_step_on_step():
     specs = plan_for("ablation-modern-gpt")
-    assert [s.name for s in specs] == ["base", "rope", "rmsnorm", "swiglu", "qk-norm"]
+    assert [s.name for s in specs] == ["base", "rope", "rmsnorm", "swiglu", "qk-norm", "muon"]
     assert specs[0].baseline and specs[0].differences == {}
     assert specs[2].differences == {"POS_ROPE": True, "NORM_RMSNORM": True}
     last = specs[-1].cfg
-    assert last.POS_ROPE and last.NORM_RMSNORM and last.MLP_SWIGLU and last.QK_NORM
+    assert last.POS_ROPE and last.NORM_RMSNORM and last.MLP_SWIGLU and last.QK_NORM and last.OPT_MUON
     assert last.RUN_SINGLE and not last.RUN_ABLATION, "each run's own config is a single run"
     assert all(not s.rejected for s in specs)
 
@@ -58,11 +58,12 @@ def test_fragment_errors_name_file_line_symbol(tmp_path, monkeypatch):
 def test_matrix_is_the_cartesian_product_with_rejections():
     specs = plan_for("matrix-optimizers", set_="MATRIX_POS_ROPE=y MATRIX_POS_LEARNED=y MATRIX_DTYPE_FP32=y "
                                               "MATRIX_DTYPE_FP16=y")
-    assert len(specs) == 1 * 2 * 2 * 2 * 2  # optimizer x pos x dtype x lr x seed
+    assert len(specs) == 3 * 2 * 2 * 2 * 2  # optimizer x pos x dtype x lr x seed
     names = [s.name for s in specs]
     assert names[0] == "adamw-learned-fp32-lr1e-3-seed1337" and len(set(names)) == len(names)
+    assert names[-1] == "muon-rope-fp16-lr3e-3-seed1338"
     rejected = [s for s in specs if s.rejected]
-    assert len(rejected) == 8 and all("-fp16-" in s.name for s in rejected)
+    assert len(rejected) == 24 and all("-fp16-" in s.name for s in rejected)
     assert all("CONFIG_DTYPE_FP16=y: did not take: unmet dependency !DEVICE_CPU" in s.error for s in rejected)
     ok = next(s for s in specs if s.name == "adamw-rope-fp32-lr3e-3-seed1338")
     assert ok.differences == {"POS_ROPE": True, "LR": 3e-3, "SEED": 1338}
@@ -130,7 +131,7 @@ def test_check_passes_the_presets(capsys):
     failures, out = check(capsys, "ablation-modern-gpt")
     assert failures == 0, out
     assert "check passed" in out and "all equal to their savedefconfig output" in out
-    for name in ("base", "rope", "rmsnorm", "swiglu", "qk-norm"):
+    for name in ("base", "rope", "rmsnorm", "swiglu", "qk-norm", "muon"):
         assert f"\n{name} " in out
     assert "full size" in out and "peak" in out
 
@@ -163,5 +164,6 @@ def test_check_fails_a_rejected_ablation_step_but_not_a_rejected_matrix_cell(cap
     (tmp_path / "theta").write_text("# theta without rope\nCONFIG_ROPE_THETA=\"500000\"\n")
     failures, out = check(capsys, "ablation-modern-gpt", set_='ABLATION_STEPS="theta"')
     assert failures == 1 and "\ntheta  rejected " in out
-    failures, out = check(capsys, "matrix-optimizers", set_="MATRIX_DTYPE_FP32=y MATRIX_DTYPE_FP16=y MATRIX_SEEDS=1")
+    failures, out = check(capsys, "matrix-optimizers", set_="MATRIX_DTYPE_FP32=y MATRIX_DTYPE_FP16=y MATRIX_SEEDS=1 "
+                                                           "MATRIX_OPT_LION=n MATRIX_OPT_MUON=n")
     assert failures == 0 and out.count(" rejected ") == 2

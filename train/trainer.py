@@ -16,7 +16,7 @@ from data.mix import PreparedMix, as_mix
 from data.prepare import PreparedData
 from data.tokenizer import check_vocab_fits
 from model.gpt import GPT, ModelConfig
-from optim.optimizers import build_optimizer, describe
+from optim.optimizers import build_optimizer, describe, set_lr
 from optim.schedule import lr_at
 from train import checkpoint
 from train.checkpoint import CheckpointError
@@ -91,9 +91,7 @@ class Trainer:
         NaN/Inf; that check is the one host sync per step this option costs.
         """
         cfg = self.cfg
-        lr = lr_at(step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr_at(step, cfg))
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(cfg.GRAD_ACCUM):
             x, y = self.batches.next()

@@ -1,0 +1,134 @@
+"""Causal self-attention and its three interchangeable kernels (CONFIG_ATTN_SDPA/FLASH/REFERENCE).
+
+Every backend computes the same function of (q, k, v): causal attention, optionally restricted
+to a sliding window of the last ``window`` tokens (the current one included) and with the scores
+soft-capped as ``c * tanh(s / c)`` before the softmax (Gemma 2). They differ in speed and memory:
+
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``. Fused kernels on CPU and CUDA;
+  a window is passed as an explicit boolean mask. It has no soft-capping (Kconfig forbids the pair).
+- ``flash``: the flash-attn package's ``flash_attn_func`` (CUDA, compute capability 8.0+), with
+  native window and soft-capping. Imported lazily so the module imports anywhere; building a model
+  without it raises ``FlashAttentionUnavailable`` naming the option and the fix.
+- ``reference``: plain matmul + mask + softmax, written to be read and used by tests to check the
+  others. It keeps B x n_head x T x T scores and probabilities (plan/memory.py counts them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flash", "reference")
+
+
+class FlashAttentionUnavailable(RuntimeError):
+    """CONFIG_ATTN_FLASH was chosen where flash-attn cannot run."""
+
+
+def check_flash_available() -> None:
+    """Raise FlashAttentionUnavailable unless flash-attn imports and a CUDA GPU with sm80+ exists."""
+    fix = ("CONFIG_ATTN_FLASH needs the flash-attn package (`pip install flash-attn`) and a CUDA GPU "
+           "with compute capability 8.0+ (Ampere or newer); choose CONFIG_ATTN_SDPA=y otherwise")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError as e:
+        raise FlashAttentionUnavailable(f"{fix}: flash-attn is not importable ({e})") from None
+    if not torch.cuda.is_available():
+        raise FlashAttentionUnavailable(f"{fix}: no CUDA device is available")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise FlashAttentionUnavailable(f"{fix}: this GPU has compute capability {major}.{minor}")
+
+
+def causal_mask(T: int, window: int, device=None) -> torch.Tensor:
+    """(T, T) bool, True where query i may attend to key j: j <= i and, with a window, i - j < window.
+
+    One vectorized comparison (no loop over tokens); GPT.forward builds it once per forward and
+    shares it between layers.
+    """
+    i = torch.arange(T, device=device).unsqueeze(1)
+    j = torch.arange(T, device=device).unsqueeze(0)
+    allowed = j <= i
+    if window:
+        allowed = allowed & (i - j < window)
+    return allowed
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): smooth, bounded to (-cap, cap), ~x for |x| << cap. cap 0 = identity."""
+    return cap * torch.tanh(x / cap) if cap else x
+
+
+def reference_attention(q, k, v, mask: torch.Tensor, cap: float = 0.0, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention spelled out: q (B, H, T, D), k and v (B, Hkv, T, D), mask (T, T) bool (True = keep)."""
+    groups = q.size(1) // k.size(1)
+    if groups > 1:  # grouped-query attention: each k/v head serves `groups` consecutive query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    scores = softcap(scores, cap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(F.softmax(scores, dim=-1), p=dropout_p)
+    return probs.to(v.dtype) @ v
+
+
+def sdpa_attention(q, k, v, mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """torch's SDPA: is_causal for full causal attention (mask None), else the explicit mask."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
+        enable_gqa=q.size(1) != k.size(1))
+
+
+def flash_attention(q, k, v, window: int, cap: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """flash-attn's kernel, which takes (B, T, H, D) and handles GQA, window and soft-cap itself."""
+    from flash_attn import flash_attn_func
+
+    extra = {"softcap": cap} if cap else {}  # flash-attn < 2.6 has no softcap argument
+    y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                        causal=True, window_size=(window - 1, 0) if window else (-1, -1), **extra)
+    return y.transpose(1, 2)
+
+
+class CausalSelfAttention(nn.Module):
+    """Projections, QK-norm and RoPE around the configured attention kernel."""
+
+    def __init__(self, cfg, make_norm, apply_rope):
+        super().__init__()
+        self.cfg = cfg
+        self.apply_rope = apply_rope
+        if cfg.attn == "flash":
+            check_flash_available()
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_scaled = True
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, cfg.head_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, C); rope (cos, sin) or None; mask the (T, T) causal/window mask, None when SDPA
+        runs full causal attention or flash-attn applies the window itself."""
+        B, T, C = x.shape
+        cfg = self.cfg
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = self.apply_rope(q, *rope), self.apply_rope(k, *rope)
+        p = cfg.dropout if self.training else 0.0
+        if cfg.attn == "reference":
+            y = reference_attention(q, k, v, mask, cfg.attn_softcap, p)
+        elif cfg.attn == "flash":
+            y = flash_attention(q, k, v, cfg.attn_window, cfg.attn_softcap, p)
+        else:
+            y = sdpa_attention(q, k, v, mask, p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))

@@ -1,0 +1,136 @@
+"""Optimizers and parameter groups: Lion against its definition, groups by rule, each optimizer trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kbuild.kconfig import parse_overrides, resolve, values
+from model.gpt import GPT, ModelConfig
+from optim.lion import Lion
+from optim.optimizers import build_optimizer, param_groups, set_lr
+
+
+def cfg_with(text=""):
+    kconf, _ = resolve(parse_overrides(text))
+    return values(kconf)
+
+
+def lion_reference(p, g, m, lr, beta1, beta2, wd):
+    """Lion, one tensor, written out as in the paper's Algorithm 2."""
+    update = torch.sign(beta1 * m + (1 - beta1) * g)
+    p = p * (1 - lr * wd) - lr * update
+    return p, beta2 * m + (1 - beta2) * g
+
+
+def test_lion_matches_its_definition():
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    ref = [p.detach().clone() for p in params]
+    moms = [torch.zeros_like(p) for p in params]
+    opt = Lion(params, lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            ref[i], moms[i] = lion_reference(ref[i], g, moms[i], 0.01, 0.9, 0.99, 0.1)
+    for p, r in zip(params, ref):
+        assert torch.allclose(p.detach(), r, atol=1e-6)
+
+
+def test_lion_moves_every_element_by_exactly_lr():
+    p = torch.zeros(100, requires_grad=True)
+    p.grad = torch.randn(100)
+    Lion([p], lr=0.5).step()
+    assert torch.equal(p.detach().abs(), torch.full((100,), 0.5))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_groups_by_rule_cover_every_parameter_once(tied):
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                            tie_embeddings=tied))
+    cfg = cfg_with('EMBEDDING_LR_SCALE="5" HEAD_LR_SCALE="2" WEIGHT_DECAY="0.1"')
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert set(groups) == ({"matrices", "embeddings", "vectors"} | (set() if tied else {"head"}))
+    ids = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert groups["vectors"]["weight_decay"] == 0 and groups["matrices"]["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in groups["vectors"]["params"])
+    assert any(p is model.wte.weight for p in groups["embeddings"]["params"])
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=1.0)
+    set_lr(opt, 1e-3)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["embeddings"] == pytest.approx(5e-3) and lrs["matrices"] == pytest.approx(1e-3)
+    assert tied or lrs["head"] == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("choice, kind, scale", [("OPT_ADAMW", torch.optim.AdamW, 1.0), ("OPT_LION", Lion, 0.3),
+                                                  ("OPT_SGD", torch.optim.SGD, 50.0)])
+def test_each_optimizer_is_built_at_its_scale(choice, kind, scale):
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    opt = build_optimizer(model, cfg_with(f"{choice}=y LR=1e-3"), torch.device("cpu"))
+    assert isinstance(opt, kind)
+    set_lr(opt, 1e-3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * scale] * len(opt.param_groups))
+
+
+@pytest.mark.parametrize("choice", ["OPT_LION", "OPT_SGD"])
+def test_every_optimizer_trains(tmp_path, choice):
+    from tests.test_trainer import run
+
+    summary, _, logs = run(tmp_path, f"{choice}=y")
+    assert summary["final_val_loss"] < summary["unigram_entropy_nats"] - 0.5, summary["final_val_loss"]
+    assert any(f"optimizer: {'Lion' if choice == 'OPT_LION' else 'SGD'}" in m for m in logs)
+
+
+def test_muon_updates_are_nearly_orthogonal_and_adamw_takes_the_rest():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
+    opt = build_optimizer(model, cfg_with('OPT_MUON=y WEIGHT_DECAY="0"'), torch.device("cpu"))
+    assert repr(opt) == "Muon + AdamW"
+    muon, adamw = opt.optimizers
+    assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
+    assert any(p is model.wte.weight for g in adamw.param_groups for p in g["params"])
+    w = model.blocks[0].mlp.c_fc.weight
+    before = w.detach().clone()
+    grad = torch.randn(w.shape) @ torch.diag(torch.logspace(-1.5, 0, w.shape[1]))  # a spread-out spectrum
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    w.grad = grad
+    set_lr(opt, 1e-2)
+    opt.step()
+    update = torch.linalg.svdvals(before - w.detach())
+    raw = torch.linalg.svdvals(grad)
+    assert raw.max() / raw.min() > 20
+    # Five quintic Newton-Schulz steps map every singular value into about [0.7, 1.2]: nearly orthogonal.
+    assert update.max() / update.min() < 2.0, "Newton-Schulz flattens the spectrum"
+    state = opt.state_dict()
+    opt.load_state_dict(state)
+    assert len(state["optimizers"]) == 2
+
+
+def test_muon_trains(tmp_path):
+    from tests.test_trainer import run
+
+    summary, _, logs = run(tmp_path, "OPT_MUON=y")
+    assert summary["final_val_loss"] < summary["unigram_entropy_nats"] - 0.5
+    assert any("optimizer: Muon + AdamW" in m for m in logs)
+
+
+def test_memory_prediction_counts_each_optimizers_state():
+    from plan.memory import measure_peak_memory, predict_memory
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=128)
+    states = {}
+    for choice, name in (("OPT_ADAMW", "adamw"), ("OPT_LION", "lion"), ("OPT_MUON", "muon")):
+        model = GPT(mcfg)
+        opt = build_optimizer(model, cfg_with(f"{choice}=y"), torch.device("cpu"))
+        batch = lambda: (torch.randint(0, 256, (4, 64)), torch.randint(0, 256, (4, 64)))  # noqa: E731
+        measured = measure_peak_memory(model, opt, batch)
+        predicted = predict_memory(mcfg, 4, 64, "fp32", name)
+        states[name] = predicted.optimizer_state
+        assert predicted.total == pytest.approx(measured, rel=0.05), name
+    assert states["lion"] < states["muon"] < states["adamw"]
