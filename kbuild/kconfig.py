@@ -239,8 +239,8 @@ def _check_took(kconf: kconfiglib.Kconfig, a: Assignment) -> str | None:
         return (f"did not take: choice conflict, {other.name if other else 'another option'} "
                 f"is selected in the same choice; assign only one option of a choice")
     if sym.choice is not None and want == "n":
-        return (f"did not take: it is the selected option of its choice; select another "
-                f"option of the choice with =y instead")
+        return ("did not take: it is the selected option of its choice; select another "
+                "option of the choice with =y instead")
     if sym.orig_type in (kconfiglib.INT, kconfiglib.HEX):
         lo, hi = _active_range(sym)
         if lo is not None:

@@ -54,6 +54,7 @@ class Trainer:
         self.tokenizer = data.tokenizer
         self.model = build_model(cfg, self.tokenizer.vocab_size, self.device)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.flops_per_token = self.model.flops_per_token()  # counted once, used at every log line
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
         self.forward = torch.compile(self.model) if cfg.COMPILE else self.model
         # Each sequence's source is drawn by weight; with one source these are plain Batches' draws.
@@ -215,8 +216,8 @@ class Trainer:
     def log_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         loss_value, norm_value = loss.item(), grad_norm.item()  # the host sync of this interval
         tps = self.speed.interval()
-        flops = self.model.flops_per_token() * tps
-        utilization = mfu(self.model.flops_per_token(), tps, self.device_name)
+        flops = self.flops_per_token * tps
+        utilization = mfu(self.flops_per_token, tps, self.device_name)
         lr = lr_at(step - 1, self.cfg)
         self.metrics.write(step=step, tokens=step * self.tokens_per_step, train_loss=loss_value, lr=lr,
                            grad_norm=norm_value, skipped_steps=self.guard.skipped, tokens_per_s=tps,
@@ -247,7 +248,7 @@ class Trainer:
                                cfg.SAMPLE_TEMPERATURE, cfg.SAMPLE_TOP_K, self.device, cfg.SEED)
         (self.run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
         tokens_per_s = self.speed.average
-        flops_per_token = self.model.flops_per_token()
+        flops_per_token = self.flops_per_token
         return {
             "status": "done",
             "steps": step,
