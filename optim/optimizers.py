@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from optim.lion import Lion
+from optim.muon import Muon
 
 
 def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
@@ -57,28 +58,42 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
 def muon_with_adamw(groups: list[dict], cfg, device: torch.device) -> "Composite":
     """Muon on the hidden matrices; AdamW on embeddings, the head and vectors (as Muon's authors do).
 
-    torch.optim.Muon with adjust_lr_fn="match_rms_adamw" scales each matrix's update to AdamW's
-    RMS, so Muon runs at the same LR (times MUON_LR_SCALE) as the AdamW part.
+    Both Muons scale each matrix's update to AdamW's RMS (adjust_lr_fn="match_rms_adamw"), so Muon
+    runs at the same LR (times MUON_LR_SCALE) as the AdamW part. MUON_IMPL_TORCH picks
+    torch.optim.Muon for the 2-D matrices (the compact optim/muon.py Muon where this torch lacks it);
+    stacks of matrices (dim > 2: MoE experts, group "experts") always go to the compact Muon, which
+    orthogonalizes each matrix of the stack; torch's takes 2-D only.
     """
-    if not hasattr(torch.optim, "Muon"):
-        raise RuntimeError(f"CONFIG_OPT_MUON=y needs torch.optim.Muon (torch 2.9 or newer); "
-                           f"this torch is {torch.__version__}")
     matrices = [g for g in groups if g["name"] == "matrices"]
     rest = [g for g in groups if g["name"] != "matrices"]
     for g in matrices:
         g["lr_scale"] *= cfg.MUON_LR_SCALE
-    muon = torch.optim.Muon(matrices, lr=cfg.LR * cfg.MUON_LR_SCALE, weight_decay=cfg.WEIGHT_DECAY,
-                            momentum=cfg.MUON_MOMENTUM, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    # MoE expert stacks (dim > 2) get their own group "experts": torch's Muon takes 2-D only.
+    flat = [dict(g, params=[p for p in g["params"] if p.dim() == 2]) for g in matrices]
+    stacks = [dict(g, name="experts", params=[p for p in g["params"] if p.dim() > 2]) for g in matrices]
+    flat, stacks = [g for g in flat if g["params"]], [g for g in stacks if g["params"]]
+    settings = dict(lr=cfg.LR * cfg.MUON_LR_SCALE, weight_decay=cfg.WEIGHT_DECAY, momentum=cfg.MUON_MOMENTUM,
+                    nesterov=True, adjust_lr_fn="match_rms_adamw")
+    compact = dict(settings, ns_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+    notes = []
+    if cfg.MUON_IMPL_TORCH and not hasattr(torch.optim, "Muon"):
+        notes.append(f"MUON_IMPL_TORCH: torch {torch.__version__} has no torch.optim.Muon (2.9 or newer); "
+                     f"the compact Muon (optim/muon.py) runs instead")
+    if cfg.MUON_IMPL_TORCH and not notes:
+        muons = ([torch.optim.Muon(flat, **settings)] if flat else []) + ([Muon(stacks, **compact)] if stacks else [])
+    else:
+        muons = [Muon(flat + stacks, **compact)] if flat + stacks else []
     adamw = torch.optim.AdamW(rest, lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2), eps=cfg.ADAM_EPS,
                               fused=device.type in ("cuda", "cpu"))
-    return Composite(muon, adamw)
+    return Composite(*muons, adamw, notes=notes)
 
 
 class Composite:
     """Several optimizers over disjoint parameter groups, stepped, saved and loaded as one."""
 
-    def __init__(self, *optimizers: torch.optim.Optimizer):
+    def __init__(self, *optimizers: torch.optim.Optimizer, notes: tuple[str, ...] | list[str] = ()):
         self.optimizers = optimizers
+        self.notes = list(notes)  # for the startup report, e.g. an implementation fallback
 
     @property
     def param_groups(self) -> list[dict]:
@@ -118,12 +133,27 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def implementation(optimizer: torch.optim.Optimizer) -> str:
+    """Which code runs an optimizer, as the startup report names it."""
+    if isinstance(optimizer, Muon):
+        dtypes = sorted({str(g["ns_dtype"] or "fp32-on-CPU-bf16-on-CUDA").removeprefix("torch.")
+                         for g in optimizer.param_groups})
+        return f"compact Muon (optim/muon.py), {'/'.join(dtypes)} Newton-Schulz"
+    if isinstance(optimizer, getattr(torch.optim, "Muon", ())):
+        return "torch.optim.Muon, bf16 Newton-Schulz"
+    return type(optimizer).__name__
+
+
 def describe(optimizer: torch.optim.Optimizer) -> str:
-    """One line per parameter group: name, tensors, parameters, weight decay, LR multiplier."""
+    """One line per parameter group: name, tensors, parameters, weight decay, LR multiplier; under a
+    Composite also the implementation running the group, and any notes (fallbacks)."""
+    parts = optimizer.optimizers if isinstance(optimizer, Composite) else (optimizer,)
     name = repr(optimizer) if isinstance(optimizer, Composite) else type(optimizer).__name__
-    lines = [f"optimizer: {name}"]
-    for g in optimizer.param_groups:
-        n = sum(p.numel() for p in g["params"])
-        lines.append(f"  group {g.get('name', '?')}: {len(g['params'])} tensors, {n:,} params, "
-                     f"weight_decay={g['weight_decay']}, lr x{g.get('lr_scale', 1.0):g}")
+    lines = [f"optimizer: {name}"] + [f"  note: {n}" for n in getattr(optimizer, "notes", [])]
+    for o in parts:
+        runs = f" [{implementation(o)}]" if isinstance(optimizer, Composite) else ""
+        for g in o.param_groups:
+            n = sum(p.numel() for p in g["params"])
+            lines.append(f"  group {g.get('name', '?')}: {len(g['params'])} tensors, {n:,} params, "
+                         f"weight_decay={g['weight_decay']}, lr x{g.get('lr_scale', 1.0):g}{runs}")
     return "\n".join(lines)

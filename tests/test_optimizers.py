@@ -1,4 +1,5 @@
-"""Optimizers and parameter groups: Lion against its definition, groups by rule, each optimizer trains."""
+"""Optimizers and parameter groups: Lion against its definition, groups by rule, each optimizer trains,
+Muon's implementations and its expert-stack group."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from kbuild.kconfig import parse_overrides, resolve, values
 from model.gpt import GPT, ModelConfig
 from optim.lion import Lion
-from optim.optimizers import build_optimizer, param_groups, set_lr
+from optim.optimizers import build_optimizer, describe, param_groups, set_lr
 
 
 def cfg_with(text=""):
@@ -134,3 +135,68 @@ def test_memory_prediction_counts_each_optimizers_state():
         states[name] = predicted.optimizer_state
         assert predicted.total == pytest.approx(measured, rel=0.05), name
     assert states["lion"] < states["muon"] < states["adamw"]
+
+
+class TinyMoE(torch.nn.Module):
+    """The parameter shapes an MoE GPT gives the optimizer: an embedding, 2-D router and attention
+    matrices, 3-D expert stacks (n_experts, in, out), a norm gain."""
+
+    def __init__(self, n_embd=32, n_experts=4, hidden=64):
+        super().__init__()
+        self.wte = torch.nn.Embedding(64, n_embd)
+        block = torch.nn.Module()
+        block.attn = torch.nn.Linear(n_embd, n_embd, bias=False)
+        block.mlp = torch.nn.Module()
+        block.mlp.router = torch.nn.Linear(n_embd, n_experts, bias=False)
+        block.mlp.w_in = torch.nn.Parameter(torch.randn(n_experts, n_embd, hidden) * 0.02)
+        block.mlp.w_out = torch.nn.Parameter(torch.randn(n_experts, hidden, n_embd) * 0.02)
+        block.ln = torch.nn.LayerNorm(n_embd, bias=False)
+        self.blocks = torch.nn.ModuleList([block])
+
+
+def muon_groups(opt):
+    """(torch.Muon | optim.Muon | torch.AdamW, group name, shapes) for each group of a Composite."""
+    return [(f"{type(o).__module__.partition('.')[0]}.{type(o).__name__}", g["name"],
+             [tuple(p.shape) for p in g["params"]]) for o in opt.optimizers for g in o.param_groups]
+
+
+def test_muon_sends_expert_stacks_to_the_compact_muon_and_names_each_implementation():
+    torch.manual_seed(0)
+    model = TinyMoE()
+    opt = build_optimizer(model, cfg_with("OPT_MUON=y"), torch.device("cpu"))
+    assert muon_groups(opt) == [("torch.Muon", "matrices", [(32, 32), (4, 32)]),
+                                ("optim.Muon", "experts", [(4, 32, 64), (4, 64, 32)]),
+                                ("torch.AdamW", "embeddings", [(64, 32)]),
+                                ("torch.AdamW", "vectors", [(32,)])]
+    text = describe(opt)
+    assert "group matrices: 2 tensors, 1,152 params, weight_decay=0.1, lr x1 [torch.optim.Muon, bf16" in text
+    assert "group experts: 2 tensors, 16,384 params, weight_decay=0.1, lr x1 [compact Muon (optim/muon.py), " \
+           "float32 Newton-Schulz]" in text
+    w_in = model.blocks[0].mlp.w_in
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = w_in.detach().clone()
+    set_lr(opt, 1e-2)
+    opt.step()
+    assert all(set(opt.state[p]) == {"momentum_buffer"} for p in (w_in, model.blocks[0].mlp.router.weight))
+    assert set(opt.state[model.wte.weight]) >= {"exp_avg", "exp_avg_sq"}
+    for e in range(4):  # each expert's update is orthogonalized on its own
+        sv = torch.linalg.svdvals(before[e] * (1 - 1e-2 * 0.1) - w_in.detach()[e])
+        assert sv.max() / sv.min() < 1.7
+    opt.load_state_dict(opt.state_dict())
+
+
+def test_compact_muon_takes_every_hidden_matrix():
+    opt = build_optimizer(TinyMoE(), cfg_with("OPT_MUON=y MUON_IMPL_COMPACT=y"), torch.device("cpu"))
+    assert [(m, name) for m, name, _ in muon_groups(opt)] == [
+        ("optim.Muon", "matrices"), ("optim.Muon", "experts"),
+        ("torch.AdamW", "embeddings"), ("torch.AdamW", "vectors")]
+    assert repr(opt) == "Muon + AdamW" and "note:" not in describe(opt)
+
+
+def test_torch_without_muon_falls_back_to_the_compact_one_and_says_so(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    opt = build_optimizer(model, cfg_with("OPT_MUON=y"), torch.device("cpu"))
+    assert muon_groups(opt)[0][:2] == ("optim.Muon", "matrices")
+    assert f"note: MUON_IMPL_TORCH: torch {torch.__version__} has no torch.optim.Muon" in describe(opt)
