@@ -4,7 +4,9 @@ With the GPT-2 options (LayerNorm, learned positions, GELU, bias, tied
 embeddings) this is nanoGPT's architecture: pre-norm blocks, init std 0.02
 with residual projections scaled by 1/sqrt(2 * n_layer). The LLaMA options
 (RMSNorm, RoPE, SwiGLU, grouped-query attention) and QK-norm slot into the
-same blocks. Attention kernels, sliding windows and soft-capping live in model/attention.py.
+same blocks. Attention kernels, sliding windows and soft-capping live in model/attention.py;
+Mixture-of-Experts layers in model/moe.py. Optional extra heads predict tokens t+2..t+n
+(multi-token prediction) and activation checkpointing recomputes chosen blocks in backward.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model.attention import BACKENDS, CausalSelfAttention, causal_mask, softcap
+from model.moe import MoE, MoEConfig, expert_width, is_moe_block
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,11 @@ class ModelConfig:
     attn_window: int = 0  # 0 = full causal; N = attend to the last N tokens, the current one included
     attn_softcap: float = 0.0  # 0 = off; else scores -> c * tanh(s / c) before the softmax
     final_logit_softcap: float = 0.0  # 0 = off; else logits -> c * tanh(logits / c)
+    mtp_heads: int = 0  # extra heads predicting tokens t+2 .. t+1+mtp_heads
+    mtp_weight: float = 0.0  # weight of their mean loss in the training objective
+    moe: MoEConfig | None = None  # None = dense MLPs everywhere
+    moe_every: int = 1  # blocks K, K+N, K+2N, ... are MoE (N = moe_every, K = moe_first_dense)
+    moe_first_dense: int = 0
 
     def __post_init__(self):
         # Cross-symbol rules Kconfig ranges cannot express; named by symbol.
@@ -58,6 +67,13 @@ class ModelConfig:
                              " scaled_dot_product_attention cannot soft-cap scores")
         if self.attn_window < 0 or self.attn_softcap < 0 or self.final_logit_softcap < 0:
             raise ValueError("CONFIG_ATTN_WINDOW, CONFIG_ATTN_SOFTCAP and CONFIG_FINAL_LOGIT_SOFTCAP must be >= 0")
+        if self.moe is not None and not any(self.is_moe_layer(i) for i in range(self.n_layer)):
+            raise ValueError(f"CONFIG_MOE=y but no block is MoE: CONFIG_MOE_FIRST_DENSE={self.moe_first_dense} and "
+                             f"CONFIG_MOE_EVERY={self.moe_every} leave all {self.n_layer} blocks (CONFIG_N_LAYER) "
+                             "dense; lower them or set CONFIG_MOE=n")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and is_moe_block(i, self.moe_every, self.moe_first_dense)
 
     @property
     def head_dim(self) -> int:
@@ -71,8 +87,18 @@ class ModelConfig:
         return hidden
 
     @classmethod
+    def from_dict(cls, saved: dict) -> "ModelConfig":
+        """Inverse of dataclasses.asdict, as a checkpoint stores it."""
+        moe = saved.get("moe")
+        return cls(**{**saved, "moe": MoEConfig(**moe) if moe is not None else None})
+
+    @classmethod
     def from_config(cls, cfg, vocab_size: int) -> "ModelConfig":
         """Build from resolved Kconfig values (kbuild.kconfig.Config)."""
+        mlp = "swiglu" if cfg.MLP_SWIGLU else "relu2" if cfg.MLP_RELU2 else "gelu"
+        moe = None
+        if cfg.MOE:
+            moe = MoEConfig.from_config(cfg, expert_hidden=expert_width(cfg.N_EMBD, cfg.MOE_EXPERT_RATIO, mlp))
         return cls(
             vocab_size=vocab_size,
             block_size=cfg.BLOCK_SIZE,
@@ -83,7 +109,7 @@ class ModelConfig:
             norm="rmsnorm" if cfg.NORM_RMSNORM else "layernorm",
             pos="rope" if cfg.POS_ROPE else "learned",
             rope_theta=cfg.ROPE_THETA or 10000.0,
-            mlp="swiglu" if cfg.MLP_SWIGLU else "relu2" if cfg.MLP_RELU2 else "gelu",
+            mlp=mlp,
             mlp_ratio=cfg.MLP_RATIO,
             qk_norm=cfg.QK_NORM,
             bias=cfg.BIAS,
@@ -94,6 +120,11 @@ class ModelConfig:
             attn_window=cfg.ATTN_WINDOW,
             attn_softcap=cfg.ATTN_SOFTCAP or 0.0,  # None while ATTN_SDPA hides it
             final_logit_softcap=cfg.FINAL_LOGIT_SOFTCAP,
+            mtp_heads=cfg.MTP_HEADS,
+            mtp_weight=cfg.MTP_WEIGHT or 0.0,
+            moe=moe,
+            moe_every=cfg.MOE_EVERY or 1,
+            moe_first_dense=cfg.MOE_FIRST_DENSE or 0,
         )
 
 
@@ -142,12 +173,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, moe: bool = False):
         super().__init__()
         self.ln_1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg, make_norm, apply_rope)
         self.ln_2 = make_norm(cfg, cfg.n_embd)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg.n_embd, cfg.mlp, cfg.moe, cfg.dropout) if moe else MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope, mask) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, mask)
@@ -161,7 +192,10 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layer))
+        self.moe_layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+        # Multi-token prediction: head j (1-based) is one more block predicting token t+1+j.
+        self.mtp_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.mtp_heads))
         self.ln_f = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -170,7 +204,11 @@ class GPT(nn.Module):
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_every = 0  # activation checkpointing: 0 = off, N = every Nth block
+        self.loss_parts: dict[str, torch.Tensor] = {}  # the last training forward's detached loss terms
         self.apply(self._init_weights)
+        for moe in self.moe_layers:
+            moe.reset_parameters(cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.cfg.init_std
@@ -190,10 +228,16 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
+    def active_params(self, non_embedding: bool = True) -> int:
+        """Parameters one token uses: all of them, less the routed experts an MoE layer skips."""
+        return self.num_params(non_embedding) - sum(moe.inactive_params() for moe in self.moe_layers)
+
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM appendix B)."""
+        """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM appendix B), N the active parameters,
+        L counting the multi-token-prediction blocks."""
         c = self.cfg
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+        layers = c.n_layer + c.mtp_heads
+        return 6 * self.active_params() + 12 * layers * c.n_head * c.head_dim * c.block_size
 
     def _attention_mask(self, T: int, device) -> torch.Tensor | None:
         """The (T, T) bool mask shared by all layers, or None where the kernel needs none: SDPA with
@@ -217,14 +261,47 @@ class GPT(nn.Module):
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
         mask = self._attention_mask(T, idx.device)
-        for block in self.blocks:
-            x = block(x, rope, mask)
-        x = self.ln_f(x)
+        for i, block in enumerate(self.blocks):
+            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask)
         if targets is None:
-            return softcap(self.lm_head(x[:, -1:, :]), self.cfg.final_logit_softcap), None
-        logits = softcap(self.lm_head(x), self.cfg.final_logit_softcap)
+            return self._logits(x[:, -1:, :]), None
+        logits = self._logits(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        if self.training and (self.mtp_blocks or self.moe_layers):
+            loss = self._training_objective(loss, x, targets, rope, mask)
         return logits, loss
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return softcap(self.lm_head(self.ln_f(x)), self.cfg.final_logit_softcap)
+
+    def _training_objective(self, lm_loss, x, targets, rope, mask) -> torch.Tensor:
+        """Next-token loss plus the weighted extra terms; each term lands detached in loss_parts.
+
+        Only in training: evaluation reports the next-token loss alone, comparable across runs.
+        """
+        parts, loss = {"lm_loss": lm_loss.detach()}, lm_loss
+        if self.mtp_blocks:
+            # Head j sees the trunk's last hidden states; position t predicts token t+1+j = targets[:, t+j].
+            extra = []
+            for j, block in enumerate(self.mtp_blocks, start=1):
+                logits = self._logits(block(x, rope, mask)[:, :-j])
+                extra.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                             targets[:, j:].reshape(-1)))
+            mtp = torch.stack(extra).mean()
+            loss = loss + self.cfg.mtp_weight * mtp
+            parts["mtp_loss"] = mtp.detach()
+        if self.moe_layers:
+            # Averaged over MoE layers, so a coefficient means the same at any depth.
+            aux = torch.stack([m.last["aux_loss"] for m in self.moe_layers]).mean()
+            z = torch.stack([m.last["z_loss"] for m in self.moe_layers]).mean()
+            moe = self.cfg.moe
+            loss = loss + moe.aux_loss_coef * aux + moe.z_loss_coef * z
+            parts.update(moe_aux_loss=aux.detach(), moe_z_loss=z.detach())
+        self.loss_parts = parts
+        return loss
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
