@@ -35,13 +35,14 @@ class Batches:
     def reset(self) -> None:
         self.generator.manual_seed(self.seed)
 
-    def starts(self, n: int, generator: torch.Generator) -> np.ndarray:
-        """``n`` random window starts drawn from ``generator``."""
-        return torch.randint(len(self.tokens) - self.block_size - 1, (n,), generator=generator).numpy()
+    def starts(self, n: int, generator: torch.Generator, length: int | None = None) -> np.ndarray:
+        """``n`` random starts of windows of ``length`` (default block_size) tokens, drawn from ``generator``."""
+        return torch.randint(len(self.tokens) - (length or self.block_size) - 1, (n,), generator=generator).numpy()
 
-    def windows(self, starts: np.ndarray) -> np.ndarray:
-        """(len(starts), block_size + 1) token ids as int64."""
-        return self.tokens[starts[:, None] + self._offsets].astype(np.int64)
+    def windows(self, starts: np.ndarray, length: int | None = None) -> np.ndarray:
+        """(len(starts), length + 1) token ids as int64; length defaults to block_size."""
+        offsets = self._offsets if length in (None, self.block_size) else np.arange(length + 1)
+        return self.tokens[starts[:, None] + offsets].astype(np.int64)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         return to_device(self.windows(self.starts(self.batch_size, self.generator)), self.device)
@@ -76,17 +77,20 @@ class MixedBatches:
         u = torch.rand(n, generator=self.generator, dtype=torch.float64)
         return torch.searchsorted(self._cumulative, u, right=True).clamp_(max=len(self.parts) - 1).numpy()
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, batch_size: int | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of ``batch_size`` sequences of ``length`` tokens (defaults: the constructor's; a
+        curriculum stage asks for its own shape, never longer than block_size)."""
+        n, length = batch_size or self.batch_size, length or self.block_size
         if len(self.parts) == 1:
-            self.counts[0] += self.batch_size
+            self.counts[0] += n
             part = self.parts[0]
-            return to_device(part.windows(part.starts(self.batch_size, self.generator)), self.device)
-        choice = self.choose(self.batch_size)
-        rows = np.empty((self.batch_size, self.block_size + 1), dtype=np.int64)
+            return to_device(part.windows(part.starts(n, self.generator, length), length), self.device)
+        choice = self.choose(n)
+        rows = np.empty((n, length + 1), dtype=np.int64)
         for i, part in enumerate(self.parts):
             where = np.flatnonzero(choice == i)
             if len(where):
-                rows[where] = part.windows(part.starts(len(where), self.generator))
+                rows[where] = part.windows(part.starts(len(where), self.generator, length), length)
             self.counts[i] += len(where)
         return to_device(rows, self.device)
 

@@ -58,18 +58,20 @@ def _finite(value):
 
 
 class Throughput:
-    """Tokens/s over logging intervals, not counting time spent in evaluation and checkpoints."""
+    """Tokens/s over logging intervals, not counting time spent in evaluation and checkpoints.
 
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.total_time, self.total_steps = 0.0, 0
+    Each step reports its own token count: a curriculum or batch warmup varies it.
+    """
+
+    def __init__(self):
+        self.total_time, self.total_tokens = 0.0, 0
         self._restart()
 
     def _restart(self) -> None:
-        self.start, self.paused, self.steps = time.perf_counter(), 0.0, 0
+        self.start, self.paused, self.tokens = time.perf_counter(), 0.0, 0
 
-    def step(self) -> None:
-        self.steps += 1
+    def step(self, tokens: int) -> None:
+        self.tokens += tokens
 
     @contextlib.contextmanager
     def pause(self):
@@ -83,11 +85,11 @@ class Throughput:
         """Tokens/s since the previous call (call it right after a host sync)."""
         elapsed = max(time.perf_counter() - self.start - self.paused, 1e-9)
         self.total_time += elapsed
-        self.total_steps += self.steps
-        tps = self.steps * self.tokens_per_step / elapsed
+        self.total_tokens += self.tokens
+        tps = self.tokens / elapsed
         self._restart()
         return tps
 
     @property
     def average(self) -> float:
-        return self.total_steps * self.tokens_per_step / self.total_time if self.total_time else 0.0
+        return self.total_tokens / self.total_time if self.total_time else 0.0

@@ -39,7 +39,11 @@ def sample_from(run_dir, prompt: str | None = None, tokens: int | None = None) -
     tokenizer = Tokenizer(state["tokenizer"])
     check_vocab_fits(tokenizer, state["model_config"]["vocab_size"], str(path))
     cfg = state["config"]
-    model = GPT(ModelConfig(**state["model_config"]))
+    if cfg.get("FP8_TE"):
+        raise RuntimeError(f"{path}: trained with CONFIG_FP8_TE=y, whose TransformerEngine layers store the "
+                           "weights under their own names, which 'make sample' (a plain model on CPU) cannot "
+                           "load; the run's own end-of-training sample is in its samples.txt")
+    model = GPT(ModelConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     device = torch.device("cpu")
     return generate_text(model, tokenizer,

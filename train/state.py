@@ -40,7 +40,8 @@ def model_symbols() -> set[str]:
     """Symbols of the Model menu: a checkpoint's weights only fit a config that agrees on all of them."""
     from kbuild.kconfig import new_kconfig
 
-    return {s.name for s in new_kconfig().unique_defined_syms if s.nodes[0].filename == MODEL_KCONFIG}
+    model = {s.name for s in new_kconfig().unique_defined_syms if s.nodes[0].filename.startswith(MODEL_KCONFIG)}
+    return model | {"FP8_TE"}  # TransformerEngine's fused layers store the weights under other names
 
 
 def incompatibilities(saved: dict, current: dict) -> list[str]:

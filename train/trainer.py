@@ -20,11 +20,14 @@ from optim.optimizers import build_optimizer, describe, set_lr
 from optim.schedule import lr_at
 from train import checkpoint
 from train.checkpoint import CheckpointError
+from train.curriculum import Curriculum
 from train.health import NonFiniteGuard
 from train.signals import StopRequest
 from train.state import capture_rng, incompatibilities, restore_rng
 from train.device import autocast, device_name, resolve_device, resolve_dtype, setup_backend
 from train.metrics import MetricsLog, Throughput, mfu
+from train.moe_stats import MoEStats
+from train.precision import apply_fp8, fp8_autocast
 from train.sample import generate_text
 
 
@@ -39,7 +42,22 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg, vocab_size: int, device: torch.device) -> GPT:
-    return GPT(ModelConfig.from_config(cfg, padded_vocab(vocab_size))).to(device)
+    model = GPT(ModelConfig.from_config(cfg, padded_vocab(vocab_size))).to(device)
+    model.checkpoint_every = cfg.ACT_CKPT_EVERY if cfg.ACT_CKPT else 0
+    return model
+
+
+COMPILE_MODES = {"COMPILE_MODE_REDUCE_OVERHEAD": "reduce-overhead", "COMPILE_MODE_MAX_AUTOTUNE": "max-autotune"}
+
+
+def compile_model(model: GPT, cfg, shapes: int):
+    """torch.compile with static shapes: one graph per batch shape (a curriculum stage) and mode,
+    never a recompile per step. Eval and train mode count separately, hence the headroom."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * shapes + 2)
+    mode = next((mode for symbol, mode in COMPILE_MODES.items() if cfg.get(symbol)), "default")
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 class Trainer:
@@ -53,16 +71,19 @@ class Trainer:
         seed_everything(cfg.SEED)
         self.tokenizer = data.tokenizer
         self.model = build_model(cfg, self.tokenizer.vocab_size, self.device)
+        self.fp8 = apply_fp8(self.model, cfg, self.device)  # before the optimizer and compile see the layers
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.flops_per_token = self.model.flops_per_token()  # counted once, used at every log line
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
-        self.forward = torch.compile(self.model) if cfg.COMPILE else self.model
+        self.curriculum = Curriculum.from_config(cfg)
+        self.forward = compile_model(self.model, cfg, len(self.curriculum.shapes())) if cfg.COMPILE else self.model
+        self.moe_stats = MoEStats(self.model.moe_layers, self.device)
         # Each sequence's source is drawn by weight; with one source these are plain Batches' draws.
         self.batches = data.train_batches("train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED)
         # Evaluation reuses the same batches every time (fixed seed), so curves compare across steps and runs.
         self.eval_train = data.train_batches("train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED + 1)
         self.val_sets = data.val_batches(cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED + 1)
-        self.tokens_per_step = cfg.MICRO_BATCH * cfg.GRAD_ACCUM * cfg.BLOCK_SIZE
+        self.tokens_per_step = cfg.MICRO_BATCH * cfg.GRAD_ACCUM * cfg.BLOCK_SIZE  # at full size, after any warmup
         self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
         self.guard = NonFiniteGuard(cfg.MAX_BAD_STEPS or 1)
 
@@ -80,32 +101,47 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.EVAL_BATCHES):
             x, y = batches.next()
-            with autocast(self.device, self.dtype):
+            with autocast(self.device, self.dtype), fp8_autocast(self.cfg):
                 _, loss = self.forward(x, y)
             total += loss.float()
         return (total / self.cfg.EVAL_BATCHES).item()
 
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.cfg) * self.curriculum.lr_scale_at(step)
+
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over GRAD_ACCUM micro-batches. Returns (loss, grad norm) as device tensors.
+        """One optimizer step over the step's micro-batches (GRAD_ACCUM, fewer during batch warmup), each
+        shaped by the curriculum stage. Returns (loss, grad norm) as device tensors; the loss is the
+        next-token loss, and the objective's other terms (MTP, MoE) accumulate in self.parts.
 
         With SKIP_NONFINITE the update is skipped (and counted) when the loss or gradient norm is
         NaN/Inf; that check is the one host sync per step this option costs.
         """
         cfg = self.cfg
-        set_lr(self.optimizer, lr_at(step, cfg))
+        set_lr(self.optimizer, self.lr_at(step))
+        stage, accum = self.curriculum.stage_at(step), self.curriculum.grad_accum_at(step)
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(cfg.GRAD_ACCUM):
-            x, y = self.batches.next()
-            with autocast(self.device, self.dtype):
+        self.parts = {}
+        for _ in range(accum):
+            x, y = self.batches.next(stage.micro_batch, stage.seq_len)
+            with autocast(self.device, self.dtype), fp8_autocast(cfg):
                 _, loss = self.forward(x, y)
-            loss = loss / cfg.GRAD_ACCUM
-            self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
+            if self.moe_stats:
+                self.moe_stats.collect()
+            self.scaler.scale(loss / accum).backward()
+            parts = self.model.loss_parts or {"lm_loss": loss.detach()}
+            loss_sum += parts["lm_loss"] / accum
+            for name, value in parts.items():
+                if name != "lm_loss":
+                    self.parts[name] = self.parts.get(name, 0) + value / accum
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.GRAD_CLIP if cfg.GRAD_CLIP > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if not cfg.SKIP_NONFINITE or self.guard.check(loss_sum.item(), grad_norm.item()):
+        update = not cfg.SKIP_NONFINITE or self.guard.check(loss_sum.item(), grad_norm.item())
+        if update:
             self.scaler.step(self.optimizer)
+        if self.moe_stats:
+            self.moe_stats.end_step(balance=update)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
@@ -115,7 +151,8 @@ class Trainer:
         return {
             "format": 2,
             "step": step,
-            "tokens": step * self.tokens_per_step,
+            "tokens": self.curriculum.tokens_before(step),
+            "curriculum_stage": self.curriculum.stage_at(max(step - 1, 0)).index,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -160,28 +197,38 @@ class Trainer:
         if metrics.exists():
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.start_step]
             metrics.write_text("".join(line + "\n" for line in kept))
-        self.log(f"resumed from step {self.start_step} ({self.start_step * self.tokens_per_step:,} tokens) "
-                 f"of {path.name}")
+        stage = (f", curriculum stage {self.curriculum.stage_at(self.start_step).index}"
+                 if self.curriculum.active else "")
+        self.log(f"resumed from step {self.start_step} ({self.curriculum.tokens_before(self.start_step):,} tokens"
+                 f"{stage}) of {path.name}")
 
     def run(self) -> dict:
         """Train from start_step to MAX_ITERS (or MAX_TIME, a stop signal, persistent NaN/Inf)."""
         cfg = self.cfg
+        active = self.model.active_params()
         self.log(f"model: {self.model.num_params(non_embedding=False):,} parameters "
-                 f"({self.model.num_params():,} non-embedding), "
+                 f"({self.model.num_params():,} non-embedding"
+                 + (f", {active:,} active per token" if active != self.model.num_params() else "") + "), "
                  f"vocab {self.tokenizer.vocab_size} padded to {self.model.cfg.vocab_size}")
         self.log(describe(self.optimizer))
+        if self.fp8["backend"]:
+            self.log(f"fp8 ({self.fp8['backend']}): {len(self.fp8['converted'])} linear layers converted, "
+                     f"kept in {self.dtype}: " + (", ".join(self.fp8["kept"]) or "none"))
+        if self.curriculum.active:
+            self.log(self.curriculum.describe())
         self.log(f"device: {self.device_name}, dtype {self.dtype}, compile {'on' if cfg.COMPILE else 'off'}, "
+                 f"activation checkpointing {'every %d block(s)' % self.model.checkpoint_every if self.model.checkpoint_every else 'off'}, "
                  f"{self.tokens_per_step:,} tokens/step")
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        self.speed = Throughput(self.tokens_per_step)
+        self.speed = Throughput()
         self.start = time.time() - self.elapsed_before
         step, last_eval, stop_reason = self.start_step, {}, None
         with StopRequest() as stop:
             try:
                 while step < cfg.MAX_ITERS:
                     loss, grad_norm = self.train_step(step)
+                    self.speed.step(self.curriculum.tokens_at(step))
                     step += 1
-                    self.speed.step()
                     finished = step == cfg.MAX_ITERS or bool(cfg.MAX_TIME and time.time() - self.start >= cfg.MAX_TIME)
                     if stop.requested:
                         stop_reason = f"interrupted by {stop.name}"
@@ -218,14 +265,24 @@ class Trainer:
         tps = self.speed.interval()
         flops = self.flops_per_token * tps
         utilization = mfu(self.flops_per_token, tps, self.device_name)
-        lr = lr_at(step - 1, self.cfg)
-        self.metrics.write(step=step, tokens=step * self.tokens_per_step, train_loss=loss_value, lr=lr,
+        lr = self.lr_at(step - 1)
+        extra = {name: float(value) for name, value in self.parts.items()}  # MTP and MoE loss terms
+        if self.curriculum.active:
+            stage = self.curriculum.stage_at(step - 1)
+            extra.update(curriculum_stage=stage.index, seq_len=stage.seq_len,
+                         tokens_per_step=self.curriculum.tokens_at(step - 1))
+        if self.moe_stats:
+            extra.update(self.moe_stats.metrics())
+        self.metrics.write(step=step, tokens=self.curriculum.tokens_before(step), train_loss=loss_value, lr=lr,
                            grad_norm=norm_value, skipped_steps=self.guard.skipped, tokens_per_s=tps,
                            flops_per_s=flops, mfu=utilization, elapsed_s=time.time() - self.start,
-                           data_share=self.batches.shares(self.data.names))
+                           data_share=self.batches.shares(self.data.names), **extra)
+        shown = {"mtp_loss": "mtp", "moe_aux_loss": "aux", "moe_z_loss": "z", "moe_load_max": "load max",
+                 "moe_dropped_frac": "dropped", "seq_len": "seq"}
         self.log(f"step {step:>6}/{self.cfg.MAX_ITERS} | loss {loss_value:.4f} | lr {lr:.2e} "
                  f"| grad norm {norm_value:.3f} | {tps:,.0f} tok/s"
                  + (f" | MFU {100 * utilization:.1f}%" if utilization is not None else "")
+                 + "".join(f" | {label} {extra[name]:.4g}" for name, label in shown.items() if name in extra)
                  + (f" | skipped {self.guard.skipped}" if self.guard.skipped else ""))
 
     def evaluate_and_track(self, step: int) -> dict[str, float]:
@@ -234,7 +291,7 @@ class Trainer:
         if result["val"] < self.best_val:
             self.best_val, self.best_step = result["val"], step
             checkpoint.save_best(self.run_dir, self.state(step, result["val"], time.time() - self.start))
-        self.metrics.write(step=step, tokens=step * self.tokens_per_step, val_loss=result["val"],
+        self.metrics.write(step=step, tokens=self.curriculum.tokens_before(step), val_loss=result["val"],
                            train_eval_loss=result["train"], val_losses=result["val_losses"],
                            elapsed_s=time.time() - self.start)
         named = "".join(f" | {name} {loss:.4f}" for name, loss in result["val_losses"].items()
@@ -252,7 +309,7 @@ class Trainer:
         return {
             "status": "done",
             "steps": step,
-            "tokens": step * self.tokens_per_step,
+            "tokens": self.curriculum.tokens_before(step),
             "final_train_loss": last_eval["train"],
             "final_val_loss": last_eval["val"],
             "final_val_losses": last_eval["val_losses"],
@@ -265,6 +322,7 @@ class Trainer:
             "mfu": mfu(flops_per_token, tokens_per_s, self.device_name),
             "params": self.model.num_params(non_embedding=False),
             "params_non_embedding": self.model.num_params(),
+            "params_active": self.model.active_params(),
             "wall_time_s": time.time() - self.start,
             "device": self.device_name,
             "dtype": self.dtype,
