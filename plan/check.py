@@ -2,13 +2,18 @@
 
 No dataset, network or GPU is needed: tokens are random and the vocabulary is
 the tokenizer's upper bound. Models too large for a CPU budget are checked as a
-reduced-depth/width twin that keeps every option of the config. Peak training
-memory per device is predicted for the full model and compared with
-TARGET_DEVICE_MEMORY_GIB. Presets and fragments are checked for drift.
+reduced-depth/width twin that keeps every option of the config. The steps run
+the run's own features: bf16 autocast (also standing in for fp16, which CPUs
+lack), torchao FP8 through its emulation mode, TransformerEngine as a shape
+check (it needs a GPU), activation checkpointing, MoE balancing, and the first
+and last curriculum shapes. Peak training memory per device is predicted for
+the full model and compared with TARGET_DEVICE_MEMORY_GIB. Presets and
+fragments are checked for drift.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import traceback
@@ -20,8 +25,11 @@ from kbuild.kconfig import ROOT, Assignment, Config, drift
 from model.gpt import GPT, ModelConfig
 from optim.optimizers import build_optimizer, optimizer_name, set_lr
 from optim.schedule import lr_at
-from plan.expand import FRAGMENTS, RunSpec, expand
+from plan.expand import FRAGMENTS, RunSpec, cell_pairs, expand
 from plan.memory import predict_memory
+from train.curriculum import Curriculum
+from train.moe_stats import MoEStats
+from train.precision import apply_fp8, fp8_backend, te_shape_problems, te_token_problem
 
 CPU_PARAM_BUDGET = 30_000_000  # larger models are checked as a reduced twin
 CHAR_BYTE_VOCAB = 256  # byte vocabulary; char vocabularies of the shipped corpora pad to at most this
@@ -44,35 +52,59 @@ def target_dtype(cfg: Config) -> str:
 
 def step_twice(cfg: Config) -> dict:
     """Build the run's model (or its twin), take two steps; raise with a reason if anything is off."""
+    curriculum = Curriculum.from_config(cfg)  # CurriculumError names the symbols
     mcfg = ModelConfig.from_config(cfg, check_vocab(cfg))
     with torch.device("meta"):
         full = GPT(mcfg)
-    params, flops = full.num_params(non_embedding=False), full.flops_per_token()
+    params, active, flops = full.num_params(non_embedding=False), full.active_params(), full.flops_per_token()
+    backend, notes = fp8_backend(cfg), []
+    if backend == "te":  # TransformerEngine needs a GPU; its GEMM shape rules are checked on the full model
+        tokens = [s.micro_batch * s.seq_len for s in curriculum.stages]
+        problems = [p for p in map(te_token_problem, tokens) if p]
+        if problems:
+            raise RuntimeError("CONFIG_FP8_TE=y: " + problems[0])
+        kept = te_shape_problems(full)  # layers that stay in higher precision: worth knowing, not fatal
+        notes.append(f"TE: {len(kept)} linear layer(s) stay out of FP8 (dims not multiples of 16)" if kept
+                     else "TE shapes ok (runs on GPU only)")
     twin = params > CPU_PARAM_BUDGET
-    if twin:  # same options, fewer layers, narrower heads, shorter sequences
-        mcfg = dataclasses.replace(mcfg, n_layer=min(mcfg.n_layer, 2), n_embd=16 * mcfg.n_head,
-                                   block_size=min(mcfg.block_size, 64))
+    if twin:  # same options, fewer layers, narrower heads, shorter sequences, narrower experts
+        moe = mcfg.moe and dataclasses.replace(mcfg.moe, expert_hidden=32)
+        mcfg = dataclasses.replace(mcfg, n_layer=max(min(mcfg.n_layer, 2), mcfg.moe_first_dense + 1),
+                                   n_embd=16 * mcfg.n_head, block_size=min(mcfg.block_size, 64), moe=moe)
     torch.manual_seed(cfg.SEED)
     model = GPT(mcfg)
+    model.checkpoint_every = cfg.ACT_CKPT_EVERY if cfg.ACT_CKPT else 0
+    if backend == "torchao":  # emulated: the same Float8Linear layers and casts, on CPU
+        apply_fp8(model, Config({**cfg, "FP8_EMULATE": True}), torch.device("cpu"))
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-    batch, seq = min(cfg.MICRO_BATCH, 4), min(mcfg.block_size, 64)
+    moe_stats = MoEStats(model.moe_layers, torch.device("cpu"))
+    dtype = target_dtype(cfg)  # bf16 stands in for fp16 on CPU
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype != "fp32" else contextlib.nullcontext()
+    first, last = curriculum.stages[0], curriculum.stages[-1]  # the shortest and the longest sequences
     losses = []
-    for step in range(2):  # the second step runs on optimizer state made by the first
+    for step, stage in enumerate((first, last)):  # the second step runs on optimizer state made by the first
         set_lr(optimizer, lr_at(step, cfg))
+        batch, seq = min(stage.micro_batch, 4), min(stage.seq_len, mcfg.block_size, 64)
         x = torch.randint(0, mcfg.vocab_size, (batch, seq))
-        _, loss = model(x, torch.roll(x, -1, dims=1))
+        with autocast:
+            _, loss = model(x, torch.roll(x, -1, dims=1))
         if not torch.isfinite(loss):
             raise RuntimeError(f"step {step + 1}: loss is {loss.item()}")
+        if moe_stats:
+            moe_stats.collect()
         loss.backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         if missing:
             raise RuntimeError(f"step {step + 1}: no gradient reached {', '.join(missing[:5])}")
         optimizer.step()
+        if moe_stats:
+            moe_stats.end_step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     memory = predict_memory(ModelConfig.from_config(cfg, check_vocab(cfg)), cfg.MICRO_BATCH, cfg.BLOCK_SIZE,
                             target_dtype(cfg), optimizer_name(cfg))
-    return {"params": params, "flops_per_token": flops, "twin": twin, "losses": losses, "memory": memory}
+    return {"params": params, "active_params": active, "flops_per_token": flops, "twin": twin,
+            "losses": losses, "memory": memory, "notes": notes}
 
 
 @dataclasses.dataclass
@@ -95,14 +127,24 @@ def check_run(spec: RunSpec) -> Row:
         return Row(spec.name, "FAILED", traceback.format_exc().strip().splitlines()[-1], time.perf_counter() - t0)
     mem, target = r["memory"], cfg.TARGET_DEVICE_MEMORY_GIB
     built = "reduced twin" if r["twin"] else "full size"
-    detail = (f"{r['params'] / 1e6:.2f}M params, {r['flops_per_token'] / 1e6:.1f} MFLOP/token, {built}, "
-              f"loss {r['losses'][0]:.2f}->{r['losses'][1]:.2f}, {mem.describe()}")
+    active = f" ({r['active_params'] / 1e6:.2f}M active)" if r["active_params"] < r["params"] else ""
+    detail = (f"{r['params'] / 1e6:.2f}M params{active}, {r['flops_per_token'] / 1e6:.1f} MFLOP/token, {built}, "
+              f"loss {r['losses'][0]:.2f}->{r['losses'][1]:.2f}, {mem.describe()}" + "".join(f"; {n}" for n in r["notes"]))
     status = "ok"
     if mem.total > target * GIB:
         status = "FAILED"
         detail += (f"; predicted peak {mem.total / GIB:.1f} GiB exceeds TARGET_DEVICE_MEMORY_GIB={target} "
                    f"(lower MICRO_BATCH and raise GRAD_ACCUM, or shorten BLOCK_SIZE)")
     return Row(spec.name, status, detail, time.perf_counter() - t0)
+
+
+def pair_coverage(specs: list[RunSpec]) -> str:
+    """One line: how many value pairs the accepted runs cover, and the pairs Kconfig rules out."""
+    covered = set().union(*(cell_pairs(s) for s in specs if not s.rejected))
+    impossible = set().union(*(cell_pairs(s) for s in specs if s.rejected)) - covered
+    axes = len(specs[0].cell) if specs else 0
+    return (f"pairwise: {sum(not s.rejected for s in specs)} run(s) cover all {len(covered)} value pairs of "
+            f"{axes} axes" + (f"; {len(impossible)} pair(s) impossible (see the rejected runs)" if impossible else ""))
 
 
 def presets() -> list[Path]:
@@ -113,12 +155,15 @@ def presets() -> list[Path]:
 def check_plan(base_layers: list[list[Assignment]], cfg: Config) -> int:
     """Run the whole check, print a table, return the number of failures."""
     t0 = time.perf_counter()
-    rows = [check_run(spec) for spec in expand(base_layers, cfg)]
+    specs = expand(base_layers, cfg)
+    rows = [check_run(spec) for spec in specs]
     drifted = [problem for path in presets() for problem in drift(path)]
     width = max(len(r.name) for r in rows)
     print(f"\n=== check: {len(rows)} run(s), {time.perf_counter() - t0:.1f}s ===")
     for r in rows:
         print(f"{r.name:<{width}}  {r.status:<8} {r.seconds:5.2f}s  {r.detail}")
+    if cfg.RUN_MATRIX and cfg.MATRIX_PAIRWISE:
+        print(pair_coverage(specs))
     print(f"presets: {len(presets())} defconfigs and fragments, "
           + ("all equal to their savedefconfig output" if not drifted else f"{len(drifted)} problem(s):"))
     for problem in drifted:

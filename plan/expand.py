@@ -32,6 +32,7 @@ class RunSpec:
     cfg: Config | None = None
     differences: dict = field(default_factory=dict)
     error: str | None = None  # set for a rejected run
+    cell: tuple[int, ...] = ()  # a matrix run's value index on each axis
 
     @property
     def rejected(self) -> bool:
@@ -67,6 +68,8 @@ def expand(base_layers: list[list[Assignment]], base_cfg: Config) -> list[RunSpe
             continue
         spec.cfg = values(spec.kconf)
         spec.differences = differences(base_cfg, spec.cfg, spec.kconf)
+    if mode == "matrix" and base_cfg.MATRIX_PAIRWISE:
+        specs = pairwise(specs)
     return specs
 
 
@@ -84,23 +87,23 @@ def plan_symbols() -> set[str]:
 # --------------------------------------------------------------------------- ablation
 
 
-def parse_steps(text: str) -> list[tuple[str, list[str]]]:
+def parse_steps(text: str, symbol: str = "CONFIG_ABLATION_STEPS") -> list[tuple[str, list[str]]]:
     """ "rope llama=rmsnorm+swiglu" -> [("rope", ["rope"]), ("llama", ["rmsnorm", "swiglu"])]"""
     steps = []
     for item in text.split():
         name, sep, frags = item.partition("=")
         fragments = (frags if sep else name).split("+")
         if not name or not all(fragments):
-            raise ConfigError([f"CONFIG_ABLATION_STEPS: malformed step {item!r}: write FRAGMENT or NAME=FRAG1+FRAG2"])
+            raise ConfigError([f"{symbol}: malformed item {item!r}: write FRAGMENT or NAME=FRAG1+FRAG2"])
         steps.append((name, fragments))
     return steps
 
 
-def fragment_path(name: str) -> Path:
+def fragment_path(name: str, symbol: str = "CONFIG_ABLATION_STEPS") -> Path:
     path = FRAGMENTS / name
     if not path.is_file():
         known = ", ".join(sorted(p.name for p in FRAGMENTS.iterdir() if p.is_file())) if FRAGMENTS.is_dir() else ""
-        raise ConfigError([f"CONFIG_ABLATION_STEPS: no fragment {name!r} in {FRAGMENTS}/"
+        raise ConfigError([f"{symbol}: no fragment {name!r} in {FRAGMENTS}/"
                            f" (have: {known or 'none'})"])
     return path
 
@@ -122,10 +125,11 @@ def ablation_runs(cfg: Config) -> list[RunSpec]:
 
 
 def matrix_axes(cfg: Config, kconf_syms: dict) -> list[list[tuple[str, list[Assignment]]]]:
-    """Axes as lists of (label, assignments). Choice axes come from ticked MATRIX_<OPTION> symbols."""
+    """Axes as lists of (label, assignments). Choice axes come from ticked MATRIX_<OPTION> symbols
+    (MATRIX_PAIRWISE, a bool too, says how to sample the axes and is not one)."""
     by_choice: dict[object, list[str]] = {}
     for name, ticked in cfg.items():
-        if not (name.startswith(MATRIX_PREFIX) and ticked is True):
+        if not (name.startswith(MATRIX_PREFIX) and ticked is True) or name == "MATRIX_PAIRWISE":
             continue
         option = kconf_syms.get(name[len(MATRIX_PREFIX):])
         if option is None or option.choice is None:
@@ -137,6 +141,9 @@ def matrix_axes(cfg: Config, kconf_syms: dict) -> list[list[tuple[str, list[Assi
         prefix = prefix[:prefix.rfind("_") + 1]  # whole words: OPT_ADAMW -> "adamw" even when alone
         axes.append([(o[len(prefix):].lower(), [Assignment(o, "y", f"matrix axis CONFIG_{MATRIX_PREFIX}{o}", 0)])
                      for o in options])
+    for name, fragments in parse_steps(cfg.MATRIX_FRAGMENTS or "", "CONFIG_MATRIX_FRAGMENTS"):
+        layer = [a for f in fragments for a in parse_file(fragment_path(f, "CONFIG_MATRIX_FRAGMENTS"))]
+        axes.append([("", []), (f"+{name}", layer)])  # "+" marks a toggle; matrix_runs joins them
     if cfg.MATRIX_LRS:
         axes.append([(f"lr{_lr_text(lr)}", [Assignment("LR", f'"{lr!r}"', "matrix axis CONFIG_MATRIX_LRS", 0)])
                      for i, lr in enumerate(cfg.MATRIX_LRS)])
@@ -153,12 +160,47 @@ def _lr_text(lr: float) -> str:
 def matrix_runs(cfg: Config) -> list[RunSpec]:
     axes = matrix_axes(cfg, new_kconfig().syms)
     specs = []
-    for cell in itertools.product(*axes):
-        # An axis with one value is still named: it is what differs from the base.
-        name = run_name([("", label) for label, _ in cell])
-        specs.append(RunSpec(name, layers=[[a for _, assignments in cell for a in assignments]],
-                             baseline=not cell))
+    for index in itertools.product(*(range(len(axis)) for axis in axes)):
+        cell = [axis[i] for axis, i in zip(axes, index)]
+        # An axis with one value is still named: it is what differs from the base. Toggled
+        # fragments that are on make one part, "moe+muon"; all off and nothing else is "base".
+        toggled = "+".join(label[1:] for label, _ in cell if label.startswith("+"))
+        parts = ([("", toggled)] if toggled else []) + [("", label) for label, _ in cell
+                                                         if label and not label.startswith("+")]
+        specs.append(RunSpec(run_name(parts), layers=[[a for _, assignments in cell for a in assignments]],
+                             baseline=not parts, cell=index))
     return specs
+
+
+def cell_pairs(spec: RunSpec) -> set[tuple[int, int, int, int]]:
+    """The (axis a, value, axis b, value) pairs a matrix run holds."""
+    c = spec.cell
+    return {(a, c[a], b, c[b]) for a in range(len(c)) for b in range(a + 1, len(c))}
+
+
+def pairwise(specs: list[RunSpec]) -> list[RunSpec]:
+    """A subset of the full matrix in which every pair of axis values that some accepted run holds
+    appears in a kept run (greedy covering: repeatedly keep the run covering most uncovered pairs).
+    A pair only rejected runs hold is impossible; one rejected run per such pair is kept, so the
+    plan (and 'make check') shows Kconfig's reason. With fewer than two axes every run is kept."""
+    if not specs or len(specs[0].cell) < 2:
+        return specs
+    accepted = [s for s in specs if not s.rejected]
+    uncovered = set().union(*(cell_pairs(s) for s in accepted)) if accepted else set()
+    kept: list[RunSpec] = []
+    while uncovered:
+        best = max(accepted, key=lambda s: len(cell_pairs(s) & uncovered))  # first of equals: stable order
+        kept.append(best)
+        uncovered -= cell_pairs(best)
+    possible = set().union(*(cell_pairs(s) for s in accepted)) if accepted else set()
+    impossible = set()
+    for spec in specs:
+        new = cell_pairs(spec) - possible - impossible if spec.rejected else set()
+        if new:
+            kept.append(spec)
+            impossible |= new
+    order = {id(s): i for i, s in enumerate(specs)}
+    return sorted(kept, key=lambda s: order[id(s)])
 
 
 # --------------------------------------------------------------------------- differences

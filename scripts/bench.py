@@ -6,13 +6,18 @@ needed: the data's content does not change the speed, and its char vocabulary
 (97) pads to the same 128 ids as tiny Shakespeare's (65). Reports the median
 tokens/s of the logging intervals after the first, which holds warmup and
 torch.compile time, and the time to save (atomically, with fsync) and load a
-checkpoint of the full training state. BENCH_JSON=path also writes the figures as JSON.
+checkpoint of the full training state. Peak memory: the CUDA allocator's peak on
+a GPU, the process's peak resident set on CPU (which includes Python and torch
+themselves), next to plan/memory.py's prediction for the same step. With
+CONFIG_MOE=y it also times an MoE layer against a dense MLP of equal active
+parameters (scripts/bench_moe.py). BENCH_JSON=path also writes the figures as JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -24,7 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 from data.prepare import prepare  # noqa: E402
 from kbuild.kconfig import load, parse_overrides, resolve, parse_file, values  # noqa: E402
+import torch  # noqa: E402
+
+from optim.optimizers import optimizer_name  # noqa: E402
+from plan.memory import predict_memory  # noqa: E402
+from scripts.bench_moe import describe as describe_moe, moe_vs_dense  # noqa: E402
 from train import checkpoint  # noqa: E402
+from train.device import DTYPES  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 
@@ -54,7 +65,13 @@ def main() -> int:
     data = prepare(cfg, ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, data, Path(tmp), log=lambda m: None)
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         summary = trainer.run()
+        if trainer.device.type == "cuda":
+            peak, peak_kind = torch.cuda.max_memory_allocated(), "CUDA allocator peak"
+        else:
+            peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         save_s, load_s, ckpt_bytes = checkpoint_times(trainer, Path(tmp))
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
@@ -70,6 +87,17 @@ def main() -> int:
           f"{summary['device']}, {summary['dtype']}, compile {'on' if cfg.COMPILE else 'off'}")
     print(f"  {tps:,.0f} tokens/s (median of {len(speeds)} intervals of {interval} steps), "
           f"{flops / 1e9:.1f} GFLOP/s" + (f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] else ""))
+    predicted = predict_memory(trainer.model.cfg, cfg.MICRO_BATCH, cfg.BLOCK_SIZE, summary["dtype"],
+                               optimizer_name(cfg)).total
+    print(f"  peak memory: {peak / 2**20:,.0f} MiB ({peak_kind}); predicted for the training step: "
+          f"{predicted / 2**20:,.0f} MiB")
+    result.update(peak_memory_bytes=peak, peak_memory_kind=peak_kind, predicted_memory_bytes=predicted)
+    if cfg.MOE:
+        mcfg = trainer.model.cfg
+        dtype = DTYPES[summary["dtype"]] if summary["dtype"] != "fp32" else None
+        moe = moe_vs_dense(mcfg.moe, mcfg.n_embd, mcfg.mlp, cfg.MICRO_BATCH, cfg.BLOCK_SIZE, trainer.device, dtype)
+        print(describe_moe(moe))
+        result["moe_vs_dense"] = moe
     print(f"  checkpoint: {ckpt_bytes / 2**20:.1f} MiB, save {1000 * save_s:.0f} ms, load {1000 * load_s:.0f} ms "
           f"(median of 5, including fsync)")
     result.update(checkpoint_bytes=ckpt_bytes, checkpoint_save_s=save_s, checkpoint_load_s=load_s)

@@ -26,7 +26,7 @@ data: $(CORE)
 sample: $(CORE)
 	@$(PY) -m kbuild sample
 
-## bench: measure training tokens/s and FLOP/s of the configured model on this machine
+## bench: training tokens/s, FLOP/s, MFU and peak memory of the configured model on this machine (MoE: vs dense)
 bench: $(CORE)
 	@$(PY) scripts/bench.py
 

@@ -9,7 +9,7 @@ import pytest
 import plan.expand as expand_mod
 from kbuild.kconfig import ROOT, ConfigError, parse_file, parse_overrides, resolve, values
 from plan.check import check_plan
-from plan.expand import expand
+from plan.expand import cell_pairs, expand
 from plan.plan import Plan, run_name
 
 
@@ -167,3 +167,37 @@ def test_check_fails_a_rejected_ablation_step_but_not_a_rejected_matrix_cell(cap
     failures, out = check(capsys, "matrix-optimizers", set_="MATRIX_DTYPE_FP32=y MATRIX_DTYPE_FP16=y MATRIX_SEEDS=1 "
                                                            "MATRIX_OPT_LION=n MATRIX_OPT_MUON=n")
     assert failures == 0 and out.count(" rejected ") == 2
+
+
+def test_toggled_fragments_make_on_off_axes_named_after_what_is_on():
+    specs = plan_for("quickstart", set_='RUN_MATRIX=y MATRIX_FRAGMENTS="qk-norm llama=rmsnorm+swiglu" MATRIX_SEEDS=2')
+    assert [s.name for s in specs] == ["seed1337", "seed1338", "llama-seed1337", "llama-seed1338",
+                                       "qk-norm-seed1337", "qk-norm-seed1338", "qk-norm+llama-seed1337",
+                                       "qk-norm+llama-seed1338"]
+    assert specs[6].cfg.QK_NORM and specs[6].cfg.NORM_RMSNORM and not specs[0].cfg.QK_NORM
+    with pytest.raises(ConfigError, match="CONFIG_MATRIX_FRAGMENTS: no fragment 'nope'"):
+        plan_for("quickstart", set_='RUN_MATRIX=y MATRIX_FRAGMENTS="nope"')
+
+
+def test_pairwise_matrix_covers_every_pair_with_few_runs():
+    full = plan_for("feature-pairs", set_="MATRIX_PAIRWISE=n")
+    kept = plan_for("feature-pairs")
+    assert len(full) == 2 ** 8 and not any(s.rejected for s in full)
+    assert len(kept) <= 12, [s.name for s in kept]
+    needed = set().union(*(cell_pairs(s) for s in full))
+    assert len(needed) == 28 * 4  # 8 on/off axes: 28 axis pairs x 4 value pairs
+    assert set().union(*(cell_pairs(s) for s in kept)) == needed
+    assert kept[0].name == "base" and kept[0].baseline
+
+
+def test_pairwise_lists_an_impossible_pair_with_kconfigs_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(expand_mod, "FRAGMENTS", tmp_path)
+    (tmp_path / "rms").write_text("# rmsnorm\nCONFIG_NORM_RMSNORM=y\n")
+    (tmp_path / "ln").write_text("# layernorm\nCONFIG_NORM_LAYERNORM=y\n")
+    (tmp_path / "qk").write_text("# qk-norm\nCONFIG_QK_NORM=y\n")
+    specs = plan_for("quickstart", set_='RUN_MATRIX=y MATRIX_PAIRWISE=y MATRIX_FRAGMENTS="rms ln qk"')
+    rejected = [s for s in specs if s.rejected]
+    assert [s.name for s in rejected] == ["rms+ln"], "one rejected run shows the one impossible pair"
+    assert "NORM" in rejected[0].error
+    possible = set().union(*(cell_pairs(s) for s in specs if not s.rejected))
+    assert len(possible) == 3 * 4 - 1
