@@ -101,10 +101,20 @@ def step_twice(cfg: Config) -> dict:
             moe_stats.end_step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    memory = predict_memory(ModelConfig.from_config(cfg, check_vocab(cfg)), cfg.MICRO_BATCH, cfg.BLOCK_SIZE,
-                            target_dtype(cfg), optimizer_name(cfg))
+    memory = predict_run_memory(cfg, curriculum)
     return {"params": params, "active_params": active, "flops_per_token": flops, "twin": twin,
             "losses": losses, "memory": memory, "notes": notes}
+
+
+def predict_run_memory(cfg: Config, curriculum: Curriculum, mcfg: ModelConfig | None = None,
+                       dtype: str | None = None):
+    """The run's predicted peak per device, the largest over its curriculum stages' batch shapes; by
+    default for the check's vocabulary bound and the target device's dtype."""
+    mcfg = mcfg or ModelConfig.from_config(cfg, check_vocab(cfg))
+    every = cfg.ACT_CKPT_EVERY if cfg.ACT_CKPT else 0
+    return max((predict_memory(mcfg, batch, seq, dtype or target_dtype(cfg), optimizer_name(cfg),
+                               checkpoint_every=every)
+                for batch, seq in curriculum.shapes()), key=lambda m: m.total)
 
 
 @dataclasses.dataclass

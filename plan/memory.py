@@ -19,6 +19,20 @@ keeping T x T probabilities, and RMSNorm may use a fused kernel that keeps only 
 ATTN_FLASH is predicted as SDPA's fused kernel (both keep q, k, v, the output and a logsumexp).
 The reference attention (ATTN_REFERENCE) keeps B x n_head x T x T probabilities, and under
 ATTN_SOFTCAP the tanh output as well; its terms were fitted to measurements.
+
+Parameters include every routed expert, router, shared expert and multi-token-prediction block;
+Muon keeps one fp32 buffer for the hidden matrices (routers and expert stacks too) and AdamW two
+for the rest, and its step adds Newton-Schulz temporaries for its largest matrix at the late moment.
+An MoE layer keeps, instead of the dense MLP's tensors: the router's fp32 input and scores (N x E),
+the top-k indices and gates, the sort order and token ids (N*k int64), the gathered inputs, the
+w_out product and its gated copy (N*k x C), the experts' activations (N*k x hidden), a shared
+expert's activations, and under autocast its explicit bf16 copies of w_in and w_out. With a
+capacity the dropped assignments are data-dependent and not subtracted (an upper bound). Each MTP
+head keeps a full dense block and its own ln_f / lm_head / log-softmax over B x (T - j) rows, and
+its backward runs first, so its cross-entropy gradients set the early moment. A checkpointed block
+keeps only its input; its backward reruns the forward, a third candidate moment: its full saved
+set next to what earlier blocks keep and the grads of everything after it. When the last block is
+MoE and the batch is small, its backward moment is approximate (measured up to +3%).
 """
 
 from __future__ import annotations

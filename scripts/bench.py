@@ -31,8 +31,7 @@ from data.prepare import prepare  # noqa: E402
 from kbuild.kconfig import load, parse_overrides, resolve, parse_file, values  # noqa: E402
 import torch  # noqa: E402
 
-from optim.optimizers import optimizer_name  # noqa: E402
-from plan.memory import predict_memory  # noqa: E402
+from plan.check import predict_run_memory  # noqa: E402
 from scripts.bench_moe import describe as describe_moe, moe_vs_dense  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.device import DTYPES  # noqa: E402
@@ -87,8 +86,7 @@ def main() -> int:
           f"{summary['device']}, {summary['dtype']}, compile {'on' if cfg.COMPILE else 'off'}")
     print(f"  {tps:,.0f} tokens/s (median of {len(speeds)} intervals of {interval} steps), "
           f"{flops / 1e9:.1f} GFLOP/s" + (f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] else ""))
-    predicted = predict_memory(trainer.model.cfg, cfg.MICRO_BATCH, cfg.BLOCK_SIZE, summary["dtype"],
-                               optimizer_name(cfg)).total
+    predicted = predict_run_memory(cfg, trainer.curriculum, trainer.model.cfg, summary["dtype"]).total
     print(f"  peak memory: {peak / 2**20:,.0f} MiB ({peak_kind}); predicted for the training step: "
           f"{predicted / 2**20:,.0f} MiB")
     result.update(peak_memory_bytes=peak, peak_memory_kind=peak_kind, predicted_memory_bytes=predicted)
