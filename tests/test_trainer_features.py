@@ -10,8 +10,9 @@ import torch
 from tests.test_checkpoint import trainer
 from train import checkpoint
 
-CURRICULUM = ('CURRICULUM=y CURRICULUM_STAGES="8:0 16:0.25 32:0.5" GRAD_ACCUM=2 BATCH_WARMUP_FRACTION="0.2" '
-              'BATCH_WARMUP_START="0.5" MAX_ITERS=40 EVAL_INTERVAL=20 CHECKPOINT_INTERVAL=20 CHECKPOINT_KEEP=2 DROPOUT="0"')
+SCHEDULE = ('CURRICULUM=y CURRICULUM_STAGES="8:0 16:0.25 32:0.5" GRAD_ACCUM=2 BATCH_WARMUP_FRACTION="0.2" '
+            'BATCH_WARMUP_START="0.5" DROPOUT="0"')
+CURRICULUM = SCHEDULE + " MAX_ITERS=40 EVAL_INTERVAL=20 CHECKPOINT_INTERVAL=20 CHECKPOINT_KEEP=2"
 
 
 def records(run_dir) -> list[dict]:
@@ -70,3 +71,22 @@ def test_fp8_emulated_run_trains(tmp_path):
     assert type(t.model.blocks[0].attn.c_attn).__name__ == "Float8Linear"
     first = next(r for r in records(tmp_path / "run") if "train_loss" in r)
     assert summary["final_val_loss"] < 0.8 * first["train_loss"]
+
+
+def test_compile_sees_one_shape_per_curriculum_stage(tmp_path, monkeypatch):
+    import functools
+
+    import torch._dynamo
+
+    # The eager backend keeps dynamo's graph capture and guards (what decides recompiles) without
+    # inductor's code generation, which takes minutes on 2 CPU cores.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    t = trainer(tmp_path, tmp_path / "run", SCHEDULE + " COMPILE=y MAX_ITERS=24 EVAL_INTERVAL=24")
+    t.run()
+    assert len(t.curriculum.shapes()) == 3
+    # One graph per training shape (3 stages) and one for evaluation (eval mode, full length);
+    # 24 steps never recompile.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+    torch._dynamo.reset()
