@@ -44,8 +44,17 @@ class Batches:
         offsets = self._offsets if length in (None, self.block_size) else np.arange(length + 1)
         return self.tokens[starts[:, None] + offsets].astype(np.int64)
 
+    rank, world = 0, 1
+
+    def shard(self, rank: int, world: int) -> "Batches":
+        """Keep this rank's slice of the global batch (see MixedBatches.shard)."""
+        self.rank, self.world = rank, world
+        return self
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_device(self.windows(self.starts(self.batch_size, self.generator)), self.device)
+        n = self.batch_size
+        starts = self.starts(n * self.world, self.generator)[n * self.rank:n * (self.rank + 1)]
+        return to_device(self.windows(starts), self.device)
 
 
 class MixedBatches:
@@ -77,20 +86,33 @@ class MixedBatches:
         u = torch.rand(n, generator=self.generator, dtype=torch.float64)
         return torch.searchsorted(self._cumulative, u, right=True).clamp_(max=len(self.parts) - 1).numpy()
 
+    def shard(self, rank: int, world: int) -> "MixedBatches":
+        """Draw the global batch of ``world`` ranks and keep this rank's slice: every rank draws the
+        same random numbers, so the ranks' slices together are the single-process batch."""
+        self.rank, self.world = rank, world
+        return self
+
+    rank, world = 0, 1
+
     def next(self, batch_size: int | None = None, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of ``batch_size`` sequences of ``length`` tokens (defaults: the constructor's; a
+        """This rank's ``batch_size`` sequences of ``length`` tokens (defaults: the constructor's; a
         curriculum stage asks for its own shape, never longer than block_size)."""
         n, length = batch_size or self.batch_size, length or self.block_size
+        total, lo = n * self.world, n * self.rank
         if len(self.parts) == 1:
-            self.counts[0] += n
+            self.counts[0] += total
             part = self.parts[0]
-            return to_device(part.windows(part.starts(n, self.generator, length), length), self.device)
-        choice = self.choose(n)
+            starts = part.starts(total, self.generator, length)[lo:lo + n]
+            return to_device(part.windows(starts, length), self.device)
+        choice = self.choose(total)
         rows = np.empty((n, length + 1), dtype=np.int64)
         for i, part in enumerate(self.parts):
             where = np.flatnonzero(choice == i)
             if len(where):
-                rows[where] = part.windows(part.starts(len(where), self.generator, length), length)
+                starts = part.starts(len(where), self.generator, length)
+                mine = (where >= lo) & (where < lo + n)
+                if mine.any():
+                    rows[where[mine] - lo] = part.windows(starts[mine], length)
             self.counts[i] += len(where)
         return to_device(rows, self.device)
 

@@ -1,7 +1,10 @@
 """Execute a plan: resolve each run into its own directory, then train them.
 
-Runs go one after another on a CPU machine; on a machine with N GPUs, N at
-once, one per GPU. A failed run is recorded in plan.json and the plan goes on.
+Runs go one after another on a CPU machine; on a machine with N GPUs, N
+single-process runs at once, one per GPU, while runs with data parallelism
+(PARALLEL_DDP/FSDP2/DEEPSPEED) go one after another, each across the GPUs
+through torchrun (parallel/launch.py). A failed run is recorded in plan.json
+and the plan goes on.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from kbuild.kconfig import ROOT, Config, write_outputs
+from kbuild.kconfig import ROOT, Config, load, write_outputs
+from parallel.launch import engine, launch_env, train_command
 from plan.expand import RunSpec, mode_of
 from plan.plan import PLAN_FILE, Plan, now
 from train.checkpoint import has_checkpoint
@@ -45,17 +49,18 @@ def create_plan(cfg: Config, specs: list[RunSpec], overrides: str = "") -> Plan:
 def execute(plan: Plan) -> Plan:
     """Train every unfinished run of ``plan`` (interrupted ones resume from their checkpoint)."""
     from data.prepare import prepare
-    from kbuild.kconfig import load
 
-    todo = []
+    todo, parallel = [], False
     for name in [r["name"] for r in plan.runs if r["status"] in UNFINISHED]:
         try:  # prepare data up front: data errors show before hours of training
-            prepare(load(plan.run_dir(name) / ".config")[1], ROOT)
+            cfg = load(plan.run_dir(name) / ".config")[1]
+            prepare(cfg, ROOT)
             todo.append(name)
+            parallel |= engine(cfg) != "none"
         except Exception as e:
             plan.update(name, status="failed", error=f"data: {type(e).__name__}: {e}", end=now())
     print(f"plan: {plan.path} ({len(plan.runs)} run{'s' if len(plan.runs) != 1 else ''}, {len(todo)} to train)", flush=True)
-    slots = _device_slots()
+    slots = [None] if parallel else _device_slots()  # a data-parallel run takes every GPU
     active: dict[str, tuple[subprocess.Popen, str | None]] = {}
     queue = list(todo)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -110,10 +115,11 @@ def _start(plan: Plan, name: str, gpu: str | None) -> subprocess.Popen:
     if not resume:
         _clear_outputs(run_dir)
     plan.update(name, status="running", start=now(), end=None, error=None)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cfg = load(run_dir / ".config")[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **launch_env(cfg))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    args = [sys.executable, "-m", "train", str(run_dir)] + (["--resume"] if resume else [])
+    args = train_command(cfg, run_dir, resume)
     print(f"\n--- run {name}{' (resuming from its checkpoint)' if resume else ''} ---", flush=True)
     return subprocess.Popen(args, cwd=ROOT, env=env)
 

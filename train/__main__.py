@@ -6,6 +6,7 @@ process needs comes from there, so a run is reproducible from its directory.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -29,28 +30,53 @@ class Tee:
 
 
 def main(run_dir: Path, resume: bool = False) -> int:
-    log = Tee(run_dir / "train.log")
+    """Train the run; under torchrun every rank runs this, and rank 0 alone logs and writes files."""
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    log = Tee(run_dir / "train.log") if main_rank else Quiet()
+    dist = None
     try:
         from data.prepare import prepare
+        from parallel import runtime
         from train.trainer import Trainer, write_summary
 
         _, cfg = load(run_dir / ".config")
+        dist = runtime.init(cfg)
+        if not dist.main:  # rank 0 prepares (or finds) the data first; the others then read it
+            runtime.barrier(dist)
         data = prepare(cfg, ROOT, log=log)
-        trainer = Trainer(cfg, data, run_dir, log=log)
+        if dist.main:
+            runtime.barrier(dist)
+        trainer = Trainer(cfg, data, run_dir, log=log, dist=dist)
         if resume:
             trainer.resume()
         summary = trainer.run()
-        write_summary(run_dir, summary)
+        if dist.main:
+            write_summary(run_dir, summary)
         return EXIT_CODES[summary["status"]]
     except KeyboardInterrupt:  # a signal before the training loop took over its handling
         log("interrupted before training started")
         return EXIT_CODES["interrupted"]
-    except Exception as e:  # recorded for plan.json; the traceback goes to the log
+    except Exception as e:  # recorded for plan.json; the traceback goes to the log (every rank: stderr)
+        if not main_rank:
+            print(f"rank {os.environ.get('RANK')}: {traceback.format_exc()}", file=sys.stderr, flush=True)
+            return 1
         log(traceback.format_exc())
         from train.trainer import write_summary
 
         write_summary(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
         return 1
+    finally:
+        if dist is not None:
+            from parallel import runtime
+
+            runtime.shutdown(dist)
+
+
+class Quiet:
+    """The log of ranks other than 0: nothing (their errors go to stderr)."""
+
+    def __call__(self, message: str) -> None:
+        pass
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ Layout in a run directory: checkpoints/step-00000400.pt (the last CHECKPOINT_KEE
 checkpoints/best.pt (lowest val loss so far). Each file is written to a temporary name, fsynced
 and renamed, so a crash or a full disk never leaves a file that looks complete; a file that does
 not load (truncated, corrupt) is skipped with a warning and the previous one is used.
+
+Sharded engines (FSDP2 through torch distributed checkpointing, DeepSpeed through its own API)
+write a folder instead: checkpoints/step-00000400/ (and best/), filled under a temporary name by
+every rank, completed by rank 0 with extra.pt (step, data position, RNG: everything but weights
+and optimizer) and then renamed. A folder without extra.pt is incomplete and never used.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -18,7 +24,9 @@ import torch
 
 FOLDER = "checkpoints"
 BEST = "best.pt"
-_STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+BEST_SHARDED = "best"
+EXTRA = "extra.pt"  # a sharded checkpoint's non-tensor state; written last, it marks the folder complete
+_STEP_RE = re.compile(r"^step-(\d+)(\.pt)?$")
 
 
 class CheckpointError(Exception):
@@ -50,9 +58,10 @@ def load(path: Path, map_location="cpu") -> dict:
 
 
 def step_paths(run_dir: Path) -> list[Path]:
-    """Step checkpoints of a run, oldest first."""
+    """Step checkpoints of a run (files, or complete sharded folders), oldest first."""
     folder = Path(run_dir) / FOLDER
-    found = [(int(m[1]), p) for p in folder.glob("step-*.pt") if (m := _STEP_RE.match(p.name))]
+    found = [(int(m[1]), p) for p in folder.glob("step-*") if (m := _STEP_RE.match(p.name))
+             and (p.is_file() or (p / EXTRA).is_file())]
     return [p for _, p in sorted(found)]
 
 
@@ -60,9 +69,28 @@ def save_step(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     """Write the checkpoint of ``step`` and delete all but the newest ``keep`` step checkpoints."""
     path = Path(run_dir) / FOLDER / f"step-{step:08d}.pt"
     save(path, state)
-    for old in step_paths(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    prune(run_dir, keep)
     return path
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    for old in step_paths(run_dir)[:-keep]:
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def sharded_paths(run_dir: Path, step: int | None) -> tuple[Path, Path]:
+    """(temporary folder to fill, final folder) of a sharded checkpoint; step None is best/."""
+    name = BEST_SHARDED if step is None else f"step-{step:08d}"
+    folder = Path(run_dir) / FOLDER
+    return folder / f".{name}.tmp", folder / name
+
+
+def complete_sharded(tmp: Path, final: Path, extra: dict) -> None:
+    """Rank 0, after every rank wrote its shards into ``tmp``: add extra.pt, then swap it in."""
+    save(tmp / EXTRA, extra)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def save_best(run_dir: Path, state: dict) -> Path:
@@ -75,6 +103,8 @@ def latest(run_dir: Path, map_location="cpu") -> tuple[Path, dict] | None:
     """The newest step checkpoint that loads; unreadable ones are skipped with a warning."""
     for path in reversed(step_paths(run_dir)):
         try:
+            if path.is_dir():  # sharded: the engine loads weights and optimizer from the folder itself
+                return path, {**load(path / EXTRA, map_location), "sharded": str(path)}
             return path, load(path, map_location)
         except Exception as e:  # truncated zip, bad magic, unpickling error: all mean "not usable"
             warnings.warn(f"skipping unreadable checkpoint {path} ({type(e).__name__}: {e}); using an earlier one",

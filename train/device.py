@@ -10,13 +10,14 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(cfg) -> torch.device:
+def resolve_device(cfg, local_rank: int = 0) -> torch.device:
+    """CPU, or the GPU of this process (its local rank under torchrun)."""
     if cfg.DEVICE_CUDA and not torch.cuda.is_available():
         raise RuntimeError("CONFIG_DEVICE_CUDA=y but torch sees no CUDA GPU on this machine; "
                            "select DEVICE_AUTO or DEVICE_CPU (make menuconfig, Training > Device)")
     if cfg.DEVICE_CPU or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda")
+    return torch.device("cuda", local_rank)
 
 
 def resolve_dtype(cfg, device: torch.device) -> str:
@@ -39,9 +40,9 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
-def setup_backend(cfg, device: torch.device) -> None:
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.CPU_THREADS or os.cpu_count() or 1)
+def setup_backend(cfg, device: torch.device, procs_on_node: int = 1) -> None:
+    if device.type == "cpu":  # the node's processes share its cores
+        torch.set_num_threads(max(1, (cfg.CPU_THREADS or os.cpu_count() or 1) // procs_on_node))
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

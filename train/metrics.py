@@ -37,17 +37,20 @@ def mfu(flops_per_token: int, tokens_per_s: float, device_name: str) -> float | 
 
 
 class MetricsLog:
-    """Appends one JSON object per line; flushed per line so a crash loses nothing logged."""
+    """Appends one JSON object per line; flushed per line so a crash loses nothing logged.
+    With path None (ranks other than 0) it writes nothing."""
 
-    def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", encoding="utf-8") if path is not None else None
 
     def write(self, **record) -> None:
-        self.file.write(json.dumps(_finite(record)) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(_finite(record)) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def _finite(value):

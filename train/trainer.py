@@ -18,6 +18,7 @@ from data.tokenizer import check_vocab_fits
 from model.gpt import GPT, ModelConfig
 from optim.optimizers import build_optimizer, describe, set_lr
 from optim.schedule import lr_at
+from parallel import runtime
 from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.curriculum import Curriculum
@@ -61,29 +62,45 @@ def compile_model(model: GPT, cfg, shapes: int):
 
 
 class Trainer:
-    def __init__(self, cfg, data: PreparedData | PreparedMix, run_dir: Path, log=print):
-        self.cfg, self.data, self.run_dir, self.log = cfg, as_mix(data), Path(run_dir), log
+    def __init__(self, cfg, data: PreparedData | PreparedMix, run_dir: Path, log=print, dist=None):
+        self.cfg, self.data, self.run_dir = cfg, as_mix(data), Path(run_dir)
         data = self.data
-        self.device = resolve_device(cfg)
-        setup_backend(cfg, self.device)
+        self.dist = dist or runtime.init(cfg)  # the process group under torchrun; nothing for one process
+        self.log = log if self.dist.main else (lambda message: None)
+        self.device = resolve_device(cfg, self.dist.local_rank)
+        setup_backend(cfg, self.device, self.dist.local_world_size)
         self.dtype = resolve_dtype(cfg, self.device)
         self.device_name = device_name(self.device)
-        seed_everything(cfg.SEED)
+        seed_everything(cfg.SEED)  # every rank: the same initial weights
         self.tokenizer = data.tokenizer
         self.model = build_model(cfg, self.tokenizer.vocab_size, self.device)
         self.fp8 = apply_fp8(self.model, cfg, self.device)  # before the optimizer and compile see the layers
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.flops_per_token = self.model.flops_per_token()  # counted once, used at every log line
+        self.module = runtime.wrap(self.model, self.dist, self.device)  # DDP, or FSDP2 shards in place
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.optimizer_description = describe(self.optimizer)  # before DeepSpeed flattens the groups
+        self.ds = None
+        if self.dist.engine == "deepspeed":
+            self.ds = self.module = runtime.deepspeed_engine(self.model, self.optimizer, cfg, self.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
         self.curriculum = Curriculum.from_config(cfg)
-        self.forward = compile_model(self.model, cfg, len(self.curriculum.shapes())) if cfg.COMPILE else self.model
+        if self.ds is not None and self.curriculum.grad_accum_at(0) != cfg.GRAD_ACCUM:
+            raise ValueError("CONFIG_BATCH_WARMUP_FRACTION>0 with CONFIG_PARALLEL_DEEPSPEED=y: DeepSpeed accumulates "
+                             "a fixed GRAD_ACCUM micro-batches per step; use DDP or FSDP2, or no batch warmup")
+        self.forward = compile_model(self.module, cfg, len(self.curriculum.shapes())) if cfg.COMPILE else self.module
         self.moe_stats = MoEStats(self.model.moe_layers, self.device)
-        # Each sequence's source is drawn by weight; with one source these are plain Batches' draws.
-        self.batches = data.train_batches("train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED)
+        # Each sequence's source is drawn by weight; with one source these are plain Batches' draws. Every
+        # rank draws the same global batch and trains on its own slice (parallel/runtime.py).
+        self.batches = data.train_batches("train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device,
+                                          cfg.SEED).shard(self.dist.rank, self.dist.world_size)
         # Evaluation reuses the same batches every time (fixed seed), so curves compare across steps and runs.
-        self.eval_train = data.train_batches("train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED + 1)
-        self.val_sets = data.val_batches(cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED + 1)
-        self.tokens_per_step = cfg.MICRO_BATCH * cfg.GRAD_ACCUM * cfg.BLOCK_SIZE  # at full size, after any warmup
+        rank, world = self.dist.rank, self.dist.world_size
+        self.eval_train = data.train_batches("train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device,
+                                             cfg.SEED + 1).shard(rank, world)
+        self.val_sets = {name: batches.shard(rank, world) for name, batches in
+                         data.val_batches(cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED + 1).items()}
+        # Global tokens per optimizer step at full size (after any warmup), all ranks together.
+        self.tokens_per_step = cfg.MICRO_BATCH * cfg.GRAD_ACCUM * cfg.BLOCK_SIZE * self.dist.world_size
         self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
         self.guard = NonFiniteGuard(cfg.MAX_BAD_STEPS or 1)
 
@@ -104,10 +121,17 @@ class Trainer:
             with autocast(self.device, self.dtype), fp8_autocast(self.cfg):
                 _, loss = self.forward(x, y)
             total += loss.float()
-        return (total / self.cfg.EVAL_BATCHES).item()
+        return runtime.mean(self.dist, total / self.cfg.EVAL_BATCHES).item()  # ranks' equal slices: the global mean
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, self.cfg) * self.curriculum.lr_scale_at(step)
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens trained on, all ranks together, before (0-based) step ``step``."""
+        return self.curriculum.tokens_before(step) * self.dist.world_size
+
+    def tokens_at(self, step: int) -> int:
+        return self.curriculum.tokens_at(step) * self.dist.world_size
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over the step's micro-batches (GRAD_ACCUM, fewer during batch warmup), each
@@ -122,39 +146,62 @@ class Trainer:
         stage, accum = self.curriculum.stage_at(step), self.curriculum.grad_accum_at(step)
         loss_sum = torch.zeros((), device=self.device)
         self.parts = {}
-        for _ in range(accum):
+        for i in range(accum):
             x, y = self.batches.next(stage.micro_batch, stage.seq_len)
-            with autocast(self.device, self.dtype), fp8_autocast(cfg):
-                _, loss = self.forward(x, y)
-            if self.moe_stats:
-                self.moe_stats.collect()
-            self.scaler.scale(loss / accum).backward()
+            # DDP/FSDP2 communicate gradients on the step's last micro-batch only.
+            with runtime.gradient_sync(self.module, self.dist, sync=i == accum - 1):
+                with autocast(self.device, self.dtype), fp8_autocast(cfg):
+                    _, loss = self.forward(x, y)
+                if self.moe_stats:
+                    self.moe_stats.collect()
+                if self.ds is not None:  # the engine divides by GRAD_ACCUM and steps on the last one
+                    self.ds.backward(loss)
+                    self.ds.step()
+                else:
+                    self.scaler.scale(loss / accum).backward()
             parts = self.model.loss_parts or {"lm_loss": loss.detach()}
             loss_sum += parts["lm_loss"] / accum
             for name, value in parts.items():
                 if name != "lm_loss":
                     self.parts[name] = self.parts.get(name, 0) + value / accum
-        self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.GRAD_CLIP if cfg.GRAD_CLIP > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        update = not cfg.SKIP_NONFINITE or self.guard.check(loss_sum.item(), grad_norm.item())
-        if update:
-            self.scaler.step(self.optimizer)
+        loss_sum = runtime.mean(self.dist, loss_sum)  # every rank decides alike on NaN/Inf and logs the same
+        if self.ds is not None:
+            norm = self.ds.get_global_grad_norm()
+            grad_norm = torch.tensor(float("nan") if norm is None else float(norm))
+            update = not cfg.SKIP_NONFINITE or self.guard.check(loss_sum.item(), grad_norm.item())  # counts only
+        else:
+            self.scaler.unscale_(self.optimizer)
+            max_norm = cfg.GRAD_CLIP if cfg.GRAD_CLIP > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
+            update = not cfg.SKIP_NONFINITE or self.guard.check(loss_sum.item(), grad_norm.item())
+            if update:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.moe_stats:
+            if self.dist.active:  # every rank moves its expert biases by the global load
+                torch.distributed.all_reduce(self.moe_stats.step_load)
             self.moe_stats.end_step(balance=update)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
 
+    @property
+    def sharded(self) -> bool:
+        """Weights and optimizer state are split over ranks: checkpoints are folders the engine writes."""
+        return self.dist.engine in ("fsdp2", "deepspeed")
+
     def state(self, step: int, val_loss: float | None, elapsed: float) -> dict:
-        """Everything needed to continue exactly: weights, optimizer, scaler, step, data position, RNG."""
+        """Everything needed to continue exactly: weights, optimizer, scaler, step, data position, RNG.
+        Under a sharded engine, weights and optimizer state go to the engine's own files instead."""
+        weights = {} if self.sharded else {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
             "format": 2,
             "step": step,
-            "tokens": self.curriculum.tokens_before(step),
+            "tokens": self.tokens_before(step),
             "curriculum_stage": self.curriculum.stage_at(max(step - 1, 0)).index,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **weights,
+            "engine": self.dist.engine,
+            "world_size": self.dist.world_size,
             "scaler": self.scaler.state_dict(),
             "model_config": asdict(self.model.cfg),
             "tokenizer": self.tokenizer.spec,
@@ -170,7 +217,23 @@ class Trainer:
         }
 
     def save_checkpoint(self, step: int, val_loss: float | None, elapsed: float) -> None:
-        checkpoint.save_step(self.run_dir, step, self.state(step, val_loss, elapsed), self.cfg.CHECKPOINT_KEEP)
+        self._save(step, self.state(step, val_loss, elapsed))
+
+    def _save(self, step: int | None, state: dict) -> None:
+        """Write a step checkpoint (or best, step None). Every rank calls it; rank 0 writes files."""
+        if self.sharded:
+            tmp, final = checkpoint.sharded_paths(self.run_dir, step)
+            runtime.save_sharded(self.dist, tmp, self.model, self.optimizer, self.ds)
+            if self.dist.main:
+                checkpoint.complete_sharded(tmp, final, state)
+                if step is not None:
+                    checkpoint.prune(self.run_dir, self.cfg.CHECKPOINT_KEEP)
+        elif self.dist.main:
+            if step is None:
+                checkpoint.save_best(self.run_dir, state)
+            else:
+                checkpoint.save_step(self.run_dir, step, state, self.cfg.CHECKPOINT_KEEP)
+        runtime.barrier(self.dist)
 
     def resume(self) -> None:
         """Continue from the run directory's newest readable checkpoint."""
@@ -183,8 +246,19 @@ class Trainer:
         if problems:
             raise CheckpointError(f"{path} was trained with a different model; differing symbols: "
                                   + "; ".join(problems))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("engine", "none")
+        if bool(state.get("sharded")) != self.sharded:
+            raise CheckpointError(f"{path} was written by CONFIG_PARALLEL_{saved.upper()}, which this run "
+                                  f"(PARALLEL_{self.dist.engine.upper()}) cannot read; continue with the same engine")
+        if self.sharded:
+            if saved != self.dist.engine:
+                raise CheckpointError(f"{path} is a {saved} checkpoint; this run uses {self.dist.engine}")
+            runtime.load_sharded(self.dist, Path(state["sharded"]), self.model, self.optimizer, self.ds)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("world_size", 1) != self.dist.world_size:
+            self.log(f"resuming on {self.dist.world_size} process(es) a run checkpointed on {state.get('world_size', 1)}")
         self.scaler.load_state_dict(state["scaler"])
         self.batches.generator.set_state(state["data_rng"])
         if len(state.get("data_counts", ())) == len(self.batches.counts):
@@ -194,12 +268,12 @@ class Trainer:
         self.best_val, self.best_step = state["best_val_loss"], state["best_val_step"]
         self.guard.skipped = state["skipped_steps"]
         metrics = self.run_dir / "metrics.jsonl"  # drop what the interrupted attempt logged after the checkpoint
-        if metrics.exists():
+        if metrics.exists() and self.dist.main:
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.start_step]
             metrics.write_text("".join(line + "\n" for line in kept))
         stage = (f", curriculum stage {self.curriculum.stage_at(self.start_step).index}"
                  if self.curriculum.active else "")
-        self.log(f"resumed from step {self.start_step} ({self.curriculum.tokens_before(self.start_step):,} tokens"
+        self.log(f"resumed from step {self.start_step} ({self.tokens_before(self.start_step):,} tokens"
                  f"{stage}) of {path.name}")
 
     def run(self) -> dict:
@@ -210,7 +284,7 @@ class Trainer:
                  f"({self.model.num_params():,} non-embedding"
                  + (f", {active:,} active per token" if active != self.model.num_params() else "") + "), "
                  f"vocab {self.tokenizer.vocab_size} padded to {self.model.cfg.vocab_size}")
-        self.log(describe(self.optimizer))
+        self.log(self.optimizer_description)
         if self.fp8["backend"]:
             self.log(f"fp8 ({self.fp8['backend']}): {len(self.fp8['converted'])} linear layers converted, "
                      f"kept in {self.dtype}: " + (", ".join(self.fp8["kept"]) or "none"))
@@ -219,7 +293,7 @@ class Trainer:
         self.log(f"device: {self.device_name}, dtype {self.dtype}, compile {'on' if cfg.COMPILE else 'off'}, "
                  f"activation checkpointing {'every %d block(s)' % self.model.checkpoint_every if self.model.checkpoint_every else 'off'}, "
                  f"{self.tokens_per_step:,} tokens/step")
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.dist.main else MetricsLog(None)
         self.speed = Throughput()
         self.start = time.time() - self.elapsed_before
         step, last_eval, stop_reason = self.start_step, {}, None
@@ -227,11 +301,17 @@ class Trainer:
             try:
                 while step < cfg.MAX_ITERS:
                     loss, grad_norm = self.train_step(step)
-                    self.speed.step(self.curriculum.tokens_at(step))
+                    self.speed.step(self.tokens_at(step))
                     step += 1
-                    finished = step == cfg.MAX_ITERS or bool(cfg.MAX_TIME and time.time() - self.start >= cfg.MAX_TIME)
-                    if stop.requested:
-                        stop_reason = f"interrupted by {stop.name}"
+                    out_of_time = bool(cfg.MAX_TIME and time.time() - self.start >= cfg.MAX_TIME)
+                    if self.dist.active:  # ranks stop together: a signal or the clock may reach one first
+                        out_of_time, stopping = (runtime.any_rank(self.dist, flag)
+                                                 for flag in (out_of_time, stop.requested))
+                    else:
+                        stopping = stop.requested
+                    finished = step == cfg.MAX_ITERS or out_of_time
+                    if stopping:
+                        stop_reason = f"interrupted by {stop.name or 'a signal to another rank'}"
                     elif self.guard.should_stop:
                         stop_reason = "nonfinite"
                     ending = finished or stop_reason is not None
@@ -269,11 +349,10 @@ class Trainer:
         extra = {name: float(value) for name, value in self.parts.items()}  # MTP and MoE loss terms
         if self.curriculum.active:
             stage = self.curriculum.stage_at(step - 1)
-            extra.update(curriculum_stage=stage.index, seq_len=stage.seq_len,
-                         tokens_per_step=self.curriculum.tokens_at(step - 1))
+            extra.update(curriculum_stage=stage.index, seq_len=stage.seq_len, tokens_per_step=self.tokens_at(step - 1))
         if self.moe_stats:
             extra.update(self.moe_stats.metrics())
-        self.metrics.write(step=step, tokens=self.curriculum.tokens_before(step), train_loss=loss_value, lr=lr,
+        self.metrics.write(step=step, tokens=self.tokens_before(step), train_loss=loss_value, lr=lr,
                            grad_norm=norm_value, skipped_steps=self.guard.skipped, tokens_per_s=tps,
                            flops_per_s=flops, mfu=utilization, elapsed_s=time.time() - self.start,
                            data_share=self.batches.shares(self.data.names), **extra)
@@ -290,8 +369,8 @@ class Trainer:
         result = self.evaluate()
         if result["val"] < self.best_val:
             self.best_val, self.best_step = result["val"], step
-            checkpoint.save_best(self.run_dir, self.state(step, result["val"], time.time() - self.start))
-        self.metrics.write(step=step, tokens=self.curriculum.tokens_before(step), val_loss=result["val"],
+            self._save(None, self.state(step, result["val"], time.time() - self.start))
+        self.metrics.write(step=step, tokens=self.tokens_before(step), val_loss=result["val"],
                            train_eval_loss=result["train"], val_losses=result["val_losses"],
                            elapsed_s=time.time() - self.start)
         named = "".join(f" | {name} {loss:.4f}" for name, loss in result["val_losses"].items()
@@ -303,13 +382,14 @@ class Trainer:
         cfg = self.cfg
         sample = generate_text(self.model, self.tokenizer, cfg.SAMPLE_PROMPT, cfg.SAMPLE_TOKENS,
                                cfg.SAMPLE_TEMPERATURE, cfg.SAMPLE_TOP_K, self.device, cfg.SEED)
-        (self.run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
+        if self.dist.main:
+            (self.run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
         tokens_per_s = self.speed.average
         flops_per_token = self.flops_per_token
         return {
             "status": "done",
             "steps": step,
-            "tokens": self.curriculum.tokens_before(step),
+            "tokens": self.tokens_before(step),
             "final_train_loss": last_eval["train"],
             "final_val_loss": last_eval["val"],
             "final_val_losses": last_eval["val_losses"],
@@ -325,6 +405,8 @@ class Trainer:
             "params_active": self.model.active_params(),
             "wall_time_s": time.time() - self.start,
             "device": self.device_name,
+            "parallel": self.dist.engine,
+            "world_size": self.dist.world_size,
             "dtype": self.dtype,
             "data_share": self.batches.shares(self.data.names),
             "data": self.data.summary(),

@@ -1,0 +1,128 @@
+"""Data parallelism on this CPU: DDP, FSDP2 (gloo) and DeepSpeed (DS_ACCELERATOR=cpu) with 2 processes
+reach the single-process losses for the same global batch and seed; FSDP2 resumes at another world
+size and DeepSpeed from its own checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kbuild.kconfig import ROOT, parse_overrides, resolve, write_outputs
+from parallel.launch import train_command
+
+# A tiny model; GRAD_ACCUM=2 exercises the skipped all-reduce of the first micro-batch.
+SETTINGS = ("MODEL_SIZE_CUSTOM=y N_LAYER=2 N_HEAD=2 N_EMBD=64 BLOCK_SIZE=32 GRAD_ACCUM=2 WARMUP_ITERS=4 "
+            'LR=3e-3 MIN_LR=3e-4 MAX_ITERS=16 LOG_INTERVAL=4 EVAL_INTERVAL=8 EVAL_BATCHES=2 DEVICE_CPU=y '
+            'DTYPE_FP32=y SAMPLE_TOKENS=5 DROPOUT="0" CHECKPOINT_INTERVAL=8 CHECKPOINT_KEEP=2')
+# Stated tolerance: the same global batch and seed give the same losses up to float reduction order
+# (measured differences are below 1e-5).
+TOLERANCE = 1e-4
+
+
+def configure(tmp_path, name: str, extra: str):
+    lines = [f"{a} {b} {a}{b}." for a in ("cat", "dog", "fox", "owl") for b in ("one", "two", "six")]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines * 120) + "\n")
+    where = f'DATA_PATH="{tmp_path / "corpus.txt"}" DATA_CACHE_DIR="{tmp_path / "cache"}"'
+    kconf, _ = resolve(parse_overrides(f"{SETTINGS} {where}"), parse_overrides(extra, "extra"))
+    run_dir = tmp_path / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_outputs(kconf, run_dir / ".config", run_dir / "config.py")
+    from kbuild.kconfig import values
+
+    return run_dir, values(kconf)
+
+
+def train(run_dir, cfg, resume: bool = False) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    done = subprocess.run(train_command(cfg, run_dir, resume), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def losses(run_dir) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    out = {("train", r["step"]): r["train_loss"] for r in records if "train_loss" in r}
+    out.update({("val", r["step"]): r["val_loss"] for r in records if "val_loss" in r})
+    return out
+
+
+def assert_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    worst = max(abs(got[k] - want[k]) for k in want)
+    assert worst < TOLERANCE, {k: (got[k], want[k]) for k in want}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    run_dir, cfg = configure(tmp, "single", "MICRO_BATCH=8")
+    train(run_dir, cfg)
+    return losses(run_dir)
+
+
+@pytest.mark.parametrize("engine", ["DDP", "FSDP2", "DEEPSPEED"])
+def test_two_processes_match_one(tmp_path, single, engine):
+    run_dir, cfg = configure(tmp_path, engine, f"MICRO_BATCH=4 PARALLEL_{engine}=y NPROC_PER_NODE=2")
+    train(run_dir, cfg)
+    assert_close(losses(run_dir), single)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["tokens"] == 16 * 8 * 32 * 2
+    log = (run_dir / "train.log").read_text()
+    assert log.count("eval step 16") == 1, "rank 0 alone logs"
+    if engine == "DDP":  # the single-process checkpoint format
+        assert (run_dir / "checkpoints" / "step-00000016.pt").is_file()
+    else:
+        assert (run_dir / "checkpoints" / "step-00000016" / "extra.pt").is_file()
+
+
+def test_fsdp2_resumes_at_another_world_size(tmp_path, single):
+    run_dir, cfg = configure(tmp_path, "run", "MICRO_BATCH=4 PARALLEL_FSDP2=y NPROC_PER_NODE=2")
+    train(run_dir, cfg)
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000016")  # as if stopped after step 8's checkpoint
+    assert (run_dir / "checkpoints" / "step-00000008" / ".metadata").is_file(), "a DCP checkpoint"
+    # Continue on one process with the same global batch: DCP reshards the weights and Adam moments.
+    kconf, _ = resolve([*parse_overrides(f"{SETTINGS}")], parse_overrides(
+        f'DATA_PATH="{tmp_path / "corpus.txt"}" DATA_CACHE_DIR="{tmp_path / "cache"}" MICRO_BATCH=8 '
+        'PARALLEL_FSDP2=y NPROC_PER_NODE=1', "continue"))
+    write_outputs(kconf, run_dir / ".config", run_dir / "config.py")
+    from kbuild.kconfig import values
+
+    train(run_dir, values(kconf), resume=True)
+    assert_close(losses(run_dir), single)
+    log = (run_dir / "train.log").read_text()
+    assert "resumed from step 8" in log and "resuming on 1 process(es) a run checkpointed on 2" in log
+
+
+def test_deepspeed_resumes_from_its_checkpoint(tmp_path, single):
+    run_dir, cfg = configure(tmp_path, "run", "MICRO_BATCH=4 PARALLEL_DEEPSPEED=y NPROC_PER_NODE=2 "
+                                              "DEEPSPEED_ZERO_STAGE=1")
+    train(run_dir, cfg)
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000016")
+    train(run_dir, cfg, resume=True)
+    assert_close(losses(run_dir), single)
+    assert "resumed from step 8" in (run_dir / "train.log").read_text()
+
+
+def test_launch_commands():
+    from kbuild.kconfig import values
+
+    def command(s):
+        return train_command(values(resolve(parse_overrides(s))[0]), ROOT / "runs" / "r", False)
+
+    assert command("")[1:] == ["-m", "train", str(ROOT / "runs" / "r")]
+    assert command("PARALLEL_DDP=y NPROC_PER_NODE=2")[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node=2",
+                                                                "--standalone"]
+    multi = command('PARALLEL_FSDP2=y NPROC_PER_NODE=8 NNODES=4 NODE_RANK=3 RDZV_ENDPOINT="node0:29400"')
+    assert "--nnodes=4" in multi and "--node-rank=3" in multi and "--master-addr=node0" in multi
+    assert "--master-port=29400" in multi
+    with pytest.raises(RuntimeError, match="NPROC_PER_NODE=0 starts one process per GPU"):
+        command("PARALLEL_DDP=y")
+    assert sys.executable == command("")[0]
