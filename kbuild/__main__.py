@@ -101,8 +101,15 @@ def cmd_continue(args) -> int:
         print(f"nothing to continue: every plan under {root} is finished")
         return 0
     claim(plan)
+    unfinished = [r["name"] for r in plan.runs if r["status"] not in ("done", "rejected")]
+    if args.set:  # e.g. another world size: SET="NPROC_PER_NODE=1"; a model change is refused at resume
+        for name in unfinished:
+            run_dir = plan.run_dir(name)
+            kconf, _ = resolve(parse_file(run_dir / ".config", snapshot=True), parse_overrides(args.set))
+            write_outputs(kconf, run_dir / ".config", run_dir / "config.py")
+        print(f"applied SET={args.set!r} to the runs to continue")
     print(f"continuing {plan.path.name}: " + ", ".join(f"{r['name']} ({r['status']})" for r in plan.runs
-                                                       if r["status"] not in ("done", "rejected")))
+                                                       if r["name"] in unfinished))
     return finish(plan)
 
 
@@ -117,6 +124,24 @@ def finish(plan) -> int:
     if written:
         print("report: " + ", ".join(str(p) for p in written))
     return 0 if all(r["status"] in ("done", "rejected") for r in plan.runs) else 1
+
+
+def cmd_slurm(args) -> int:
+    """Create the plan as 'run' does and write its sbatch array script instead of training."""
+    from plan.slurm import slurm_plan
+
+    layers, _, cfg = load_layers(DOT_CONFIG, args.set)
+    plan, script = slurm_plan(layers, cfg, args.set)
+    todo = [r["name"] for r in plan.runs if r["status"] == "pending"]
+    print(f"plan: {plan.path} ({len(plan.runs)} run{'s' if len(plan.runs) != 1 else ''}, "
+          f"{len(todo)} in the array)\nsubmit with:\n  sbatch {script}")
+    return 0
+
+
+def cmd_run_one(args) -> int:
+    from plan.slurm import run_one
+
+    return run_one(Path(args.plan_dir), args.run)
 
 
 def cmd_report(args) -> int:
@@ -203,6 +228,10 @@ def main(argv=None) -> int:
     add("run", cmd_run, "run the configured plan")
     add("check", cmd_check, "CPU dry run of every planned run")
     add("continue", cmd_continue, "finish the newest unfinished plan")
+    add("slurm", cmd_slurm, "create the plan and write its sbatch array script (one task per run)")
+    p = add("run-one", cmd_run_one, "train one run of a plan and record it in plan.json (a Slurm array task)")
+    p.add_argument("plan_dir")
+    p.add_argument("run")
     add("data", cmd_data, "prepare the configured data").add_argument(
         "--reprepare", action="store_true", default=bool(os.environ.get("REPREPARE")),
         help="delete this configuration's prepared data first (default: $REPREPARE)")

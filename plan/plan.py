@@ -1,12 +1,18 @@
 """Plans: runs/<plan>/plan.json, the one record of what a plan holds and how far it got.
 
 Single training is a plan of one run; ablations and matrices add runs. Every
-update rewrites plan.json atomically, so a crash never leaves it half-written.
+update rewrites plan.json atomically, so a crash never leaves it half-written, and
+under an exclusive lock on it that re-reads the runs first, so processes updating
+different runs at once (Slurm array tasks) never lose each other's changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -51,7 +57,7 @@ class Plan:
         self.record = record
 
     @classmethod
-    def create(cls, runs_dir: Path, plan_name: str, mode: str, runs: list[dict]) -> "Plan":
+    def create(cls, runs_dir: Path, plan_name: str, mode: str, runs: list[dict]) -> Plan:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", plan_name):
             raise ValueError(f"CONFIG_PLAN_NAME={plan_name!r}: use letters, digits, '.', '_' and '-' only")
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -71,12 +77,34 @@ class Plan:
         return plan
 
     @classmethod
-    def load(cls, path: Path) -> "Plan":
+    def load(cls, path: Path) -> Plan:
         path = Path(path)
         return cls(path, json.loads((path / PLAN_FILE).read_text()))
 
     def save(self) -> None:
+        with self.locked():
+            self._write()
+
+    def _write(self) -> None:
         write_text_if_changed(self.path / PLAN_FILE, json.dumps(self.record, indent=2) + "\n")
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold an exclusive flock on plan.json. Every write replaces the file, so a lock taken on a
+        file that has since been replaced is retried on the current one."""
+        path = self.path / PLAN_FILE
+        while path.exists():  # before it exists the plan is being created: nobody else knows it
+            with open(path, "a") as f:  # 'a': writable (NFS locks need it), content untouched
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                except OSError as e:  # no flock (Lustre without -o flock): safe for one process only
+                    if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                        raise
+                mine, now_there = os.fstat(f.fileno()), os.stat(path)
+                if (mine.st_dev, mine.st_ino) == (now_there.st_dev, now_there.st_ino):
+                    yield  # closing the file releases the lock
+                    return
+        yield
 
     @property
     def runs(self) -> list[dict]:
@@ -94,8 +122,11 @@ class Plan:
     def update(self, name: str, **fields) -> None:
         if "status" in fields and fields["status"] not in STATUSES:
             raise ValueError(f"unknown run status {fields['status']!r}")
-        self.run_by_name(name).update(fields)
-        self.save()
+        with self.locked():  # runs as on disk now: another process may have updated one of them
+            if (self.path / PLAN_FILE).exists():
+                self.record["runs"] = json.loads((self.path / PLAN_FILE).read_text())["runs"]
+            self.run_by_name(name).update(fields)
+            self._write()
 
 
 def newest_run_dir(runs_dir: Path) -> Path | None:

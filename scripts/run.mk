@@ -1,6 +1,6 @@
 # Running what .config describes. SET="SYM=value ..." applies to this invocation only.
 
-.PHONY: run check continue report data sample bench bench-check
+.PHONY: run check continue report data sample bench bench-check slurm
 
 ## run: (default) run the plan .config describes; results in RUNS_DIR/<plan>/<run>/
 run: $(CORE)
@@ -13,6 +13,10 @@ check: $(CORE)
 ## continue: finish the newest unfinished plan (never redoes a done run)
 continue: $(CORE)
 	@$(PY) -m kbuild continue
+
+## slurm: create the plan like 'make' and write RUNS_DIR/<plan>/slurm.sbatch, one Slurm array task per run
+slurm: $(CORE)
+	@$(PY) -m kbuild slurm
 
 ## report: table (markdown, CSV) and plots for the newest plan (PLAN=runs/<plan> to choose)
 report: $(CORE)

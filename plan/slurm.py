@@ -1,0 +1,205 @@
+"""Slurm: a plan as an sbatch array job (one task per run), and run-one, what each task runs.
+
+'make slurm' creates the plan exactly as 'make' does, prepares its data on the
+submitting machine, and writes runs/<plan>/slurm.sbatch instead of training.
+Each array task runs 'python -m kbuild run-one PLAN_DIR RUN', which trains that
+one run and records it in plan.json through the runner's own _start/_finish, so
+'make continue' and 'make report' work on the results as on a local plan.
+
+A run on NNODES > 1 nodes: the task's batch script (on the first node) starts
+run-one on every node with srun, each with NODE_RANK=$SLURM_NODEID and the first
+node as MASTER_ADDR/RDZV_ENDPOINT. Node 0 keeps plan.json; the other nodes wait
+until node 0 has started the run (tagged with $SLURM_JOB_ID), then run the same
+training command, resuming exactly when node 0 does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kbuild.kconfig import ROOT, Config, ConfigError, load, write_text_if_changed
+from parallel.launch import launch_env, train_command
+from plan.plan import Plan
+from train.checkpoint import has_checkpoint
+
+SCRIPT = "slurm.sbatch"
+_TIME_RE = re.compile(r"(?:(\d+)-)?(\d{1,2}):([0-5]\d):([0-5]\d)")
+FOLLOWER_WAIT_S = 600  # how long nodes 1.. wait for node 0 to start the run
+
+
+class RunRefused(ValueError):
+    """run-one was asked for a run that has nothing left to train."""
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    partition: str
+    account: str
+    gpus_per_task: int
+    cpus_per_task: int
+    mem_gb: int
+    time: str
+    max_parallel: int
+    extra: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> SlurmSettings:
+        """The Slurm menu's values, validated; every problem names its symbol."""
+        problems = []
+        m = _TIME_RE.fullmatch(cfg.SLURM_TIME.strip())
+        if not m or (m[1] is not None and int(m[2]) > 23):
+            problems.append(f'CONFIG_SLURM_TIME="{cfg.SLURM_TIME}": not a time limit; write HH:MM:SS or '
+                            f'D-HH:MM:SS, e.g. "04:00:00" or "1-12:00:00"')
+        for sym in ("SLURM_PARTITION", "SLURM_ACCOUNT"):
+            if re.search(r"\s", cfg[sym]):
+                problems.append(f'CONFIG_{sym}="{cfg[sym]}": contains white space; give one name '
+                                f'(several partitions are separated by commas)')
+        extra = tuple(item.strip() for item in cfg.SLURM_EXTRA.split(";") if item.strip())
+        for item in extra:
+            if not item.startswith("-"):
+                problems.append(f'CONFIG_SLURM_EXTRA="{cfg.SLURM_EXTRA}": {item!r} is not an sbatch option; '
+                                f'write options like "--qos=high;--constraint=h100"')
+        if problems:
+            raise ConfigError(problems)
+        return cls(cfg.SLURM_PARTITION, cfg.SLURM_ACCOUNT, cfg.SLURM_GPUS_PER_TASK, cfg.SLURM_CPUS_PER_TASK,
+                   cfg.SLURM_MEM_GB, cfg.SLURM_TIME.strip(), cfg.SLURM_MAX_PARALLEL, extra)
+
+
+def slurm_plan(layers: list, cfg: Config, overrides: str = "") -> tuple[Plan, Path]:
+    """Create the plan as 'make' does, prepare its data, and write its sbatch script; nothing trains."""
+    from data.prepare import prepare
+    from plan.expand import expand
+    from plan.runner import create_plan
+
+    if cfg.DRY_RUN:
+        raise ConfigError(["CONFIG_DRY_RUN=y: 'make slurm' submits training; use 'make check' for the dry run "
+                           "or set DRY_RUN=n"])
+    settings = SlurmSettings.from_config(cfg)  # before the plan exists: a bad value leaves nothing behind
+    specs = expand(layers, cfg)
+    nodes = {s.cfg.get("NNODES") or 1 for s in specs if not s.rejected}
+    if len(nodes) > 1:
+        raise ConfigError([f"CONFIG_NNODES differs between the runs of this plan ({sorted(nodes)}); one sbatch "
+                           f"array asks for one node count: make a plan per node count"])
+    plan = create_plan(cfg, specs, overrides)
+    plan.record["runner_pid"] = None  # no process runs this plan; its array tasks never claim it
+    plan.save()
+    for run in plan.runs:  # data errors show now, not in every array task; tasks never prepare at once
+        if run["status"] == "pending":
+            try:
+                prepare(next(s.cfg for s in specs if s.name == run["name"]), ROOT)
+            except Exception as e:
+                plan.update(run["name"], status="failed", error=f"data: {type(e).__name__}: {e}")
+                print(f"run {run['name']}: data: {e}", file=sys.stderr)
+    return plan, write_script(plan, settings, nodes.pop() if nodes else 1)
+
+
+def write_script(plan: Plan, settings: SlurmSettings, nnodes: int = 1, python: str = sys.executable) -> Path:
+    """runs/<plan>/slurm.sbatch over the plan's pending runs (written atomically)."""
+    names = [r["name"] for r in plan.runs if r["status"] == "pending"]
+    if not names:
+        raise ValueError(f"plan {plan.path.name} has no run to train (see {plan.path / 'plan.json'}); "
+                         f"nothing to submit")
+    path = plan.path / SCRIPT
+    write_text_if_changed(path, script_text(plan, names, settings, nnodes, python))
+    return path
+
+
+def script_text(plan: Plan, names: list[str], s: SlurmSettings, nnodes: int, python: str) -> str:
+    q = shlex.quote
+    array = f"0-{len(names) - 1}" + (f"%{s.max_parallel}" if s.max_parallel else "")
+    directives = [f"--job-name={plan.path.name}", f"--array={array}",
+                  f"--output={q(str(plan.path / 'slurm-%A_%a.out'))}",
+                  f"--nodes={nnodes}", "--ntasks-per-node=1"]
+    directives += [f"--partition={s.partition}"] if s.partition else []
+    directives += [f"--account={s.account}"] if s.account else []
+    directives += [f"--gpus-per-task={s.gpus_per_task}"] if s.gpus_per_task else []
+    directives += [f"--cpus-per-task={s.cpus_per_task}"]
+    directives += [f"--mem={s.mem_gb}G"] if s.mem_gb else []
+    directives += [f"--time={s.time}", *s.extra]
+    lines = ["#!/bin/bash",
+             f"# Generated by 'make slurm' for plan {plan.path.name}: one array task per run.",
+             f"# Submit: sbatch {q(str(plan.path / SCRIPT))}",
+             "# Status: plan.json; afterwards 'make continue' trains what is left, 'make report' reports.",
+             *(f"#SBATCH {d}" for d in directives),
+             "set -euo pipefail",
+             "",
+             "RUNS=(",
+             *(f"  {q(n)}" for n in names),
+             ")",
+             f"PLAN_DIR={q(str(plan.path))}",
+             'RUN=${RUNS[${SLURM_ARRAY_TASK_ID:?submit this script with sbatch: it is an array job}]}',
+             f"cd {q(str(ROOT))}"]
+    if nnodes == 1:
+        lines.append(f'exec {q(python)} -m kbuild run-one "$PLAN_DIR" "$RUN"')
+    else:  # one run-one per node; node 0 (this one) keeps plan.json, the first node is the rendezvous
+        lines += ['NODES=$(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+                  "export MASTER_ADDR=${NODES%%$'\\n'*}",
+                  "export MASTER_PORT=$((29500 + SLURM_ARRAY_TASK_ID % 1000))  # tasks sharing a node differ",
+                  "export RDZV_ENDPOINT=$MASTER_ADDR:$MASTER_PORT",
+                  f"exec srun --nodes={nnodes} --ntasks-per-node=1 --kill-on-bad-exit=1 \\",
+                  "  bash -c 'NODE_RANK=$SLURM_NODEID exec \"$0\" -m kbuild run-one \"$1\" \"$2\"' \\",
+                  f'  {q(python)} "$PLAN_DIR" "$RUN"']
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- one array task
+
+
+def run_one(plan_dir: Path, name: str) -> int:
+    """Train run ``name`` of the plan in ``plan_dir`` and record it in plan.json; the training exit code."""
+    from plan.runner import _finish, _start
+
+    plan = Plan.load(plan_dir)
+    try:
+        status = plan.run_by_name(name)["status"]
+    except KeyError:
+        raise RunRefused(f"no run {name!r} in plan {plan.path} (runs: "
+                         f"{', '.join(r['name'] for r in plan.runs)})") from None
+    if status in ("done", "rejected"):
+        raise RunRefused(f"run {name} of plan {plan.path.name} is {status}; nothing to train "
+                         f"(a new 'make slurm' or 'make' trains it again in a new plan)")
+    if int(os.environ.get("NODE_RANK") or 0) > 0:
+        return _follow(plan, name)
+    proc = _start(plan, name, None)  # no GPU pinning: the task uses the GPUs Slurm gave it
+    if os.environ.get("SLURM_JOB_ID"):
+        plan.update(name, slurm_job=os.environ["SLURM_JOB_ID"])
+
+    def forward(signum, frame):  # scancel or the time limit: let the run checkpoint, then record it
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _finish(plan, name, code)
+    return code if code >= 0 else 128 - code
+
+
+def _follow(plan: Plan, name: str) -> int:
+    """Nodes 1..NNODES-1: once node 0 has started this task's run, train it alongside."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        raise RuntimeError(f"NODE_RANK={os.environ['NODE_RANK']} without SLURM_JOB_ID: nodes other than 0 "
+                           f"only run inside the Slurm job that 'make slurm' wrote")
+    deadline = time.monotonic() + FOLLOWER_WAIT_S
+    while Plan.load(plan.path).run_by_name(name).get("slurm_job") != job:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"node {os.environ['NODE_RANK']}: node 0 did not start run {name} "
+                               f"of job {job} within {FOLLOWER_WAIT_S}s")
+        time.sleep(2)
+    run_dir = plan.run_dir(name)  # node 0 has cleared a run that starts over: a checkpoint means resume
+    cfg = load(run_dir / ".config")[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **launch_env(cfg))
+    code = subprocess.call(train_command(cfg, run_dir, has_checkpoint(run_dir)), cwd=ROOT, env=env)
+    return code if code >= 0 else 128 - code
