@@ -6,15 +6,34 @@ import sys
 import time
 
 
+def is_terminal(stream) -> bool:
+    """Whether a progress bar belongs on ``stream``: an interactive terminal, not a pipe or file (CI)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def use_bar(stream, enabled: bool | None) -> bool:
+    """enabled None: a bar only on a terminal; True: always (tests, forced); False: never."""
+    return is_terminal(stream) if enabled is None else enabled
+
+
 class Progress:
-    def __init__(self, total_bytes: int, what: str, log, interval: float = 10.0):
+    """Bytes done of a pass. The bar goes to ``stream`` (default stderr); without one, ``log`` gets
+    a line every ``interval`` seconds, so CI logs and files show progress without bar redraws."""
+
+    def __init__(self, total_bytes: int, what: str, log, interval: float = 10.0, stream=None,
+                 enabled: bool | None = None):
         self.total, self.what, self.log, self.interval = total_bytes, what, log, interval
         self.done, self.start, self.last = 0, time.time(), time.time()
         self.bar = None
-        if sys.stderr.isatty():
+        stream = stream if stream is not None else sys.stderr
+        if use_bar(stream, enabled):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_bytes or None, desc=what, unit="B", unit_scale=True, leave=False)
+            self.bar = tqdm(total=total_bytes or None, desc=what, unit="B", unit_scale=True, leave=False,
+                            file=stream)
 
     def update(self, n: int) -> None:
         self.done += n

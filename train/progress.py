@@ -1,0 +1,63 @@
+"""A tqdm bar over optimizer steps, drawn only on a terminal.
+
+When the output is not a terminal (CI logs, files, a pipe) there is no bar and nothing extra is
+printed: the trainer's own log line every LOG_INTERVAL steps is the progress report there, and a
+second kind of periodic line would only repeat it. On a terminal the bar goes to stderr while log
+lines go to stdout; route the log through ``wrap_log`` so a line never lands in the middle of the bar.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from data.progress import use_bar
+
+
+class TrainProgress:
+    def __init__(self, total: int, initial: int = 0, stream=None, enabled: bool | None = None):
+        """enabled None: a bar when ``stream`` (default stderr) is a terminal; True: always; False: never."""
+        self.stream = stream if stream is not None else sys.stderr
+        self.bar = None
+        if use_bar(self.stream, enabled):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=self.stream,
+                            dynamic_ncols=True, leave=True)
+
+    @classmethod
+    def from_config(cls, cfg, total: int, initial: int = 0, stream=None) -> "TrainProgress":
+        """CONFIG_PROGRESS_BAR=y: a bar on a terminal; n: never."""
+        return cls(total, initial, stream, enabled=None if cfg.get("PROGRESS_BAR", True) else False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.bar is not None
+
+    def update(self, step: int, **postfix) -> None:
+        """Move the bar to ``step`` (optimizer steps done); postfix values (loss=..., lr=...) are shown
+        after it. Cheap: tqdm redraws at most ~10 times a second."""
+        if self.bar is None:
+            return
+        if postfix:
+            self.bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def wrap_log(self, log):
+        """``log`` with the bar cleared before each line and redrawn after it."""
+        if self.bar is None:
+            return log
+
+        def logged(message: str) -> None:
+            with self.bar.external_write_mode(file=self.stream):
+                log(message)
+
+        return logged
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else value
