@@ -78,3 +78,38 @@ def launch_env(cfg) -> dict[str, str]:
     if engine(cfg) != "none" and not gpu_count():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs_per_node(cfg))))
     return env
+
+
+CHECK_GPUS_PER_NODE = 8  # what 'make check' assumes for NPROC_PER_NODE=0 on a machine without GPUs
+
+
+def check_layout(cfg, grad_accum_varies: bool = False) -> tuple[int, str, list[str]]:
+    """For 'make check': (world size, what plan/memory.py shards, notes); RuntimeError for a layout
+    that cannot run."""
+    import importlib.util
+
+    kind = engine(cfg)
+    if kind == "none":
+        return 1, "none", []
+    notes = []
+    per_node = cfg.NPROC_PER_NODE or gpu_count()
+    if not per_node:
+        per_node = CHECK_GPUS_PER_NODE
+        notes.append(f"NPROC_PER_NODE=0: {per_node} GPUs per node assumed")
+    if cfg.NODE_RANK >= cfg.NNODES:
+        raise RuntimeError(f"CONFIG_NODE_RANK={cfg.NODE_RANK} must be below CONFIG_NNODES={cfg.NNODES}")
+    if kind == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise RuntimeError("CONFIG_PARALLEL_DEEPSPEED=y needs DeepSpeed: pip install deepspeed")
+        deepspeed_batch_check(grad_accum_varies)
+    world = per_node * cfg.NNODES
+    notes.append(f"world size {world} = {per_node} x {cfg.NNODES} node(s), "
+                 f"{cfg.MICRO_BATCH * cfg.GRAD_ACCUM * world} sequences per step")
+    shard = {"ddp": "ddp", "fsdp2": "fsdp"}.get(kind) or f"zero{cfg.DEEPSPEED_ZERO_STAGE}"
+    return world, shard, notes
+
+
+def deepspeed_batch_check(grad_accum_varies: bool) -> None:
+    if grad_accum_varies:
+        raise RuntimeError("CONFIG_BATCH_WARMUP_FRACTION>0 with CONFIG_PARALLEL_DEEPSPEED=y: DeepSpeed accumulates "
+                           "a fixed GRAD_ACCUM micro-batches per step; use DDP or FSDP2, or no batch warmup")

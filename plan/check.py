@@ -6,8 +6,11 @@ reduced-depth/width twin that keeps every option of the config. The steps run
 the run's own features: bf16 autocast (also standing in for fp16, which CPUs
 lack), torchao FP8 through its emulation mode, TransformerEngine as a shape
 check (it needs a GPU), activation checkpointing, MoE balancing, and the first
-and last curriculum shapes. Peak training memory per device is predicted for
-the full model and compared with TARGET_DEVICE_MEMORY_GIB. Presets and
+and last curriculum shapes. Data-parallel settings are validated (world size,
+node rank, DeepSpeed installed, batch warmup); peak training memory per device
+is predicted for the full model, per rank under ZeRO/FSDP sharding, and
+compared with TARGET_DEVICE_MEMORY_GIB. Selected trackers that are not
+installed are noted with their pip command. Presets and
 fragments are checked for drift.
 """
 
@@ -27,9 +30,11 @@ from optim.optimizers import build_optimizer, optimizer_name, set_lr
 from optim.schedule import lr_at
 from plan.expand import FRAGMENTS, RunSpec, cell_pairs, expand
 from plan.memory import predict_memory
+from parallel.launch import check_layout
 from train.curriculum import Curriculum
 from train.moe_stats import MoEStats
 from train.precision import apply_fp8, fp8_backend, te_shape_problems, te_token_problem
+from train.trackers import tracker_problems
 
 CPU_PARAM_BUDGET = 30_000_000  # larger models are checked as a reduced twin
 CHAR_BYTE_VOCAB = 256  # byte vocabulary; char vocabularies of the shipped corpora pad to at most this
@@ -101,19 +106,21 @@ def step_twice(cfg: Config) -> dict:
             moe_stats.end_step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    memory = predict_run_memory(cfg, curriculum)
+    world, shard, layout = check_layout(cfg, curriculum.grad_accum_at(0) != cfg.GRAD_ACCUM)
+    notes += layout + tracker_problems(cfg)
+    memory = predict_run_memory(cfg, curriculum, world_size=world, shard=shard)
     return {"params": params, "active_params": active, "flops_per_token": flops, "twin": twin,
             "losses": losses, "memory": memory, "notes": notes}
 
 
 def predict_run_memory(cfg: Config, curriculum: Curriculum, mcfg: ModelConfig | None = None,
-                       dtype: str | None = None):
+                       dtype: str | None = None, world_size: int = 1, shard: str = "none"):
     """The run's predicted peak per device, the largest over its curriculum stages' batch shapes; by
     default for the check's vocabulary bound and the target device's dtype."""
     mcfg = mcfg or ModelConfig.from_config(cfg, check_vocab(cfg))
     every = cfg.ACT_CKPT_EVERY if cfg.ACT_CKPT else 0
     return max((predict_memory(mcfg, batch, seq, dtype or target_dtype(cfg), optimizer_name(cfg),
-                               checkpoint_every=every)
+                               world_size=world_size, checkpoint_every=every, shard=shard)
                 for batch, seq in curriculum.shapes()), key=lambda m: m.total)
 
 

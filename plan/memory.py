@@ -52,6 +52,7 @@ GIB = 2**30
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of matmul outputs under autocast
 # fp32 state tensors per parameter; "muon": momentum for the hidden matrices, AdamW's two moments elsewhere
 STATE_TENSORS = {"adamw": 2, "sgd": 1, "lion": 1, "muon": (1, 2)}
+SHARDING = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -122,14 +123,17 @@ def param_counts(c: ModelConfig) -> ParamCounts:
 
 
 def predict_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
-                   optimizer: str = "adamw", world_size: int = 1, checkpoint_every: int = 0) -> MemoryEstimate:
+                   optimizer: str = "adamw", world_size: int = 1, checkpoint_every: int = 0,
+                   shard: str = "none") -> MemoryEstimate:
     """Predicted peak bytes per device of one training step (forward, backward, optimizer step).
 
     Weights, grads and optimizer state are fp32 (autocast keeps parameters fp32). The caller is
     assumed to hold the returned logits through backward and the optimizer step, as
-    train/trainer.py's ``_, loss = ...`` does. ``world_size`` is validated but not used yet:
-    nothing is sharded, so every device holds the full step; ZeRO/FSDP-style sharding will
-    divide terms by it. ``checkpoint_every`` is GPT.checkpoint_every (CONFIG_ACT_CKPT_EVERY):
+    train/trainer.py's ``_, loss = ...`` does. ``shard`` says what data parallelism over
+    ``world_size`` ranks splits (parallel/runtime.py): "none" (one process), "ddp" (nothing split;
+    DDP's gradient buckets hold a second copy of the grads), "zero1" (optimizer state / world),
+    "zero2" (also grads), "zero3" and "fsdp" (also weights, plus one gathered block's weights while it
+    runs). The activations are per rank already: micro_batch is per rank. ``checkpoint_every`` is GPT.checkpoint_every (CONFIG_ACT_CKPT_EVERY):
     0 = off, N = blocks i with i % N == 0 are recomputed in backward.
     """
     if dtype not in ACT_BYTES:
@@ -138,6 +142,8 @@ def predict_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str
         raise ValueError(f"unknown optimizer {optimizer!r}; predict_memory knows {sorted(STATE_TENSORS)}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if shard not in SHARDING:
+        raise ValueError(f"unknown shard {shard!r}; expected one of {SHARDING}")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0 (0 = off), got {checkpoint_every}")
     c, f, a = mcfg, 4, ACT_BYTES[dtype]
@@ -257,6 +263,19 @@ def predict_memory(mcfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str
     late = grads + logits_held + 2 * N * 8  # end of backward / optimizer step
     late += muon_step_temps(c) if optimizer == "muon" else 0
     late += 2 * V * C * f if c.tie_embeddings else 0  # wte's embedding grad and its sum with lm_head's
+    if shard != "none" and world_size > 1:  # data parallelism: what each rank keeps of the model's state
+        W = world_size
+        gathered = max(counts.blocks) * f if shard in ("zero3", "fsdp") else 0  # the running block, unsharded
+        if shard == "ddp":
+            late += grads  # the reducer's buckets
+        state //= W if shard != "ddp" else 1
+        if shard in ("zero2", "zero3", "fsdp"):
+            late -= grads - grads // W
+            grads //= W
+        if shard in ("zero3", "fsdp"):
+            weights //= W
+            activations += gathered
+            late += gathered
     return MemoryEstimate(weights, grads, state, activations, weights + state + max(activations, late))
 
 

@@ -226,3 +226,19 @@ def test_measurement_counts_what_is_alive_at_once():
     copy = 4 * sum(p.numel() for p in model.parameters())
     peak = measure_peak_memory(model, optimizer, lambda: (torch.zeros(1, 2, dtype=torch.long),) * 2)
     assert 4 * copy <= peak < 4 * copy * 1.02
+
+
+def test_data_parallel_sharding_divides_what_each_rank_keeps():
+    cfg = ModelConfig(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
+    one = predict_memory(cfg, 4, 64, "fp32")
+    assert predict_memory(cfg, 4, 64, "fp32", world_size=4, shard="none") == one
+    ddp = predict_memory(cfg, 4, 64, "fp32", world_size=4, shard="ddp")
+    zero1 = predict_memory(cfg, 4, 64, "fp32", world_size=4, shard="zero1")
+    zero2 = predict_memory(cfg, 4, 64, "fp32", world_size=4, shard="zero2")
+    fsdp = predict_memory(cfg, 4, 64, "fp32", world_size=4, shard="fsdp")
+    assert (ddp.weights, ddp.optimizer_state) == (one.weights, one.optimizer_state) and ddp.total >= one.total
+    assert zero1.optimizer_state == one.optimizer_state // 4 and zero1.grads == one.grads
+    assert zero2.grads == one.grads // 4 and zero2.weights == one.weights
+    assert fsdp.weights == one.weights // 4 and fsdp.total < zero2.total <= zero1.total < one.total
+    with pytest.raises(ValueError, match="unknown shard"):
+        predict_memory(cfg, 4, 64, "fp32", world_size=2, shard="zero4")

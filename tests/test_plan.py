@@ -201,3 +201,14 @@ def test_pairwise_lists_an_impossible_pair_with_kconfigs_reason(tmp_path, monkey
     assert "NORM" in rejected[0].error
     possible = set().union(*(cell_pairs(s) for s in specs if not s.rejected))
     assert len(possible) == 3 * 4 - 1
+
+
+def test_check_validates_data_parallel_layouts(capsys):
+    failures, out = check(capsys, "quickstart-fsdp2", set_="NNODES=2 NODE_RANK=2")
+    assert failures == 1 and "CONFIG_NODE_RANK=2 must be below CONFIG_NNODES=2" in out
+    failures, out = check(capsys, "quickstart-deepspeed", set_='BATCH_WARMUP_FRACTION="0.2" GRAD_ACCUM=2')
+    assert failures == 1 and "DeepSpeed accumulates a fixed GRAD_ACCUM" in out
+    failures, out = check(capsys, "quickstart-ddp", set_="NNODES=2 NPROC_PER_NODE=4")
+    assert failures == 0 and "world size 8 = 4 x 2 node(s), 64 sequences per step" in out
+    with pytest.raises(ConfigError, match="PARALLEL_FSDP2=y: did not take: unmet dependency !OPT_MUON"):
+        plan_for("muon-tiny", set_="PARALLEL_FSDP2=y")

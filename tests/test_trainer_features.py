@@ -8,6 +8,7 @@ import json
 import torch
 
 from tests.test_checkpoint import trainer
+from tests.test_trackers import FAKE_KEY, quiet_wandb, read_wandb_records  # noqa: F401 (fixture)
 from train import checkpoint
 
 SCHEDULE = ('CURRICULUM=y CURRICULUM_STAGES="8:0 16:0.25 32:0.5" GRAD_ACCUM=2 BATCH_WARMUP_FRACTION="0.2" '
@@ -90,3 +91,26 @@ def test_compile_sees_one_shape_per_curriculum_stage(tmp_path, monkeypatch):
     # 24 steps never recompile.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
     torch._dynamo.reset()
+
+
+def test_wandb_offline_run_has_metrics_and_config_and_no_secret(tmp_path, quiet_wandb):  # noqa: F811
+    import pytest
+
+    pytest.importorskip("wandb")
+    t = trainer(tmp_path, tmp_path / "plan" / "run", "TRACK_WANDB=y MAX_ITERS=10 EVAL_INTERVAL=10")
+    t.run()
+    import wandb
+
+    wandb.teardown()
+    (wandb_file,) = (tmp_path / "plan" / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_wandb_records(wandb_file)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.display_name, run.run_group) == ("run", "plan")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["MAX_ITERS"] == 10 and config["TRACK_WANDB"] is True
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h["_step"] for h in history if "train_loss" in h] == [5, 10]
+    assert any("val_loss" in h for h in history) and all(h.get("cpu_rss_gib", 1) > 0 for h in history)
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert leaked == []

@@ -141,8 +141,8 @@ class WandbTracker:
 
         mode = "online" if cfg.get("WANDB_MODE_ONLINE") else "offline"
         self.run = wandb.init(
-            project=cfg.get("WANDB_PROJECT") or plan_name, entity=cfg.get("WANDB_ENTITY") or None,
-            name=run_name, group=plan_name, config=public_config(cfg), dir=str(run_dir), mode=mode,
+            project=cfg.get("WANDB_PROJECT") or cfg.get("PLAN_NAME") or plan_name,
+            entity=cfg.get("WANDB_ENTITY") or None, name=run_name, group=plan_name, config=public_config(cfg), dir=str(run_dir), mode=mode,
             id=resume_id, resume="allow" if resume_id else None,
             # stdout stays ours (train.log has it); no code upload
             settings=wandb.Settings(console="off", save_code=False))
@@ -163,7 +163,8 @@ class TrackioTracker:
     def __init__(self, cfg, run_dir: Path, plan_name: str, run_name: str, resume: bool):
         import trackio
 
-        wanted = dict(project=plan_name, name=run_name, group=plan_name, config=public_config(cfg),
+        wanted = dict(project=cfg.get("PLAN_NAME") or plan_name, name=run_name, group=plan_name,
+                      config=public_config(cfg),
                       resume="allow" if resume else "never", embed=False,
                       auto_log_gpu=False, auto_log_cpu=False)  # system metrics come with our records
         accepted = inspect.signature(trackio.init).parameters  # older releases lack some of these

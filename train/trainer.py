@@ -19,6 +19,7 @@ from model.gpt import GPT, ModelConfig
 from optim.optimizers import build_optimizer, describe, set_lr
 from optim.schedule import lr_at
 from parallel import runtime
+from parallel.launch import deepspeed_batch_check
 from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.curriculum import Curriculum
@@ -29,6 +30,9 @@ from train.device import autocast, device_name, resolve_device, resolve_dtype, s
 from train.metrics import MetricsLog, Throughput, mfu
 from train.moe_stats import MoEStats
 from train.precision import apply_fp8, fp8_autocast
+from train.progress import TrainProgress
+from train.system_metrics import sample_system
+from train.trackers import Trackers
 from train.sample import generate_text
 
 
@@ -84,9 +88,8 @@ class Trainer:
             self.ds = self.module = runtime.deepspeed_engine(self.model, self.optimizer, cfg, self.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
         self.curriculum = Curriculum.from_config(cfg)
-        if self.ds is not None and self.curriculum.grad_accum_at(0) != cfg.GRAD_ACCUM:
-            raise ValueError("CONFIG_BATCH_WARMUP_FRACTION>0 with CONFIG_PARALLEL_DEEPSPEED=y: DeepSpeed accumulates "
-                             "a fixed GRAD_ACCUM micro-batches per step; use DDP or FSDP2, or no batch warmup")
+        if self.ds is not None:
+            deepspeed_batch_check(self.curriculum.grad_accum_at(0) != cfg.GRAD_ACCUM)
         self.forward = compile_model(self.module, cfg, len(self.curriculum.shapes())) if cfg.COMPILE else self.module
         self.moe_stats = MoEStats(self.model.moe_layers, self.device)
         # Each sequence's source is drawn by weight; with one source these are plain Batches' draws. Every
@@ -278,6 +281,15 @@ class Trainer:
 
     def run(self) -> dict:
         """Train from start_step to MAX_ITERS (or MAX_TIME, a stop signal, persistent NaN/Inf)."""
+        log = self.log
+        try:
+            result = self._run()
+        finally:
+            self.log = log  # without the progress bar's wrapper
+        self.trackers.finish(result)
+        return result
+
+    def _run(self) -> dict:
         cfg = self.cfg
         active = self.model.active_params()
         self.log(f"model: {self.model.num_params(non_embedding=False):,} parameters "
@@ -294,6 +306,12 @@ class Trainer:
                  f"activation checkpointing {'every %d block(s)' % self.model.checkpoint_every if self.model.checkpoint_every else 'off'}, "
                  f"{self.tokens_per_step:,} tokens/step")
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.dist.main else MetricsLog(None)
+        # Trackers and the progress bar belong to rank 0; the plan directory groups the runs.
+        self.trackers = (Trackers.from_config(cfg, self.run_dir, self.run_dir.parent.name, self.run_dir.name,
+                                              log=self.log) if self.dist.main else Trackers([], self.log))
+        self.progress = TrainProgress.from_config(cfg, cfg.MAX_ITERS, self.start_step) if self.dist.main \
+            else TrainProgress(0, enabled=False)
+        self.log = self.progress.wrap_log(self.log)
         self.speed = Throughput()
         self.start = time.time() - self.elapsed_before
         step, last_eval, stop_reason = self.start_step, {}, None
@@ -303,6 +321,7 @@ class Trainer:
                     loss, grad_norm = self.train_step(step)
                     self.speed.step(self.tokens_at(step))
                     step += 1
+                    self.progress.update(step)
                     out_of_time = bool(cfg.MAX_TIME and time.time() - self.start >= cfg.MAX_TIME)
                     if self.dist.active:  # ranks stop together: a signal or the clock may reach one first
                         out_of_time, stopping = (runtime.any_rank(self.dist, flag)
@@ -326,6 +345,7 @@ class Trainer:
                         break
             finally:
                 self.metrics.close()
+                self.progress.close()
             if stop_reason is None and not last_eval:  # resumed at the very end: nothing left to train
                 last_eval = self.evaluate_and_track(step)
             self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start)
@@ -352,10 +372,12 @@ class Trainer:
             extra.update(curriculum_stage=stage.index, seq_len=stage.seq_len, tokens_per_step=self.tokens_at(step - 1))
         if self.moe_stats:
             extra.update(self.moe_stats.metrics())
-        self.metrics.write(step=step, tokens=self.tokens_before(step), train_loss=loss_value, lr=lr,
-                           grad_norm=norm_value, skipped_steps=self.guard.skipped, tokens_per_s=tps,
-                           flops_per_s=flops, mfu=utilization, elapsed_s=time.time() - self.start,
-                           data_share=self.batches.shares(self.data.names), **extra)
+        record = dict(step=step, tokens=self.tokens_before(step), train_loss=loss_value, lr=lr,
+                      grad_norm=norm_value, skipped_steps=self.guard.skipped, tokens_per_s=tps,
+                      flops_per_s=flops, mfu=utilization, elapsed_s=time.time() - self.start,
+                      data_share=self.batches.shares(self.data.names), **extra, **sample_system(self.device))
+        self.metrics.write(**record)
+        self.trackers.log(record, step)
         shown = {"mtp_loss": "mtp", "moe_aux_loss": "aux", "moe_z_loss": "z", "moe_load_max": "load max",
                  "moe_dropped_frac": "dropped", "seq_len": "seq"}
         self.log(f"step {step:>6}/{self.cfg.MAX_ITERS} | loss {loss_value:.4f} | lr {lr:.2e} "
@@ -370,9 +392,11 @@ class Trainer:
         if result["val"] < self.best_val:
             self.best_val, self.best_step = result["val"], step
             self._save(None, self.state(step, result["val"], time.time() - self.start))
-        self.metrics.write(step=step, tokens=self.tokens_before(step), val_loss=result["val"],
-                           train_eval_loss=result["train"], val_losses=result["val_losses"],
-                           elapsed_s=time.time() - self.start)
+        record = dict(step=step, tokens=self.tokens_before(step), val_loss=result["val"],
+                      train_eval_loss=result["train"], val_losses=result["val_losses"],
+                      elapsed_s=time.time() - self.start)
+        self.metrics.write(**record)
+        self.trackers.log(record, step)
         named = "".join(f" | {name} {loss:.4f}" for name, loss in result["val_losses"].items()
                         if list(result["val_losses"]) != ["val"])
         self.log(f"eval step {step}: train {result['train']:.4f} | val {result['val']:.4f}{named}")
