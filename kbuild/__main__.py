@@ -93,7 +93,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_continue(args) -> int:
-    from plan.runner import claim, newest_unfinished_plan, runs_dir
+    from plan.runner import claim, newest_unfinished_plan, override_runs, runs_dir
 
     root = runs_dir(load(DOT_CONFIG)[1]) if DOT_CONFIG.exists() else ROOT / "runs"
     plan = newest_unfinished_plan(root)
@@ -103,10 +103,7 @@ def cmd_continue(args) -> int:
     claim(plan)
     unfinished = [r["name"] for r in plan.runs if r["status"] not in ("done", "rejected")]
     if args.set:  # e.g. another world size: SET="NPROC_PER_NODE=1"; a model change is refused at resume
-        for name in unfinished:
-            run_dir = plan.run_dir(name)
-            kconf, _ = resolve(parse_file(run_dir / ".config", snapshot=True), parse_overrides(args.set))
-            write_outputs(kconf, run_dir / ".config", run_dir / "config.py")
+        override_runs(plan, unfinished, args.set)
         print(f"applied SET={args.set!r} to the runs to continue")
     print(f"continuing {plan.path.name}: " + ", ".join(f"{r['name']} ({r['status']})" for r in plan.runs
                                                        if r["name"] in unfinished))

@@ -14,11 +14,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from kbuild.kconfig import ROOT, Config, load, write_outputs
+from kbuild.kconfig import ROOT, Config, load, parse_file, parse_overrides, resolve, write_outputs
 from parallel.launch import engine, launch_env, train_command
 from plan.expand import RunSpec, mode_of
 from plan.plan import PLAN_FILE, Plan, now
@@ -44,6 +43,15 @@ def create_plan(cfg: Config, specs: list[RunSpec], overrides: str = "") -> Plan:
             run_dir = plan.run_dir(spec.name)
             write_outputs(spec.kconf, run_dir / ".config", run_dir / "config.py")
     return plan
+
+
+def override_runs(plan: Plan, names: list[str], overrides: str) -> None:
+    """Apply SET-style overrides to the resolved configs of ``names`` (all validated before any is
+    written), e.g. to continue on another world size."""
+    resolved = {name: resolve(parse_file(plan.run_dir(name) / ".config", snapshot=True),
+                              parse_overrides(overrides))[0] for name in names}
+    for name, kconf in resolved.items():
+        write_outputs(kconf, plan.run_dir(name) / ".config", plan.run_dir(name) / "config.py")
 
 
 def execute(plan: Plan) -> Plan:

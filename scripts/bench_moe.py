@@ -1,8 +1,8 @@
 """MoE layer vs a dense MLP of equal active parameters: forward + backward tokens/s.
 
-The dense MLP is as wide as the top_k experts a token uses together (top_k * expert_hidden), with
-the same activation, so both layers do the same useful FLOPs per token; the ratio is the price of
-routing and dispatch. Called by scripts/bench.py when the config has CONFIG_MOE=y; run alone with
+The dense MLP (model/moe.py's SharedExperts module: bias-free, like the experts) is as wide as the
+top_k experts a token uses together (top_k * expert_hidden), with the same activation, so both
+layers do the same useful FLOPs per token; the ratio is the price of routing and dispatch. Called by scripts/bench.py when the config has CONFIG_MOE=y; run alone with
 ``python scripts/bench_moe.py [experts top_k n_embd expert_hidden tokens]`` (default 8 2 128 256 2048).
 """
 
@@ -19,20 +19,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.moe import MoE, MoEConfig, activate  # noqa: E402
-
-
-class DenseMLP(nn.Module):
-    """The dense counterpart: one expert as wide as top_k of them, no bias (experts have none)."""
-
-    def __init__(self, n_embd: int, hidden: int, mlp: str):
-        super().__init__()
-        self.kind = mlp
-        self.c_fc = nn.Linear(n_embd, 2 * hidden if mlp == "swiglu" else hidden, bias=False)
-        self.c_proj = nn.Linear(hidden, n_embd, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(activate(self.c_fc(x), self.kind))
+from model.moe import MoE, MoEConfig, SharedExperts  # noqa: E402
 
 
 def tokens_per_s(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, repeats: int = 20) -> float:
@@ -60,7 +47,7 @@ def moe_vs_dense(moe: MoEConfig, n_embd: int, mlp: str, batch: int, seq: int, de
                  dtype: torch.dtype | None = None) -> dict:
     torch.manual_seed(0)
     moe_layer = MoE(n_embd, mlp, dataclasses.replace(moe, jitter=0.0)).to(device)
-    dense = DenseMLP(n_embd, moe.top_k * moe.expert_hidden, mlp).to(device)
+    dense = SharedExperts(n_embd, moe.top_k * moe.expert_hidden, mlp).to(device)  # one bias-free dense MLP
     x = torch.randn(batch, seq, n_embd, device=device, requires_grad=True)
     active_moe = sum(p.numel() for p in moe_layer.parameters()) - moe_layer.inactive_params()
     active_dense = sum(p.numel() for p in dense.parameters())

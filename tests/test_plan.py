@@ -212,3 +212,18 @@ def test_check_validates_data_parallel_layouts(capsys):
     assert failures == 0 and "world size 8 = 4 x 2 node(s), 64 sequences per step" in out
     with pytest.raises(ConfigError, match="PARALLEL_FSDP2=y: did not take: unmet dependency !OPT_MUON"):
         plan_for("muon-tiny", set_="PARALLEL_FSDP2=y")
+
+
+def test_continue_overrides_rewrite_the_unfinished_runs_configs(tmp_path):
+    from kbuild.kconfig import load
+    from plan.runner import create_plan, override_runs
+
+    specs = plan_for("quickstart-fsdp2", set_=f'RUNS_DIR="{tmp_path}"')
+    base = resolve(parse_file(ROOT / "defconfigs" / "quickstart-fsdp2"), parse_overrides(f'RUNS_DIR="{tmp_path}"'))[0]
+    plan = create_plan(values(base), specs)
+    override_runs(plan, ["base"], "NPROC_PER_NODE=1 MICRO_BATCH=16")
+    cfg = load(plan.run_dir("base") / ".config")[1]
+    assert (cfg.NPROC_PER_NODE, cfg.MICRO_BATCH, cfg.PARALLEL_FSDP2) == (1, 16, True)
+    with pytest.raises(ConfigError, match="CONFIG_NPROC_PER_NODE"):
+        override_runs(plan, ["base"], "NPROC_PER_NODE=-1")
+    assert load(plan.run_dir("base") / ".config")[1].NPROC_PER_NODE == 1, "a bad override writes nothing"

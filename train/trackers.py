@@ -142,7 +142,8 @@ class WandbTracker:
         mode = "online" if cfg.get("WANDB_MODE_ONLINE") else "offline"
         self.run = wandb.init(
             project=cfg.get("WANDB_PROJECT") or cfg.get("PLAN_NAME") or plan_name,
-            entity=cfg.get("WANDB_ENTITY") or None, name=run_name, group=plan_name, config=public_config(cfg), dir=str(run_dir), mode=mode,
+            entity=cfg.get("WANDB_ENTITY") or None, name=run_name, group=plan_name, config=public_config(cfg),
+            dir=str(run_dir), mode=mode,
             id=resume_id, resume="allow" if resume_id else None,
             # stdout stays ours (train.log has it); no code upload
             settings=wandb.Settings(console="off", save_code=False))

@@ -261,7 +261,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         if state.get("world_size", 1) != self.dist.world_size:
-            self.log(f"resuming on {self.dist.world_size} process(es) a run checkpointed on {state.get('world_size', 1)}")
+            self.log(f"resuming on {self.dist.world_size} process(es) a run checkpointed on "
+                     f"{state.get('world_size', 1)}")
         self.scaler.load_state_dict(state["scaler"])
         self.batches.generator.set_state(state["data_rng"])
         if len(state.get("data_counts", ())) == len(self.batches.counts):
@@ -302,8 +303,10 @@ class Trainer:
                      f"kept in {self.dtype}: " + (", ".join(self.fp8["kept"]) or "none"))
         if self.curriculum.active:
             self.log(self.curriculum.describe())
+        every = self.model.checkpoint_every
+        ckpt = f"every {every} block(s)" if every else "off"
         self.log(f"device: {self.device_name}, dtype {self.dtype}, compile {'on' if cfg.COMPILE else 'off'}, "
-                 f"activation checkpointing {'every %d block(s)' % self.model.checkpoint_every if self.model.checkpoint_every else 'off'}, "
+                 f"activation checkpointing {ckpt}, "
                  f"{self.tokens_per_step:,} tokens/step")
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.dist.main else MetricsLog(None)
         # Trackers and the progress bar belong to rank 0; the plan directory groups the runs.
