@@ -175,3 +175,22 @@ def load_sharded(d: Dist, folder, model, optimizer, ds) -> None:
     state = {"model": weights, "optimizer": optim}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_weights(folder, engine_name: str) -> dict:
+    """The whole model's weights from a sharded checkpoint folder, in one process without a process
+    group (for 'make sample'): DCP's single-process conversion, or DeepSpeed's zero_to_fp32."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    if engine_name == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(folder), str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]

@@ -55,9 +55,13 @@ def checkpoint_times(trainer: Trainer, folder: Path) -> tuple[float, float, int]
 def main() -> int:
     steps = int(os.environ.get("BENCH_STEPS", "60"))
     interval = max(1, steps // 6)
-    load(ROOT / ".config", os.environ.get("SET", ""))  # validate first: named errors, as for make
-    bench = (f'DATA_PATH="" DATASET_EMBEDDED=y EMBEDDED_CORPUS_MB=4 MAX_ITERS={steps} MAX_TIME=0 LOG_INTERVAL={interval} '
-             f"EVAL_INTERVAL={steps} EVAL_BATCHES=1 CHECKPOINT_INTERVAL=0 SAMPLE_TOKENS=1")
+    _, configured = load(ROOT / ".config", os.environ.get("SET", ""))  # validate first: named errors, as for make
+    # One process: a data-parallel run's throughput is in its own summary (make, then the report).
+    bench = (f'DATA_PATH="" DATASET_EMBEDDED=y EMBEDDED_CORPUS_MB=4 MAX_ITERS={steps} MAX_TIME=0 '
+             f"LOG_INTERVAL={interval} EVAL_INTERVAL={steps} EVAL_BATCHES=1 CHECKPOINT_INTERVAL=0 SAMPLE_TOKENS=1 "
+             "PARALLEL_NONE=y TRACK_WANDB=n TRACK_TRACKIO=n TRACK_TENSORBOARD=n")
+    if not configured.PARALLEL_NONE:
+        print("bench runs one process; for the data-parallel throughput run 'make' and read its summary")
     kconf, _ = resolve(parse_file(ROOT / ".config", snapshot=True), parse_overrides(os.environ.get("SET", "")),
                        parse_overrides(bench, "bench"))
     cfg = values(kconf)

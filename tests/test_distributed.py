@@ -77,6 +77,11 @@ def test_two_processes_match_one(tmp_path, single, engine):
         assert (run_dir / "checkpoints" / "step-00000016.pt").is_file()
     else:
         assert (run_dir / "checkpoints" / "step-00000016" / "extra.pt").is_file()
+    # 'make sample' reads every engine's checkpoint in one process: with the run's own sampling
+    # settings and seed it repeats the end-of-training sample the run wrote.
+    from train.sample import sample_from
+
+    assert sample_from(run_dir) + "\n" == (run_dir / "samples.txt").read_text()
 
 
 def test_fsdp2_resumes_at_another_world_size(tmp_path, single):

@@ -44,7 +44,12 @@ def sample_from(run_dir, prompt: str | None = None, tokens: int | None = None) -
                            "weights under their own names, which 'make sample' (a plain model on CPU) cannot "
                            "load; the run's own end-of-training sample is in its samples.txt")
     model = GPT(ModelConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    if state.get("sharded"):  # FSDP2 or DeepSpeed: gather the shards into one state dict
+        from parallel.runtime import full_weights
+
+        model.load_state_dict(full_weights(state["sharded"], state["engine"]))
+    else:
+        model.load_state_dict(state["model"])
     device = torch.device("cpu")
     return generate_text(model, tokenizer,
                          cfg["SAMPLE_PROMPT"] if prompt is None else prompt,
