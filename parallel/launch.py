@@ -47,10 +47,6 @@ def procs_per_node(cfg, gpus: int | None = None) -> int:
     return gpus
 
 
-def world_size(cfg, gpus: int | None = None) -> int:
-    return 1 if engine(cfg) == "none" else procs_per_node(cfg, gpus) * cfg.NNODES
-
-
 def train_command(cfg, run_dir: Path, resume: bool) -> list[str]:
     """argv that trains the run in ``run_dir`` on this node."""
     train = ["-m", "train", str(run_dir)] + (["--resume"] if resume else [])

@@ -84,13 +84,13 @@ def mean(d: Dist, value: torch.Tensor) -> torch.Tensor:
     return value / d.world_size
 
 
-def any_rank(d: Dist, flag: bool) -> bool:
-    """True when any rank says so (used to stop every rank together)."""
+def any_rank(d: Dist, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true when any rank says so (to stop every rank together); one all-reduce."""
     if not d.active:
-        return flag
-    t = torch.tensor(float(flag), device=_collective_device())
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return tuple(bool(v) for v in t.tolist())
 
 
 def _collective_device() -> torch.device:

@@ -326,11 +326,8 @@ class Trainer:
                     step += 1
                     self.progress.update(step)
                     out_of_time = bool(cfg.MAX_TIME and time.time() - self.start >= cfg.MAX_TIME)
-                    if self.dist.active:  # ranks stop together: a signal or the clock may reach one first
-                        out_of_time, stopping = (runtime.any_rank(self.dist, flag)
-                                                 for flag in (out_of_time, stop.requested))
-                    else:
-                        stopping = stop.requested
+                    # Ranks stop together: a signal or the clock may reach one first.
+                    out_of_time, stopping = runtime.any_rank(self.dist, out_of_time, stop.requested)
                     finished = step == cfg.MAX_ITERS or out_of_time
                     if stopping:
                         stop_reason = f"interrupted by {stop.name or 'a signal to another rank'}"
