@@ -19,7 +19,9 @@ from pathlib import Path
 
 from kbuild.kconfig import write_text_if_changed
 
-STATUSES = ("pending", "running", "done", "failed", "rejected", "interrupted")
+# Why a run stopped: done; time_limit (CONFIG_MAX_TIME); interrupted (SIGTERM/SIGINT, checkpointed);
+# killed (SIGKILL or another fatal signal: the out-of-memory killer, a lost node); failed (an error).
+STATUSES = ("pending", "running", "done", "failed", "rejected", "interrupted", "killed", "time_limit")
 PLAN_FILE = "plan.json"
 
 
@@ -122,10 +124,21 @@ class Plan:
     def update(self, name: str, **fields) -> None:
         if "status" in fields and fields["status"] not in STATUSES:
             raise ValueError(f"unknown run status {fields['status']!r}")
+        self._edit(name, lambda run: run.update(fields))
+
+    def add_attempt(self, name: str, **fields) -> None:
+        """Start a new entry in the run's ``attempts`` history (each start of its training)."""
+        self._edit(name, lambda run: run.setdefault("attempts", []).append(fields))
+
+    def end_attempt(self, name: str, **fields) -> None:
+        """Record how the run's latest attempt ended."""
+        self._edit(name, lambda run: run["attempts"][-1].update(fields) if run.get("attempts") else None)
+
+    def _edit(self, name: str, edit) -> None:
         with self.locked():  # runs as on disk now: another process may have updated one of them
             if (self.path / PLAN_FILE).exists():
                 self.record["runs"] = json.loads((self.path / PLAN_FILE).read_text())["runs"]
-            self.run_by_name(name).update(fields)
+            edit(self.run_by_name(name))
             self._write()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import signal
 import subprocess
 import time
@@ -21,9 +21,11 @@ from kbuild.kconfig import ROOT, Config, load, parse_file, parse_overrides, reso
 from parallel.launch import engine, launch_env, train_command
 from plan.expand import RunSpec, mode_of
 from plan.plan import PLAN_FILE, Plan, now
-from train.checkpoint import has_checkpoint
+from train.checkpoint import has_checkpoint, intact, step_paths
 
-UNFINISHED = ("pending", "running", "failed", "interrupted")
+UNFINISHED = ("pending", "running", "failed", "interrupted", "killed", "time_limit")
+KEPT_ON_RESTART = (".config", "config.py", "provenance.json")  # what a run that starts over keeps in place
+_ATTEMPT_RE = re.compile(r"^attempt-\d+$")
 
 
 def runs_dir(cfg: Config) -> Path:
@@ -117,12 +119,16 @@ def _device_slots() -> list[str | None]:
 
 
 def _start(plan: Plan, name: str, gpu: str | None) -> subprocess.Popen:
+    """Start (or resume) one run's training. A run whose directory holds an intact step checkpoint
+    resumes from its newest one, whatever its status (failed, killed, interrupted, time limit); one
+    without starts over, and the files of its previous attempt move to attempt-N/, never deleted."""
     run_dir = plan.run_dir(name)
-    record = plan.run_by_name(name)
-    resume = record["status"] in ("interrupted", "running") and has_checkpoint(run_dir)
-    if not resume:
-        _clear_outputs(run_dir)
+    resume = has_checkpoint(run_dir)
+    if not resume and (aside := set_aside(run_dir)) is not None:
+        print(f"run {name}: no checkpoint to resume from; the previous attempt's files are in {aside}", flush=True)
+    (run_dir / "summary.json").unlink(missing_ok=True)  # its status and error are in plan.json's attempts
     plan.update(name, status="running", start=now(), end=None, error=None)
+    plan.add_attempt(name, start=now(), resumed_from=_newest_step(run_dir) if resume else None)
     cfg = load(run_dir / ".config")[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **launch_env(cfg))
     if gpu is not None:
@@ -132,22 +138,54 @@ def _start(plan: Plan, name: str, gpu: str | None) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=ROOT, env=env)
 
 
-def _clear_outputs(run_dir: Path) -> None:
-    """A run that starts over keeps only its resolved configuration."""
-    for p in run_dir.iterdir():
-        if p.name not in (".config", "config.py"):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+def set_aside(run_dir: Path) -> Path | None:
+    """Move everything but the run's configuration into the next free attempt-N/; None if nothing to move."""
+    items = [p for p in run_dir.iterdir() if p.name not in KEPT_ON_RESTART and not _ATTEMPT_RE.match(p.name)]
+    if not items:
+        return None
+    n = 1
+    while (run_dir / f"attempt-{n}").exists():
+        n += 1
+    aside = run_dir / f"attempt-{n}"
+    aside.mkdir()
+    for p in items:
+        os.replace(p, aside / p.name)
+    return aside
+
+
+def _newest_step(run_dir: Path) -> int | None:
+    steps = [int(p.name.split("-")[1].split(".")[0]) for p in step_paths(run_dir) if intact(p)]
+    return max(steps, default=None)
 
 
 def _finish(plan: Plan, name: str, code: int) -> None:
-    summary = read_summary(plan.run_dir(name))
-    if code == 0 and summary.get("status") == "done":
-        plan.update(name, status="done", end=now())
-    elif code in (130, -2, -15, 143):
-        plan.update(name, status="interrupted", end=now(), error="interrupted")
-    else:
-        error = summary.get("error") or f"training exited with code {code}; see {plan.run_dir(name) / 'train.log'}"
-        plan.update(name, status="failed", end=now(), error=error)
+    run_dir = plan.run_dir(name)
+    status, error = outcome(code, read_summary(run_dir), run_dir)
+    plan.update(name, status=status, end=now(), error=error)
+    plan.end_attempt(name, end=now(), status=status, exit_code=code, error=error)
+
+
+def outcome(code: int, summary: dict, run_dir: Path) -> tuple[str, str | None]:
+    """(plan.json status, error) of a training process that exited with ``code``."""
+    last = _newest_step(run_dir)
+    kept = (f"its newest checkpoint (step {last}) is kept and 'make continue' resumes from it" if last is not None
+            else "it had no checkpoint yet, so 'make continue' starts it over")
+    if code == 0 and summary.get("status") in ("done", "time_limit"):
+        return summary["status"], summary.get("error")
+    if code in (130, 143, -signal.SIGINT, -signal.SIGTERM):
+        return "interrupted", summary.get("error") or "interrupted"
+    if code in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        return "killed", (f"killed by SIGKILL (exit {code}), most likely by the out-of-memory killer (see "
+                          f"'dmesg' or the scheduler's log) or a lost node; {kept}. If it was memory, lower "
+                          f"CONFIG_MICRO_BATCH (and raise CONFIG_GRAD_ACCUM to keep the batch) first")
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return "killed", f"killed by {name} (exit {code}); {kept}"
+    error = summary.get("error") or f"training exited with code {code}; see {run_dir / 'train.log'}"
+    return "failed", error
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -175,7 +213,8 @@ def claim(plan: Plan) -> None:
     plan.record["runner_pid"] = os.getpid()
     for run in plan.runs:
         if run["status"] == "running":
-            run.update(status="interrupted", error="the process running it stopped")
+            run.update(status="killed", error="the process running the plan stopped while this run trained, "
+                                              "without recording why (killed with its process group?)")
     plan.save()
 
 
@@ -197,9 +236,11 @@ def print_summary(plan: Plan) -> None:
     for run in plan.runs:
         run_dir = plan.run_dir(run["name"])
         s = read_summary(run_dir)
-        if run["status"] != "done":
+        if run["status"] not in ("done", "time_limit"):
             print(f"{run['name']}: {run['status']}: {run['error']}")
             continue
+        if run["status"] == "time_limit":
+            print(f"{run['name']}: time limit: {run['error']}")
         if len(plan.runs) > 1:
             print(f"{run['name']}: val {s['final_val_loss']:.4f} (best {s['best_val_loss']:.4f}), "
                   f"{s['tokens_per_s']:,.0f} tokens/s, {s['wall_time_s']:.0f}s")

@@ -14,7 +14,8 @@ from pathlib import Path
 from kbuild.kconfig import ROOT, load
 
 
-EXIT_CODES = {"done": 0, "failed": 1, "interrupted": 130}  # the runner maps these back to plan.json
+# The runner maps these back to plan.json (and reads summary.json for time_limit, which ends cleanly).
+EXIT_CODES = {"done": 0, "time_limit": 0, "failed": 1, "interrupted": 130}
 
 
 class Tee:

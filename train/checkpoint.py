@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -34,7 +35,12 @@ class CheckpointError(Exception):
 
 
 def save(path: Path, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    Any failure (a full disk shows up as OSError from our own writes, but as RuntimeError from torch's
+    zip writer) removes the partial file, so the space it took is free again and the earlier
+    checkpoints stay the newest complete ones, then ends in a CheckpointError naming the path and the
+    free space."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -44,12 +50,31 @@ def save(path: Path, state: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
+        # torch's zip writer words a full disk as e.g. "unexpected pos 704 vs 598": ask the disk
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or _nearly_full(path.parent)
         tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise CheckpointError(f"no space left on the device while writing {path}; earlier checkpoints "
-                                  f"are intact. Free space, then 'make continue' resumes from the last one") from None
-        raise
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise  # KeyboardInterrupt and the like: cleaned up, not a write failure
+        cause = f"{type(e).__name__}: {str(e).strip()}"
+        cause = f"no space left on the device ({cause})" if full else cause
+        raise CheckpointError(f"cannot write the checkpoint {path}: {cause} ({free_space(path.parent)} free "
+                              f"there); the partial file was removed and earlier checkpoints are intact. "
+                              f"Free space, then 'make continue' resumes from the last one") from None
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
+
+
+def free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB"
+    except OSError:
+        return "unknown space"
 
 
 def load(path: Path, map_location="cpu") -> dict:
@@ -112,5 +137,17 @@ def latest(run_dir: Path, map_location="cpu") -> tuple[Path, dict] | None:
     return None
 
 
+def intact(path: Path) -> bool:
+    """Cheap test that a step checkpoint is complete, without loading it: torch's zip container
+    (of the file, or of a sharded folder's extra.pt) has its central directory, which a truncated
+    write lacks. ``latest`` still loads it fully and falls back to an earlier one if that fails."""
+    try:
+        with zipfile.ZipFile(path / EXTRA if path.is_dir() else path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def has_checkpoint(run_dir: Path) -> bool:
-    return bool(step_paths(run_dir))
+    """The run holds a step checkpoint it can resume from."""
+    return any(intact(p) for p in step_paths(run_dir))

@@ -53,6 +53,35 @@ class MetricsLog:
             self.file.close()
 
 
+class MetricsError(Exception):
+    """metrics.jsonl is damaged somewhere other than its last line; the message names the line."""
+
+
+def keep_until(path: Path, step: int, warn=print) -> int:
+    """Resume: drop the records an interrupted attempt logged after ``step`` (its checkpoint), and a torn
+    final line (a short write at a full disk or a kill), with a warning; rewrite the file atomically.
+    A damaged line elsewhere is a MetricsError naming the file and line. Returns the records kept."""
+    from kbuild.kconfig import write_text_if_changed
+
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+        except (ValueError, TypeError, KeyError):
+            if lineno == len(lines):
+                warn(f"warning: {path}:{lineno}: dropped a torn last line ({line[:60]!r}), as a crash "
+                     f"mid-write leaves it")
+                continue
+            raise MetricsError(f"{path}:{lineno}: not a metrics record ({line[:60]!r}); the file was edited "
+                               f"or damaged. Remove or repair that line, then 'make continue' again") from None
+        if record_step <= step:
+            kept.append(line)
+    write_text_if_changed(Path(path), "".join(line + "\n" for line in kept))
+    return len(kept)
+
+
 def _finite(value):
     """NaN/Inf floats as null (strict JSON), inside dicts too (val_losses, data_share)."""
     if isinstance(value, dict):

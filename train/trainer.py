@@ -27,7 +27,7 @@ from train.health import NonFiniteGuard
 from train.signals import StopRequest
 from train.state import capture_rng, incompatibilities, restore_rng
 from train.device import autocast, device_name, resolve_device, resolve_dtype, setup_backend
-from train.metrics import MetricsLog, Throughput, mfu
+from train.metrics import MetricsLog, Throughput, keep_until, mfu
 from train.moe_stats import MoEStats
 from train.precision import apply_fp8, fp8_autocast
 from train.progress import TrainProgress
@@ -145,6 +145,8 @@ class Trainer:
         NaN/Inf; that check is the one host sync per step this option costs.
         """
         cfg = self.cfg
+        self.updating = False  # True while the optimizer changes weights: a failure then leaves no good state
+        self.step_start = self.position()
         set_lr(self.optimizer, self.lr_at(step))
         stage, accum = self.curriculum.stage_at(step), self.curriculum.grad_accum_at(step)
         loss_sum = torch.zeros((), device=self.device)
@@ -159,6 +161,7 @@ class Trainer:
                     self.moe_stats.collect()
                 if self.ds is not None:  # the engine divides by GRAD_ACCUM and steps on the last one
                     self.ds.backward(loss)
+                    self.updating = i == accum - 1
                     self.ds.step()
                 else:
                     self.scaler.scale(loss / accum).backward()
@@ -179,6 +182,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
             update = not cfg.SKIP_NONFINITE or self.guard.check(loss_sum.item(), grad_norm.item())
             if update:
+                self.updating = True
                 self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -193,8 +197,14 @@ class Trainer:
         """Weights and optimizer state are split over ranks: checkpoints are folders the engine writes."""
         return self.dist.engine in ("fsdp2", "deepspeed")
 
-    def state(self, step: int, val_loss: float | None, elapsed: float) -> dict:
-        """Everything needed to continue exactly: weights, optimizer, scaler, step, data position, RNG.
+    def position(self) -> dict:
+        """Where the data order and the random streams are now (cheap: a few small tensor copies)."""
+        return {"data_rng": self.batches.generator.get_state(), "data_counts": self.batches.counts.tolist(),
+                "rng": capture_rng()}
+
+    def state(self, step: int, val_loss: float | None, elapsed: float, position: dict | None = None) -> dict:
+        """Everything needed to continue exactly: weights, optimizer, scaler, step, data position, RNG
+        (``position``: as captured earlier, e.g. at the start of a step that failed; default now).
         Under a sharded engine, weights and optimizer state go to the engine's own files instead."""
         weights = {} if self.sharded else {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
@@ -214,13 +224,12 @@ class Trainer:
             "best_val_step": self.best_step,
             "skipped_steps": self.guard.skipped,
             "wall_time_s": elapsed,
-            "data_rng": self.batches.generator.get_state(),
-            "data_counts": self.batches.counts.tolist(),
-            "rng": capture_rng(),
+            **(position or self.position()),
         }
 
-    def save_checkpoint(self, step: int, val_loss: float | None, elapsed: float) -> None:
-        self._save(step, self.state(step, val_loss, elapsed))
+    def save_checkpoint(self, step: int, val_loss: float | None, elapsed: float, position: dict | None = None) -> None:
+        self._save(step, self.state(step, val_loss, elapsed, position))
+        self.last_save = self.clock()
 
     def _save(self, step: int | None, state: dict) -> None:
         """Write a step checkpoint (or best, step None). Every rank calls it; rank 0 writes files."""
@@ -273,8 +282,7 @@ class Trainer:
         self.guard.skipped = state["skipped_steps"]
         metrics = self.run_dir / "metrics.jsonl"  # drop what the interrupted attempt logged after the checkpoint
         if metrics.exists() and self.dist.main:
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.start_step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            keep_until(metrics, self.start_step, warn=self.log)
         stage = (f", curriculum stage {self.curriculum.stage_at(self.start_step).index}"
                  if self.curriculum.active else "")
         self.log(f"resumed from step {self.start_step} ({self.tokens_before(self.start_step):,} tokens"
@@ -317,35 +325,48 @@ class Trainer:
         self.log = self.progress.wrap_log(self.log)
         self.speed = Throughput()
         self.start = time.time() - self.elapsed_before
-        step, last_eval, stop_reason = self.start_step, {}, None
+        attempt_start = time.time()  # MAX_TIME is per attempt: 'make continue' gets the same time again
+        self.last_save = self.clock()
+        step, last_eval, stop_reason, oom = self.start_step, {}, None, None
         with StopRequest() as stop:
             try:
                 while step < cfg.MAX_ITERS:
-                    loss, grad_norm = self.train_step(step)
+                    try:
+                        loss, grad_norm = self.train_step(step)
+                    except torch.OutOfMemoryError as e:
+                        oom = e
+                        break
                     self.speed.step(self.tokens_at(step))
                     step += 1
                     self.progress.update(step)
-                    out_of_time = bool(cfg.MAX_TIME and time.time() - self.start >= cfg.MAX_TIME)
-                    # Ranks stop together: a signal or the clock may reach one first.
-                    out_of_time, stopping = runtime.any_rank(self.dist, out_of_time, stop.requested)
-                    finished = step == cfg.MAX_ITERS or out_of_time
+                    out_of_time = bool(cfg.MAX_TIME and time.time() - attempt_start >= cfg.MAX_TIME)
+                    save_due = bool(cfg.CHECKPOINT_MINUTES and
+                                    self.clock() - self.last_save >= 60 * cfg.CHECKPOINT_MINUTES)
+                    # Ranks stop (and checkpoint) together: a signal or the clock may reach one first.
+                    out_of_time, stopping, save_due = runtime.any_rank(self.dist, out_of_time, stop.requested,
+                                                                       save_due)
+                    finished = step == cfg.MAX_ITERS
+                    time_up = out_of_time and not finished
                     if stopping:
                         stop_reason = f"interrupted by {stop.name or 'a signal to another rank'}"
                     elif self.guard.should_stop:
                         stop_reason = "nonfinite"
-                    ending = finished or stop_reason is not None
+                    ending = finished or time_up or stop_reason is not None
                     if step % cfg.LOG_INTERVAL == 0 or ending:
                         self.log_step(step, loss, grad_norm)
                     with self.speed.pause():
-                        if (step % cfg.EVAL_INTERVAL == 0 or finished) and stop_reason is None:
+                        if (step % cfg.EVAL_INTERVAL == 0 or finished or time_up) and stop_reason is None:
                             last_eval = self.evaluate_and_track(step)
-                        if cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0 and not ending:
+                        on_interval = cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0
+                        if (on_interval or save_due) and not ending:
                             self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start)
                     if ending:
                         break
             finally:
                 self.metrics.close()
                 self.progress.close()
+            if oom is not None:
+                return self.out_of_memory(step, last_eval, oom)
             if stop_reason is None and not last_eval:  # resumed at the very end: nothing left to train
                 last_eval = self.evaluate_and_track(step)
             self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start)
@@ -358,7 +379,44 @@ class Trainer:
         if stop_reason is not None:
             self.log(f"{stop_reason} at step {step}: checkpoint written; 'make continue' resumes the run")
             return {"status": "interrupted", "error": stop_reason, "steps": step}
-        return self.summary(step, last_eval)
+        summary = self.summary(step, last_eval)
+        if step < cfg.MAX_ITERS:
+            lr = self.lr_at(step - 1)
+            warm = " (still in warmup)" if step <= cfg.WARMUP_ITERS else ""
+            message = (f"stopped by the time limit CONFIG_MAX_TIME={cfg.MAX_TIME}s at step {step} of "
+                       f"{cfg.MAX_ITERS}, lr {lr:.3g}{warm}; checkpoint written, 'make continue' trains the rest")
+            self.log(message)
+            summary.update(status="time_limit", error=message)
+        return summary
+
+    def clock(self) -> float:
+        """Seconds on a monotonic clock, for the time-based checkpoint interval (tests replace it)."""
+        return time.monotonic()
+
+    def out_of_memory(self, step: int, last_eval: dict, error: Exception) -> dict:
+        """A step ran out of device memory: keep the state before that step, and say how to fit."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.loss_parts = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        saved = "the previous checkpoint is the last good state"
+        if self.updating:
+            saved = "it happened while the optimizer was updating the weights, so " + saved
+        elif self.dist.active:
+            saved = "other ranks cannot join a checkpoint now, so " + saved
+        elif step > self.start_step:
+            try:
+                self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start, self.step_start)
+                saved = f"the state after step {step} is checkpointed"
+            except (CheckpointError, torch.OutOfMemoryError) as e:
+                saved = f"writing its checkpoint failed too ({e}), so " + saved
+        message = (f"out of memory in step {step + 1} on {self.device_name}: {str(error).splitlines()[0]} "
+                   f"{saved}. To fit: lower CONFIG_MICRO_BATCH={self.cfg.MICRO_BATCH} and raise "
+                   f"CONFIG_GRAD_ACCUM={self.cfg.GRAD_ACCUM} to keep the batch, or set CONFIG_ACT_CKPT=y; "
+                   f"'make check' predicts {memory_prediction(self.cfg)} per device for this config. Then "
+                   f"'make continue SET=\"MICRO_BATCH=...\"' resumes from the checkpoint")
+        self.log(message)
+        return {"status": "failed", "error": message, "steps": step, "out_of_memory": True}
 
     def log_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         loss_value, norm_value = loss.item(), grad_norm.item()  # the host sync of this interval
@@ -413,6 +471,8 @@ class Trainer:
         return {
             "status": "done",
             "steps": step,
+            "planned_steps": cfg.MAX_ITERS,
+            "final_lr": self.lr_at(step - 1),
             "tokens": self.tokens_before(step),
             "final_train_loss": last_eval["train"],
             "final_val_loss": last_eval["val"],
@@ -436,6 +496,16 @@ class Trainer:
             "data": self.data.summary(),
             "sample": sample,
         }
+
+
+def memory_prediction(cfg) -> str:
+    """'make check''s predicted peak memory per device for ``cfg``, in words."""
+    try:
+        from plan.check import predict_run_memory  # the dry run's predictor (imported late: it imports us)
+
+        return f"{predict_run_memory(cfg, Curriculum.from_config(cfg)).total / 2**30:.1f} GiB"
+    except Exception as e:  # advice must not hide the error it advises on
+        return f"(no prediction: {type(e).__name__}: {e})"
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
