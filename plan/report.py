@@ -1,8 +1,11 @@
 """The report of a plan: report.md, report.csv and PNG plots written into runs/<plan>/.
 
 Inputs are what the runner leaves behind: plan.json (runs, status, differences from the base),
-each run's summary.json and metrics.jsonl. Any of the per-run files may be missing or partial
-(pending, rejected, failed or interrupted runs), so every reader tolerates that.
+each run's summary.json, metrics.jsonl and provenance.json. Any of the per-run files may be missing
+or partial (pending, rejected, failed or interrupted runs, plans from before provenance.json), so
+every reader tolerates that. A run stopped by its time limit (CONFIG_MAX_TIME) is marked as such
+wherever it appears, never shown as a finished run; the Provenance section flags runs (or attempts
+of one run) that ran on a different commit, tree, package versions, device or host.
 
 Plots are drawn on a bare ``Figure`` with the Agg canvas, never through pyplot: no global
 backend is switched and no figure is left open, so other matplotlib users are unaffected.
@@ -25,13 +28,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from kbuild.kconfig import write_text_if_changed
+from plan.provenance import contributing, differing, load_attempts
 
 PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "final_val_loss.png", "tokens_per_s.png")
 COLUMNS = ("run", "status", "baseline", "differs_from_base", "params", "tokens_per_s", "mfu",
-           "final_val_loss", "best_val_loss", "best_val_step", "steps", "wall_time_s", "error")
+           "final_val_loss", "best_val_loss", "best_val_step", "steps", "planned_steps", "final_lr",
+           "wall_time_s", "commit", "dirty", "hostname", "device", "error")
 NUMERIC = ("params", "tokens_per_s", "mfu", "final_val_loss", "best_val_loss", "best_val_step", "steps",
-           "wall_time_s")
+           "planned_steps", "final_lr", "wall_time_s")
 DASH = "–"
+TIME_LIMIT = "time_limit"
+MARK = "†"  # footnote mark of a time-limited run
 
 
 # --------------------------------------------------------------------------- reading
@@ -70,10 +77,14 @@ def load_rows(plan_dir: Path) -> tuple[dict, list[dict]]:
     for run in record.get("runs", []):
         run_dir = plan_dir / run["name"]
         summary = _parse(_read(run_dir / "summary.json"))
-        rows.append({"name": run["name"], "status": run.get("status", "pending"),
+        status = run.get("status", "pending")
+        if status == "done" and summary.get("status") == TIME_LIMIT:  # a runner that predates the status
+            status = TIME_LIMIT
+        rows.append({"name": run["name"], "status": status,
                      "baseline": bool(run.get("baseline")), "differences": run.get("differences") or {},
                      "error": run.get("error") or summary.get("error"),
-                     "summary": summary, "evals": _read_evals(run_dir / "metrics.jsonl")})
+                     "summary": summary, "evals": _read_evals(run_dir / "metrics.jsonl"),
+                     "provenance": load_attempts(run_dir) or None})
     return record, rows
 
 
@@ -90,9 +101,13 @@ def format_differences(row: dict) -> str:
 def _values(row: dict) -> dict:
     """The report's fields of one run, numbers raw (None when the run has no such value)."""
     s = row["summary"]
+    latest = row["provenance"][-1] if row["provenance"] else {}
+    git = latest.get("git") or {}
     return {"run": row["name"], "status": row["status"], "baseline": row["baseline"],
             "differs_from_base": format_differences(row), "error": row["error"],
-            **{k: _num(s.get(k)) for k in NUMERIC}}
+            **{k: _num(s.get(k)) for k in NUMERIC},
+            "commit": git.get("commit"), "dirty": git.get("dirty"), "hostname": latest.get("hostname"),
+            "device": describe_device(latest.get("device")) if latest else None}
 
 
 def format_csv(rows: list[dict]) -> str:
@@ -114,6 +129,33 @@ def _short(text, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _steps_done(row: dict) -> str:
+    """``31/60 steps``: steps done of those planned (``31 steps`` when the plan is not recorded)."""
+    steps, planned = _num(row["summary"].get("steps")), _num(row["summary"].get("planned_steps"))
+    return f"{_fmt(steps, '.0f')}{'' if planned is None else f'/{planned:.0f}'} steps"
+
+
+def format_status(row: dict) -> str:
+    """The status cell: ``time limit (31/60 steps) †`` for a run its time limit stopped."""
+    return f"time limit ({_steps_done(row)}) {MARK}" if row["status"] == TIME_LIMIT else row["status"]
+
+
+def time_limit_note(rows: list[dict]) -> str | None:
+    """The footnote under the table naming each time-limited run, or None when there is none."""
+    runs = [r for r in rows if r["status"] == TIME_LIMIT]
+    if not runs:
+        return None
+    parts = []
+    for r in runs:
+        s = r["summary"]
+        steps, planned, lr = _num(s.get("steps")), _num(s.get("planned_steps")), _num(s.get("final_lr"))
+        text = f"`{r['name']}` after {_fmt(steps, '.0f')} of {_fmt(planned, '.0f')} steps"
+        parts.append(text + (f" (LR {lr:.3g} when stopped)" if lr is not None else ""))
+    return (f"{MARK} Stopped by its wall-clock limit (CONFIG_MAX_TIME) before its planned steps: "
+            f"{'; '.join(parts)}. Such a run's losses are those of a shorter run whose LR schedule was cut off, "
+            f"not of a finished run; the best run is chosen among finished runs when there are any.")
+
+
 def format_table(rows: list[dict]) -> str:
     """The markdown table: one row per run, in plan order."""
     head = ["run", "status", "differs from base", "params", "tokens/s", "MFU", "final val loss",
@@ -122,28 +164,40 @@ def format_table(rows: list[dict]) -> str:
     for row in rows:
         v = _values(row)
         mfu = DASH if v["mfu"] is None else f"{100 * v['mfu']:.1f}%"
-        cells = [f"`{row['name']}`", row["status"], _short(v["differs_from_base"], 120) or DASH,
+        cells = [f"`{row['name']}`", format_status(row), _short(v["differs_from_base"], 120) or DASH,
                  _fmt(v["params"], ",.0f"), _fmt(v["tokens_per_s"], ",.0f"), mfu,
                  _fmt(v["final_val_loss"], ".4f"), _fmt(v["best_val_loss"], ".4f"),
                  _fmt(v["wall_time_s"], ".1f") + ("s" if v["wall_time_s"] is not None else ""),
-                 _short(row["error"]) if row["status"] in ("failed", "rejected", "interrupted") else ""]
+                 _short(row["error"]) if row["status"] not in ("done", TIME_LIMIT) else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def best_line(rows: list[dict]) -> str | None:
-    """The best done run by final val loss, and its delta vs the baseline when one finished."""
-    done = [r for r in rows if r["status"] == "done" and _num(r["summary"].get("final_val_loss")) is not None]
+    """The best done run by final val loss, and its delta vs the baseline when one finished.
+
+    Time-limited runs are candidates only when no run finished (a plan that trains each run for a
+    fixed time); then the line says so."""
+    def with_loss(status):
+        return [r for r in rows if r["status"] == status and _num(r["summary"].get("final_val_loss")) is not None]
+
+    done, label = with_loss("done"), "Best run by final val loss"
+    if not done:
+        done, label = with_loss(TIME_LIMIT), "Best run by final val loss, all runs stopped by their time limit"
     if not done:
         return None
     best = min(done, key=lambda r: r["summary"]["final_val_loss"])
     loss = best["summary"]["final_val_loss"]
-    text = f"Best run by final val loss: `{best['name']}` ({loss:.4f})"
+    text = f"{label}: `{best['name']}` ({loss:.4f})"
     base = next((r for r in rows if r["baseline"]), None)
     if base is best:
         return text + ", the baseline."
     if base is None:
         return text + "."
+    if base not in done and base["status"] == TIME_LIMIT and _num(base["summary"].get("final_val_loss")) is not None:
+        return text + (f"; baseline `{base['name']}` was stopped by its time limit "
+                       f"({_steps_done(base)}, "
+                       f"{base['summary']['final_val_loss']:.4f}), not compared.")
     if base not in done:
         return text + f"; baseline `{base['name']}` has no final val loss ({base['status']})."
     ref = base["summary"]["final_val_loss"]
@@ -154,14 +208,99 @@ def best_line(rows: list[dict]) -> str | None:
 def format_markdown(record: dict, rows: list[dict], plots: list[str]) -> str:
     """Headline (plan, mode, runs per status), the table, the best run, then the plots."""
     counts = Counter(row["status"] for row in rows)
-    status = ", ".join(f"{n} {s}" for s, n in counts.items())
+    status = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items())
     parts = [f"# Plan {record.get('name', '?')}: {record.get('mode', '?')}, {len(rows)} runs ({status})", "",
              format_table(rows), ""]
+    note = time_limit_note(rows)
+    if note:
+        parts += [note, ""]
     best = best_line(rows)
     if best:
         parts += [best, ""]
+    parts += [*format_provenance(rows), ""]
     parts += [f"![{p[:-4].replace('_', ' ')}]({p})\n" for p in plots]
     return "\n".join(parts).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- provenance
+
+def _show(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def describe_device(device: dict | None) -> str:
+    """``2× NVIDIA H100 80GB HBM3`` or ``CPU Intel(R) Xeon(R) (16 CPUs)``."""
+    device = device or {}
+    if device.get("gpu"):
+        return f"{device.get('gpu_count') or '?'}× {device['gpu']}"
+    return f"CPU {device.get('cpu') or 'unknown'} ({device.get('cpu_count') or '?'} CPUs)"
+
+
+def describe(attempt: dict) -> str:
+    """One attempt in a line: commit (clean/dirty), versions, device, host."""
+    git, v = attempt.get("git") or {}, attempt.get("versions") or {}
+    if git.get("commit"):
+        tree = {True: "dirty", False: "clean"}.get(git.get("dirty"), "tree state unknown")
+        if git.get("changes"):
+            tree += f", changes {git['changes']}"
+        commit = f"commit {git['commit'][:12]} ({tree})"
+    else:
+        commit = f"no git commit ({git.get('reason') or 'unknown why'})"
+    cuda = ", ".join(f"{k} {v[key]}" for k, key in (("CUDA", "cuda"), ("cuDNN", "cudnn"), ("NCCL", "nccl"))
+                     if v.get(key))
+    torch = f"torch {v.get('torch') or 'none'}" + (f" ({cuda})" if cuda else "")
+    return (f"{commit}, Python {v.get('python') or '?'}, {torch}, device {describe_device(attempt.get('device'))}, "
+            f"host {attempt.get('hostname') or '?'}")
+
+
+def _values_by_run(by_value: dict, field: str) -> str:
+    def value(v):
+        return v[:12] if field == "commit" and isinstance(v, str) else _show(v)
+    return "; ".join(f"`{value(v)}` ({', '.join(names)})" for v, names in by_value.items())
+
+
+def format_provenance(rows: list[dict]) -> list[str]:
+    """The Provenance section: one line when every run ran on the same commit, tree, versions, device
+    and host (latest attempt of each); else each field that differs with which runs have which value.
+    Runs whose own attempts differ (those its outputs come from: since its last fresh start), SET
+    differences (information) and runs without a record follow."""
+    latest = {r["name"]: r["provenance"][-1] for r in rows if r["provenance"]}
+    lines = ["## Provenance", ""]
+    if not latest:
+        return lines + ["No run has a provenance.json (a plan from before provenance was recorded, or no run "
+                        "has started)."]
+    if len(latest) == 1 or not (diffs := differing(latest)):
+        name = next(iter(latest))
+        lines.append(f"{'All ' + str(len(latest)) + ' runs' if len(latest) > 1 else f'Run `{name}`'}: "
+                     f"{describe(latest[name])}.")
+    else:
+        lines.append(f"**The runs differ in {len(diffs)} provenance field{'s' if len(diffs) > 1 else ''}** "
+                     f"(latest attempt of each run); their differences are not only the configuration:")
+        lines += [f"- {field}: {_values_by_run(by_value, field)}" for field, by_value in diffs.items()]
+    for row in rows:  # a run resumed on another commit, tree or machine
+        every = row["provenance"] or []
+        attempts = contributing(every)
+        first = len(every) - len(attempts) + 1  # numbered as in provenance.json
+        diffs = differing({f"attempt {first + i}": a for i, a in enumerate(attempts)}) if len(attempts) > 1 else {}
+        if diffs:
+            lines.append(f"- **run `{row['name']}`: its {len(attempts)} attempts differ** in "
+                         + "; ".join(f"{field}: {_values_by_run(values, field)}" for field, values in diffs.items()))
+    sets = {name: a.get("set") or "" for name, a in latest.items()}
+    if len(set(sets.values())) > 1:
+        by_set: dict = {}
+        for name, value in sets.items():
+            by_set.setdefault(value or "(none)", []).append(name)
+        lines.append("- SET differs (information: overrides may differ legitimately): "
+                     + "; ".join(f"`{v}` ({', '.join(n)})" for v, n in by_set.items()))
+    missing = [r["name"] for r in rows if not r["provenance"] and r["status"] not in ("pending", "rejected")]
+    if missing:
+        lines.append(f"- No provenance.json (started by a runner that did not record it): "
+                     f"{', '.join(f'`{n}`' for n in missing)}.")
+    return lines
 
 
 # --------------------------------------------------------------------------- plots
@@ -173,6 +312,8 @@ def _label(row: dict, limit: int = 44) -> str:
         name = name[:limit // 2 - 1] + "…" + name[-(limit - limit // 2):]
     if row["baseline"]:
         name += " (baseline)"
+    if row["status"] == TIME_LIMIT:
+        return f"{name} [time limit, {_steps_done(row)}]"
     return name if row["status"] == "done" else f"{name} [{row['status']}]"
 
 

@@ -191,3 +191,170 @@ def test_interrupted_plot_leaves_old_file(ablation, monkeypatch):
         write_report(ablation)
     assert {name: (ablation / name).read_bytes() for name in PLOTS} == before
     assert [p.name for p in ablation.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# --------------------------------------------------------------------------- provenance, time limits
+
+def attempt(**changes) -> dict:
+    """A provenance.json attempt like plan.provenance.record_attempt writes; ``changes`` override
+    fields by dotted path (``git.commit``, ``versions.torch``, ``hostname``)."""
+    a = {"time": "2026-01-01T00:00:00+0000",
+         "git": {"commit": "a1b2c3d4e5f6" + "0" * 28, "dirty": False, "changes": None},
+         "versions": {"python": "3.11.7", "torch": "2.6.0+cu124", "cuda": "12.4", "cudnn": "90100",
+                      "nccl": "2.21.5", "numpy": "2.2.0"},
+         "device": {"gpu": "NVIDIA H100 80GB HBM3", "gpu_count": 1, "cpu": "AMD EPYC 9654", "cpu_count": 192},
+         "hostname": "node1", "command": {"argv": ["/usr/bin/python", "-m", "kbuild", "run"], "SET": None},
+         "set": ""}
+    for path, value in changes.items():
+        *parents, key = path.split(".")
+        target = a
+        for p in parents:
+            target = target[p]
+        target[key] = value
+    return a
+
+
+def write_provenance(plan_dir: Path, name: str, *attempts: dict) -> None:
+    (plan_dir / name / "provenance.json").write_text(json.dumps({"attempts": list(attempts)}))
+
+
+def provenance_section(plan_dir: Path) -> list[str]:
+    lines = (plan_dir / "report.md").read_text().splitlines()
+    start = lines.index("## Provenance")
+    return [line for line in lines[start + 1:] if line and not line.startswith("![")]
+
+
+def test_provenance_all_runs_alike(ablation):
+    for name in ("base", "lr3e-4", "pos_rope-no-qk_norm", "n_layer64"):  # times, commands and SET differ
+        write_provenance(ablation, name, attempt(time=f"2026-01-0{len(name) % 9 + 1}T00:00:00",
+                                                 **{"command.argv": ["python", name], "command.SET": "SEED=2"}))
+    write_report(ablation)
+    assert provenance_section(ablation) == [
+        "All 4 runs: commit a1b2c3d4e5f6 (clean), Python 3.11.7, torch 2.6.0+cu124 (CUDA 12.4, cuDNN 90100, "
+        "NCCL 2.21.5), device 1× NVIDIA H100 80GB HBM3, host node1."]
+    rows = read_csv(ablation)
+    assert rows[0]["commit"] == "a1b2c3d4e5f6" + "0" * 28 and rows[0]["dirty"] == "False"
+    assert rows[0]["hostname"] == "node1" and rows[0]["device"] == "1× NVIDIA H100 80GB HBM3"
+    assert rows[4]["commit"] == "" and rows[4]["device"] == ""  # rejected: never started
+
+
+def test_provenance_differences_listed(ablation):
+    write_provenance(ablation, "base", attempt())
+    write_provenance(ablation, "lr3e-4", attempt(**{"git.commit": "ffff" * 10, "git.dirty": True,
+                                                    "git.changes": "0123456789ab", "set": "LR=3e-4"}))
+    write_provenance(ablation, "pos_rope-no-qk_norm", attempt(**{
+        "versions.torch": "2.5.1+cu121", "hostname": "node7", "device.gpu": "NVIDIA A100-SXM4-80GB"}))
+    write_report(ablation)
+    section = provenance_section(ablation)
+    assert section == [
+        "**The runs differ in 6 provenance fields** (latest attempt of each run); their differences are "
+        "not only the configuration:",
+        "- commit: `a1b2c3d4e5f6` (base, pos_rope-no-qk_norm); `ffffffffffff` (lr3e-4)",
+        "- dirty: `no` (base, pos_rope-no-qk_norm); `yes` (lr3e-4)",
+        "- changes: `none` (base, pos_rope-no-qk_norm); `0123456789ab` (lr3e-4)",
+        "- torch: `2.6.0+cu124` (base, lr3e-4); `2.5.1+cu121` (pos_rope-no-qk_norm)",
+        "- gpu: `NVIDIA H100 80GB HBM3` (base, lr3e-4); `NVIDIA A100-SXM4-80GB` (pos_rope-no-qk_norm)",
+        "- hostname: `node1` (base, lr3e-4); `node7` (pos_rope-no-qk_norm)",
+        "- SET differs (information: overrides may differ legitimately): `(none)` (base, pos_rope-no-qk_norm); "
+        "`LR=3e-4` (lr3e-4)",
+        "- No provenance.json (started by a runner that did not record it): `n_layer64`.",
+    ]
+
+
+def test_provenance_resumed_elsewhere(ablation):
+    """The latest attempt is compared across runs; a run whose own attempts differ is flagged."""
+    for name in ("base", "lr3e-4", "pos_rope-no-qk_norm", "n_layer64"):
+        write_provenance(ablation, name, attempt())
+    write_provenance(ablation, "lr3e-4", attempt(**{"hostname": "node3", "device.gpu_count": 2}),
+                     attempt(time="2026-01-02T00:00:00", **{"set": "NPROC_PER_NODE=1"}),
+                     attempt(time="2026-01-03T00:00:00"))
+    write_report(ablation)
+    section = provenance_section(ablation)
+    assert section[0].startswith("All 4 runs: commit a1b2c3d4e5f6 (clean)")
+    assert section[1:] == ["- **run `lr3e-4`: its 3 attempts differ** in gpu_count: `2` (attempt 1); "
+                           "`1` (attempt 2, attempt 3); hostname: `node3` (attempt 1); `node1` (attempt 2, attempt 3)"]
+    # A run that started over (no checkpoint) after attempts elsewhere: its outputs come from the new start only.
+    write_provenance(ablation, "lr3e-4", attempt(hostname="node3", resumed=False),
+                     attempt(time="2026-01-02T00:00:00", resumed=False),
+                     attempt(time="2026-01-03T00:00:00", resumed=True))
+    write_report(ablation)
+    assert provenance_section(ablation) == section[:1]
+    write_provenance(ablation, "lr3e-4", attempt(hostname="node5"), attempt(resumed=False),
+                     attempt(hostname="node3", resumed=True))
+    write_report(ablation)
+    assert provenance_section(ablation)[2] == ("- **run `lr3e-4`: its 2 attempts differ** in hostname: "
+                                               "`node1` (attempt 2); `node3` (attempt 3)")
+
+
+def test_provenance_older_plans_and_no_git(ablation):
+    write_report(ablation)  # a plan from before provenance.json: noted, not an error
+    assert provenance_section(ablation) == [
+        "No run has a provenance.json (a plan from before provenance was recorded, or no run has started)."]
+    no_git = attempt(**{"git": {"commit": None, "dirty": None, "changes": None,
+                                "reason": "git rev-parse: fatal: not a git repository"},
+                        "device": {"gpu": None, "gpu_count": 0, "cpu": "Intel(R) Xeon(R)", "cpu_count": 2},
+                        "versions": {"python": "3.11.7", "torch": "2.6.0+cpu", "cuda": None, "cudnn": None,
+                                     "nccl": None}})
+    write_provenance(ablation, "base", no_git)
+    write_report(ablation)
+    assert provenance_section(ablation) == [
+        "Run `base`: no git commit (git rev-parse: fatal: not a git repository), Python 3.11.7, torch 2.6.0+cpu, "
+        "device CPU Intel(R) Xeon(R) (2 CPUs), host node1.",
+        "- No provenance.json (started by a runner that did not record it): `lr3e-4`, `pos_rope-no-qk_norm`, "
+        "`n_layer64`."]
+
+
+def time_limited(plan_dir: Path, name: str, steps: int, planned: int, final: float, plan_status="time_limit"):
+    write_run(plan_dir, name, final, 10000.0, steps=steps)
+    summary = json.loads((plan_dir / name / "summary.json").read_text())
+    summary.update(status="time_limit", planned_steps=planned, final_lr=2.5e-4)
+    (plan_dir / name / "summary.json").write_text(json.dumps(summary))
+
+
+def test_time_limited_run_marked(tmp_path):
+    d = tmp_path / "p"
+    write_plan(d, "ablation", [{"name": "base", "baseline": True, "differences": {}},
+                               {"name": "lr3e-3", "status": "time_limit", "differences": {"LR": 0.003}},
+                               {"name": "lr1e-2", "differences": {"LR": 0.01}},  # plan.json says done
+                               {"name": "moe", "status": "killed", "error": "killed by signal 9 (out of memory?)",
+                                "differences": {"MOE": True}}])
+    write_run(d, "base", 1.30, 12000.0)
+    time_limited(d, "lr3e-3", 300, 600, 1.10)  # lower loss than base, but stopped half-way
+    time_limited(d, "lr1e-2", 200, 600, 1.50)
+    write_report(d)
+    md = (d / "report.md").read_text()
+    assert "1 done, 2 time limit, 1 killed" in md.splitlines()[0]
+    table = [line for line in md.splitlines() if line.startswith("| `")]
+    assert "| time limit (300/600 steps) † |" in table[1] and "| time limit (200/600 steps) † |" in table[2]
+    assert "1.1000" in table[1] and "| killed |" in table[3] and table[3].endswith("(out of memory?) |")
+    note = next(line for line in md.splitlines() if line.startswith("†"))
+    assert "CONFIG_MAX_TIME" in note and "`lr3e-3` after 300 of 600 steps (LR 0.00025 when stopped)" in note
+    assert "`lr1e-2` after 200 of 600 steps" in note
+    best = next(line for line in md.splitlines() if line.startswith("Best run"))
+    assert best == "Best run by final val loss: `base` (1.3000), the baseline."  # not the time-limited 1.10
+    rows = read_csv(d)
+    assert [r["status"] for r in rows] == ["done", "time_limit", "time_limit", "killed"]
+    assert rows[1]["steps"] == "300" and rows[1]["planned_steps"] == "600" and float(rows[1]["final_lr"]) == 2.5e-4
+    assert rows[0]["planned_steps"] == "" and "out of memory" in rows[3]["error"]
+
+
+def test_all_runs_time_limited(tmp_path):
+    """A plan that gives every run a fixed time: the best is chosen among them, and says so."""
+    d = tmp_path / "p"
+    write_plan(d, "ablation", [{"name": "base", "baseline": True, "differences": {}, "status": "time_limit"},
+                               {"name": "rope", "differences": {"POS_ROPE": True}, "status": "time_limit"}])
+    time_limited(d, "base", 310, 1000, 1.40)
+    time_limited(d, "rope", 290, 1000, 1.30)
+    write_report(d)
+    best = next(line for line in (d / "report.md").read_text().splitlines() if line.startswith("Best run"))
+    assert best == ("Best run by final val loss, all runs stopped by their time limit: `rope` (1.3000), "
+                    "-0.1000 (-7.14%) vs baseline `base` (1.4000).")
+    # A finished run beats a time-limited baseline: the baseline is named, not compared.
+    write_plan(d, "ablation", [{"name": "base", "baseline": True, "differences": {}, "status": "time_limit"},
+                               {"name": "rope", "differences": {"POS_ROPE": True}}])
+    write_run(tmp_path / "q", "rope", 1.35, 1000.0)
+    (d / "rope" / "summary.json").write_bytes((tmp_path / "q" / "rope" / "summary.json").read_bytes())
+    write_report(d)
+    best = next(line for line in (d / "report.md").read_text().splitlines() if line.startswith("Best run"))
+    assert best == ("Best run by final val loss: `rope` (1.3500); baseline `base` was stopped by its time limit "
+                    "(310/1000 steps, 1.4000), not compared.")
