@@ -21,6 +21,7 @@ from kbuild.kconfig import ROOT, Config, load, parse_file, parse_overrides, reso
 from parallel.launch import engine, launch_env, train_command
 from plan.expand import RunSpec, mode_of
 from plan.plan import PLAN_FILE, Plan, now
+from plan.provenance import record_attempt
 from train.checkpoint import has_checkpoint, intact, step_paths
 
 UNFINISHED = ("pending", "running", "failed", "interrupted", "killed", "time_limit")
@@ -129,6 +130,7 @@ def _start(plan: Plan, name: str, gpu: str | None) -> subprocess.Popen:
     (run_dir / "summary.json").unlink(missing_ok=True)  # its status and error are in plan.json's attempts
     plan.update(name, status="running", start=now(), end=None, error=None)
     plan.add_attempt(name, start=now(), resumed_from=_newest_step(run_dir) if resume else None)
+    record_attempt(run_dir, plan.record.get("set") or "", gpus=gpu, resumed=resume)  # commit, versions, host
     cfg = load(run_dir / ".config")[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **launch_env(cfg))
     if gpu is not None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def stopped_run(tmp_path, monkeypatch):
     run_dir = plan.run_dir("base")
     trainer(tmp_path, run_dir, "MAX_ITERS=20 CHECKPOINT_INTERVAL=10 EVAL_INTERVAL=10").run()
     started = []
-    monkeypatch.setattr(runner.subprocess, "Popen", lambda args, **kw: started.append(args))
+    monkeypatch.setattr(runner, "subprocess", SimpleNamespace(Popen=lambda args, **kw: started.append(args)))
     return plan, run_dir, started
 
 
@@ -122,11 +123,13 @@ def test_a_run_without_a_checkpoint_starts_over_and_keeps_each_attempt_aside(sto
     plan.update("base", status="failed", error="boom")
     runner._start(plan, "base", None)
     assert started[-1][-1] != "--resume"
-    assert sorted(p.name for p in run_dir.iterdir()) == [".config", "attempt-1", "config.py"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".config", "attempt-1", "config.py", "provenance.json"]
     assert (run_dir / "attempt-1" / "metrics.jsonl").exists() and len(list((run_dir / "attempt-1" / "checkpoints").iterdir())) == 2
     (run_dir / "train.log").write_text("second attempt\n")
     runner._start(plan, "base", None)
-    assert sorted(p.name for p in run_dir.iterdir()) == [".config", "attempt-1", "attempt-2", "config.py"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".config", "attempt-1", "attempt-2", "config.py",
+                                                         "provenance.json"]
+    assert [a["resumed"] for a in json.loads((run_dir / "provenance.json").read_text())["attempts"]] == [False, False]
     assert (run_dir / "attempt-2" / "train.log").read_text() == "second attempt\n"
     assert log is None or (run_dir / "attempt-1" / "train.log").read_bytes() == log
 
