@@ -116,7 +116,10 @@ def _device_slots() -> list[str | None]:
         n = torch.cuda.device_count()
     except Exception:
         n = 0
-    return [str(i) for i in range(n)] if n > 1 else [None]
+    # indices within the GPUs this process may use: CUDA_VISIBLE_DEVICES=2,3 means physical 2 and 3
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    ids = visible[:n] if len(visible) >= n else [str(i) for i in range(n)]
+    return ids if n > 1 else [None]
 
 
 def _start(plan: Plan, name: str, gpu: str | None) -> subprocess.Popen:

@@ -227,3 +227,17 @@ def test_continue_overrides_rewrite_the_unfinished_runs_configs(tmp_path):
     with pytest.raises(ConfigError, match="CONFIG_NPROC_PER_NODE"):
         override_runs(plan, ["base"], "NPROC_PER_NODE=-1")
     assert load(plan.run_dir("base") / ".config")[1].NPROC_PER_NODE == 1, "a bad override writes nothing"
+
+
+def test_runs_are_pinned_to_the_gpus_the_user_made_visible(monkeypatch):
+    import torch
+
+    from plan import runner
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert runner._device_slots() == ["2", "3"], "physical GPUs 2 and 3, not 0 and 1"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert runner._device_slots() == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runner._device_slots() == [None]
