@@ -1,14 +1,18 @@
 """Where training text comes from: DATA_PATH, a Hugging Face dataset, or a preset.
 
 Each source is a list of files read in order (see data/sources.py for formats)
-plus a fingerprint cheap enough to compute on every run (paths, sizes,
-modification times, read options), which names the prepared-data cache.
+plus a fingerprint of their content (data/content.py: a full hash of each file
+up to 64 MiB, sampled blocks beyond) and the read options, which names the
+prepared-data cache. A single DATA_PATH file that is binary is refused; in a
+folder, binary files are skipped and counted.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import sys
 import sysconfig
 import urllib.error
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from data.content import BINARY_HINT, binary_evidence, file_digest
 from data.sources import Piece, ReadOptions, Stats, file_kind, read_pieces
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -37,13 +42,14 @@ class Source:
     byte_cap: int = 0  # 0 = no cap
     options: ReadOptions = ReadOptions()
     binary_skipped: tuple[Path, ...] = field(default=(), compare=False)
+    where: str = field(default="", compare=False)  # the setting that names it, for errors: CONFIG_DATA_PATH='...'
 
     @property
     def fingerprint(self) -> str:
+        """The one cache key of the source's content: every file's path and digest, the cap and read options."""
         h = hashlib.sha256(f"{self.label}|{self.byte_cap}|{self.options}".encode())
         for f in self.files:
-            st = f.stat()
-            h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(f"|{f}|{file_digest(f)}".encode())
         return h.hexdigest()
 
     @property
@@ -58,7 +64,7 @@ class Source:
         left = self.byte_cap or -1
         in_doc = False
         for path in self.files:
-            for piece in read_pieces(path, self.options, stats):
+            for piece in read_pieces(path, self.options, stats, self.where):
                 if piece.text and not in_doc:
                     stats.documents += 1
                     if stats.documents > 1 and left > 0:
@@ -148,22 +154,53 @@ def local_source(path: Path, opts: ReadOptions = ReadOptions(), label: str = "",
     """
     where = where or f"CONFIG_DATA_PATH={str(path)!r}"
     binary: list[Path] = []
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
+    if _is_dir(path, where):
         files = []
         for p in sorted((p for p in path.rglob("*") if p.is_file()
                          and not any(part.startswith(".") for part in p.relative_to(path).parts)),
                         key=lambda p: p.relative_to(path).as_posix()):
-            (files if _readable(p) else binary).append(p)
+            try:
+                (binary if _binary(p) else files).append(p)
+            except OSError:  # unreadable: left out like a binary file
+                binary.append(p)
         if not files:
-            raise DataError(f"{where}: the folder holds no UTF-8 text files (nor .jsonl or .parquet); "
+            found = f" ({len(binary)} binary or unreadable files skipped, the first {binary[0]})" if binary else ""
+            raise DataError(f"{where}: the folder holds no UTF-8 text files (nor .jsonl or .parquet){found}; "
                             "point it at a .txt file or a folder of them")
     else:
-        raise DataError(f"{where}: no such file or folder; set it to a local text, .jsonl or .parquet file, "
-                        "or a folder of them")
+        try:
+            evidence = _binary(path)
+        except OSError as e:
+            raise DataError(f"{where}: cannot read {path} ({e.strerror or e}); check the file and its "
+                            "permissions") from None
+        if evidence:
+            raise DataError(f"{where}: {path} is binary data, not text: {evidence}; {BINARY_HINT}, or set "
+                            f"{_symbol(where)} to a text, .jsonl or .parquet file")
+        files = [path]
     return Source(label or _slug(path.name.split(".")[0] or path.name), tuple(files),
-                  description or f"local data at {path}", options=opts, binary_skipped=tuple(binary))
+                  description or f"local data at {path}", options=opts, binary_skipped=tuple(binary), where=where)
+
+
+def _is_dir(path: Path, where: str) -> bool:
+    """Whether ``path`` is a folder (else a file); a missing path, a symlink loop or an unreadable one is an error."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{where}: symlink loop ({e.strerror}): resolving {path} leads back to itself; "
+                            "point the link (or the setting) at a real file or folder") from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            dangling = f" (a symlink to {os.readlink(path)!r}, which does not exist)" if os.path.islink(path) else ""
+            raise DataError(f"{where}: no such file or folder{dangling}; set it to a local text, .jsonl or "
+                            ".parquet file, or a folder of them") from None
+        raise DataError(f"{where}: cannot read {path} ({e.strerror or e}); check the path and its "
+                        "permissions") from None
+    if stat.S_ISDIR(st.st_mode):
+        return True
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{where}: {path} is not a regular file or folder; point it at a text, .jsonl or "
+                        ".parquet file, or a folder of them")
+    return False
 
 
 def shakespeare_source(download_dir: Path) -> Source:
@@ -186,15 +223,35 @@ def shakespeare_source(download_dir: Path) -> Source:
     return Source("shakespeare", (target,), f"tiny Shakespeare ({SHAKESPEARE_URL})")
 
 
-def _readable(path: Path) -> bool:
-    """JSONL/Parquet by extension; other files unless binary (a NUL byte in the first 8 KiB)."""
-    if file_kind(path) != "text":
-        return True
-    try:
-        with open(path, "rb") as f:
-            return b"\0" not in f.read(8192)
-    except OSError:
-        return False
+def _binary(path: Path) -> str | None:
+    """What makes ``path`` binary (data.content.binary_evidence), or None; text and plain .jsonl are checked."""
+    if file_kind(path) == "parquet" or path.name.lower().endswith(".gz"):
+        return None
+    return binary_evidence(path)
+
+
+def empty_corpus_error(sources, stats: Stats, description: str = "") -> DataError:
+    """The corpus of ``sources`` (a Source or several) had no text: what was read, what was skipped, what to do."""
+    sources = [sources] if isinstance(sources, Source) else list(sources)
+    first = sources[0]
+    name = description or first.where or first.description
+    skipped = stats.as_dict()
+    n = sum(len(s.files) for s in sources)
+    counts = [f"{n} file{'s' * (n != 1)}"] + [f"{k} {what}" for k, what in (
+        (skipped["non_utf8_files"], "skipped as not UTF-8"), (skipped["non_utf8_records"], "non-UTF-8 records skipped"),
+        (sum(len(s.binary_skipped) for s in sources), "binary files left out")) if k]
+    if stats.first_invalid:
+        fix = (f"the first invalid UTF-8 is at {stats.first_invalid}. Choose CONFIG_DATA_INVALID_UTF8_REPLACE=y to "
+               "keep such text with U+FFFD for each invalid byte sequence, or convert it to UTF-8 (for example "
+               "iconv -f LATIN1 -t UTF-8)")
+    else:
+        fix = f"point {_symbol(first.where) or 'CONFIG_DATA_PATH'} at some UTF-8 text"
+    return DataError(f"{name}: the corpus is empty ({', '.join(counts)}); {fix}")
+
+
+def _symbol(where: str) -> str:
+    """The symbol of an error prefix ("CONFIG_DATA_MIX: entry a=b", "CONFIG_DATA_PATH='x'")."""
+    return where.split("=")[0].split(":")[0]
 
 
 def _slug(name: str) -> str:

@@ -50,11 +50,16 @@ def hub_source(ds: HubDataset, max_mb: int, download_dir: Path, opts: ReadOption
     if not target.exists():
         _download(ds, opts.jsonl_field, max_mb * 1_000_000, target)
     return local_source(target, replace(opts, jsonl_field="text"), label=_slug(ds.name.split("/")[-1]),
-                        description=f"Hugging Face {ds.name} {ds.config} [{ds.split}], first {max_mb} MB ({target})")
+                        description=f"Hugging Face {ds.name} {ds.config} [{ds.split}], first {max_mb} MB ({target})",
+                        where=_where(ds))
+
+
+def _where(ds: HubDataset) -> str:
+    return f"{ds.symbol}={ds.name!r}" if ds.symbol == "CONFIG_DATA_HF_NAME" else ds.symbol
 
 
 def _download(ds: HubDataset, field: str, cap: int, target: Path) -> None:
-    where = f"{ds.symbol}={ds.name!r}" if ds.symbol == "CONFIG_DATA_HF_NAME" else ds.symbol
+    where = _where(ds)
     try:
         import datasets
     except ImportError:

@@ -118,8 +118,10 @@ def prepare_source(cfg, root: Path, source: Source, tok: Tokenizer, log=print, s
         f"{manifest['source']['documents']:,} documents, vocab {manifest['tokenizer']['vocab_size']}, "
         f"in {time.time() - t0:.1f}s")
     if skipped["non_utf8_files"] or skipped["non_utf8_records"] or skipped["binary_files"]:
+        first = (f" (the first invalid UTF-8 at {skipped['non_utf8_first_at']}; CONFIG_DATA_INVALID_UTF8_REPLACE=y "
+                 "keeps such text with U+FFFD)") if skipped["non_utf8_first_at"] else ""
         log(f"data: skipped {skipped['non_utf8_files']} non-UTF-8 files {skipped['non_utf8_files_first']}, "
-            f"{skipped['non_utf8_records']} non-UTF-8 records and {skipped['binary_files']} binary files")
+            f"{skipped['non_utf8_records']} non-UTF-8 records and {skipped['binary_files']} binary files{first}")
     if skipped["replaced_byte_sequences"]:
         log(f"data: replaced {skipped['replaced_byte_sequences']} invalid UTF-8 byte sequences with U+FFFD")
     return PreparedData(out, manifest)

@@ -57,10 +57,27 @@ class Stats:
     skipped_files: list = field(default_factory=list)
     skipped_records: int = 0
     replaced_sequences: int = 0
+    first_invalid: str = ""  # where the first skipped invalid UTF-8 was: "file: byte 0xe9 at offset 3", "file:2"
+
+    def skip_file(self, path: Path, evidence: str) -> None:
+        self.skipped_files.append(path)
+        self.first_invalid = self.first_invalid or f"{path}: {evidence}"
+
+    def skip_record(self, where: str) -> None:
+        self.skipped_records += 1
+        self.first_invalid = self.first_invalid or where
+
+    def add(self, other: "Stats") -> None:
+        """Fold another pass's skip counts into this one (for errors over several sources)."""
+        self.skipped_files += other.skipped_files
+        self.skipped_records += other.skipped_records
+        self.replaced_sequences += other.replaced_sequences
+        self.first_invalid = self.first_invalid or other.first_invalid
 
     def as_dict(self) -> dict:
         return {"non_utf8_files": len(self.skipped_files), "non_utf8_files_first": [str(p) for p in self.skipped_files[:5]],
-                "non_utf8_records": self.skipped_records, "replaced_byte_sequences": self.replaced_sequences}
+                "non_utf8_records": self.skipped_records, "non_utf8_first_at": self.first_invalid,
+                "replaced_byte_sequences": self.replaced_sequences}
 
 
 def file_kind(path: Path) -> str:
@@ -70,18 +87,19 @@ def file_kind(path: Path) -> str:
     return "parquet" if name.endswith(".parquet") else "text"
 
 
-def read_pieces(path: Path, opts: ReadOptions, stats: Stats) -> Iterator[Piece]:
+def read_pieces(path: Path, opts: ReadOptions, stats: Stats, where: str = "") -> Iterator[Piece]:
+    """The documents of ``path`` as pieces; ``where`` (the setting that named the file) prefixes binary-data errors."""
     from data.corpus import DataError
 
     before = _replaced[0]
     try:
         kind = file_kind(path)
         if kind == "jsonl":
-            yield from _jsonl_pieces(path, opts, stats)
+            yield from _jsonl_pieces(path, opts, stats, where)
         elif kind == "parquet":
-            yield from _parquet_pieces(path, opts, stats)
+            yield from _parquet_pieces(path, opts, stats, where)
         else:
-            yield from _text_pieces(path, opts, stats)
+            yield from _text_pieces(path, opts, stats, where)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); check the file and its permissions") from None
     finally:
@@ -92,17 +110,34 @@ def _errors(opts: ReadOptions) -> str:
     return "data.count_replace" if opts.invalid == "replace" else "strict"
 
 
-def _text_pieces(path: Path, opts: ReadOptions, stats: Stats) -> Iterator[Piece]:
-    if opts.invalid == "skip" and not is_utf8(path, *_stamp(path)):
-        stats.skipped_files.append(path)
-        yield Piece("", False, path.stat().st_size)
-        return
+def binary_error(where: str, what: str, evidence: str):
+    """The error for binary data inside a text source: the setting, the file (or record), what was found."""
+    from data.content import BINARY_HINT
+    from data.corpus import DataError
+
+    return DataError(f"{where + ': ' if where else ''}{what} is binary data, not text: {evidence}; {BINARY_HINT}, "
+                     "otherwise remove it from the data")
+
+
+def _text_pieces(path: Path, opts: ReadOptions, stats: Stats, where: str) -> Iterator[Piece]:
+    from data.content import bytes_evidence, stat_key
+
+    if opts.invalid == "skip":
+        bad = first_invalid_utf8(*stat_key(path))
+        if bad is not None:
+            stats.skip_file(path, bad)
+            yield Piece("", False, path.stat().st_size)
+            return
     sep = re.compile(r"(?m)^" + re.escape(opts.separator) + r"[ \t\r]*(?:\n|\Z)") if opts.separator else None
     decoder = codecs.getincrementaldecoder("utf-8")(_errors(opts))
-    carry = ""
+    carry, offset = "", 0
     with open(path, "rb") as f:
         while True:
             raw = f.read(CHUNK_BYTES)
+            # Checked as it streams: a sampled check before reading can miss a binary stretch of a large file.
+            if evidence := bytes_evidence(raw, offset):
+                raise binary_error(where, str(path), evidence)
+            offset += len(raw)
             final = not raw
             text = carry + decoder.decode(raw, final=final)
             carry = ""
@@ -119,25 +154,29 @@ def _text_pieces(path: Path, opts: ReadOptions, stats: Stats) -> Iterator[Piece]
 
 
 @functools.lru_cache(maxsize=4096)
-def is_utf8(path: Path, size: int, mtime_ns: int) -> bool:
-    """Whether the whole file decodes as UTF-8 (read in chunks; cached per size and mtime)."""
+def first_invalid_utf8(path: str, *stat) -> str | None:
+    """Where the file first fails to decode as UTF-8 ("byte 0xe9 at offset 3"), or None when it all decodes.
+
+    Read in chunks; memoized per data.content.stat_key (so a file rewritten in place is read again).
+    """
     decoder = codecs.getincrementaldecoder("utf-8")()
+    read = 0
     try:
         with open(path, "rb") as f:
             while raw := f.read(CHUNK_BYTES):
+                pending = len(decoder.getstate()[0])  # bytes of an unfinished sequence carried from the last chunk
+                read += len(raw)
                 decoder.decode(raw)
+        pending, raw = len(decoder.getstate()[0]), b""
         decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
-    return True
+    except UnicodeDecodeError as e:
+        at = read - len(raw) - pending + e.start
+        return f"byte 0x{e.object[e.start]:02x} at offset {at}"
+    return None
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
-
-
-def _jsonl_pieces(path: Path, opts: ReadOptions, stats: Stats) -> Iterator[Piece]:
+def _jsonl_pieces(path: Path, opts: ReadOptions, stats: Stats, where: str) -> Iterator[Piece]:
+    from data.content import text_evidence
     from data.corpus import DataError
 
     opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -149,7 +188,7 @@ def _jsonl_pieces(path: Path, opts: ReadOptions, stats: Stats) -> Iterator[Piece
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 if opts.invalid == "skip":
-                    stats.skipped_records += 1
+                    stats.skip_record(f"{path}:{lineno}")
                     yield Piece("", False, len(raw))
                     continue
                 line = raw.decode("utf-8", _errors(opts))
@@ -163,10 +202,13 @@ def _jsonl_pieces(path: Path, opts: ReadOptions, stats: Stats) -> Iterator[Piece
                 fields = sorted(record)[:10] if isinstance(record, dict) else type(record).__name__
                 raise DataError(f"{path}:{lineno}: no string field {opts.jsonl_field!r} (found: {fields}); "
                                 "set CONFIG_DATA_JSONL_FIELD to the field that holds the text")
+            if evidence := text_evidence(text):
+                raise binary_error(where, f"{path}:{lineno}: field {opts.jsonl_field!r}", evidence)
             yield Piece(text, True, len(raw))
 
 
-def _parquet_pieces(path: Path, opts: ReadOptions, stats: Stats) -> Iterator[Piece]:
+def _parquet_pieces(path: Path, opts: ReadOptions, stats: Stats, where: str) -> Iterator[Piece]:
+    from data.content import text_evidence
     from data.corpus import DataError
 
     try:
@@ -181,15 +223,18 @@ def _parquet_pieces(path: Path, opts: ReadOptions, stats: Stats) -> Iterator[Pie
     if opts.parquet_column not in names:
         raise DataError(f"{path}: no column {opts.parquet_column!r} (columns: {names[:10]}); "
                         "set CONFIG_DATA_PARQUET_COLUMN to the column that holds the text")
-    size, rows = path.stat().st_size, max(1, pf.metadata.num_rows)
+    size, rows, first = path.stat().st_size, max(1, pf.metadata.num_rows), 0
     for batch in pf.iter_batches(batch_size=1024, columns=[opts.parquet_column]):
-        for value in batch.column(0).to_pylist():
+        for row, value in enumerate(batch.column(0).to_pylist(), first):
             if isinstance(value, bytes):
                 try:
                     value = value.decode("utf-8", _errors(opts))
                 except UnicodeDecodeError:
-                    stats.skipped_records += 1
+                    stats.skip_record(f"{path}: row {row}")
                     continue
             if isinstance(value, str):
+                if evidence := text_evidence(value):
+                    raise binary_error(where, f"{path}: row {row}, column {opts.parquet_column!r}", evidence)
                 yield Piece(value, True, 0)
+        first += batch.num_rows
         yield Piece("", False, size * batch.num_rows // rows)

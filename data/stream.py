@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.corpus import DOC_SEPARATOR, Source
+from data.corpus import DOC_SEPARATOR, Source, empty_corpus_error
 from data.progress import Progress
 from data.sources import Stats
 from data.tokenizer import Tokenizer
@@ -95,8 +95,6 @@ def workers_for(tok: Tokenizer, source_bytes: int) -> int:
 
 def tokenize_to(source: Source, tok: Tokenizer, val_fraction: float, folder: Path, log) -> dict:
     """Write folder/train.bin and folder/val.bin; return counts, digests, entropy and skip stats."""
-    from data.corpus import DataError
-
     dtype = dtype_for(tok.vocab_size)
     total_bytes = source.size_bytes
     workers = workers_for(tok, total_bytes)
@@ -125,10 +123,7 @@ def tokenize_to(source: Source, tok: Tokenizer, val_fraction: float, folder: Pat
     finally:
         progress.close()
     if n == 0:
-        skipped = stats.as_dict()
-        raise DataError(f"{source.description}: the corpus is empty ({len(source.files)} files, "
-                        f"{skipped['non_utf8_files']} skipped as not UTF-8, {len(source.binary_skipped)} binary); "
-                        "point CONFIG_DATA_PATH at text, or choose CONFIG_DATA_INVALID_UTF8_REPLACE=y")
+        raise empty_corpus_error(source, stats)
     n_val = max(1, int(n * val_fraction))
     n_train = n - n_val
     itemsize = np.dtype(dtype).itemsize

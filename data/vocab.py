@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.corpus import DataError, Source
+from data.corpus import DataError, Source, empty_corpus_error
 from data.progress import Progress
 from data.sources import Stats
 from data.tokenizer import Tokenizer, _codepoints
@@ -107,7 +107,7 @@ def _fit_chars(sources, log, description: str = "") -> Tokenizer:
     sources = [sources] if isinstance(sources, Source) else list(sources)
     seen = np.zeros(0, dtype=np.uint32)
     progress = Progress(sum(s.size_bytes for s in sources), "char vocabulary", log)
-    pending, many_docs = [], False
+    pending, many_docs, skipped = [], False, Stats()
     for source in sources:
         stats = Stats()
         for piece in source.pieces(stats):
@@ -117,19 +117,19 @@ def _fit_chars(sources, log, description: str = "") -> Tokenizer:
                 seen = np.union1d(seen, np.unique(_codepoints("".join(pending))))
                 pending = []
         many_docs = many_docs or stats.documents > 1
+        skipped.add(stats)
     progress.close()
     seen = np.union1d(seen, np.unique(_codepoints("".join(pending))))
     if many_docs:
         seen = np.union1d(seen, np.unique(_codepoints("\n")))  # the separator between documents
     if not len(seen):
-        raise DataError(f"{description or sources[0].description}: the corpus is empty; "
-                        "point CONFIG_DATA_PATH at some text")
+        raise empty_corpus_error(sources, skipped, description)
     return Tokenizer.from_chars(seen)
 
 
-def _sample(source: Source, cap: int, val_fraction: float) -> tuple[list[str], int]:
+def _sample(source: Source, cap: int, val_fraction: float, stats: Stats) -> tuple[list[str], int]:
     """The first ``cap`` bytes of ``source``; all of it but its validation part when it is smaller."""
-    texts, size, stats = [], 0, Stats()
+    texts, size = [], 0
     for piece in source.pieces(stats):
         if piece.text:
             # a document's end is a line break for SentencePiece: documents never merge into one sentence
@@ -150,15 +150,15 @@ def _train_sentencepiece(sources, settings: dict, log) -> Tokenizer:
     weighted = [(sources, 1.0)] if isinstance(sources, Source) else list(sources)
     cap = settings["sample_mb"] * 1_000_000
     total = sum(w for _, w in weighted)
-    texts, size = [], 0
+    texts, size, stats = [], 0, Stats()
     for source, weight in weighted:
         got, n = _sample(source, cap if len(weighted) == 1 else max(1, int(cap * weight / total)),
-                         settings["val_fraction"])
+                         settings["val_fraction"], stats)
         texts += got
         size += n
     description = weighted[0][0].description if len(weighted) == 1 else "the sources of CONFIG_DATA_MIX"
     if not any(texts):
-        raise DataError(f"{description}: the corpus is empty; point CONFIG_DATA_PATH at some text")
+        raise empty_corpus_error([s for s, _ in weighted], stats, "" if len(weighted) == 1 else description)
     log(f"data: training SentencePiece ({settings['model_type']}, vocab {settings['vocab_size']}) "
         f"on {size / 1e6:.1f} MB")
     try:

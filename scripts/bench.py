@@ -11,6 +11,9 @@ a GPU, the process's peak resident set on CPU (which includes Python and torch
 themselves), next to plan/memory.py's prediction for the same step. With
 CONFIG_MOE=y it also times an MoE layer against a dense MLP of equal active
 parameters (scripts/bench_moe.py). BENCH_JSON=path also writes the figures as JSON.
+A measured run that does not finish (NaN/Inf stop, interrupt, time limit) is
+reported with its status, reason and the step it reached, and the exit status
+is 1; a time-limited run still prints the throughput of the steps it made.
 """
 
 from __future__ import annotations
@@ -57,15 +60,28 @@ def main() -> int:
     interval = max(1, steps // 6)
     _, configured = load(ROOT / ".config", os.environ.get("SET", ""))  # validate first: named errors, as for make
     # One process: a data-parallel run's throughput is in its own summary (make, then the report).
-    bench = (f'DATA_PATH="" DATASET_EMBEDDED=y EMBEDDED_CORPUS_MB=4 MAX_ITERS={steps} MAX_TIME=0 '
-             f"LOG_INTERVAL={interval} EVAL_INTERVAL={steps} EVAL_BATCHES=1 CHECKPOINT_INTERVAL=0 SAMPLE_TOKENS=1 "
-             "PARALLEL_NONE=y TRACK_WANDB=n TRACK_TRACKIO=n TRACK_TENSORBOARD=n")
+    bench_sets = (f'DATA_PATH="" DATASET_EMBEDDED=y EMBEDDED_CORPUS_MB=4 MAX_ITERS={steps} MAX_TIME=0 '
+                  f"LOG_INTERVAL={interval} EVAL_INTERVAL={steps} EVAL_BATCHES=1 CHECKPOINT_INTERVAL=0 "
+                  "SAMPLE_TOKENS=1 PARALLEL_NONE=y TRACK_WANDB=n TRACK_TRACKIO=n TRACK_TENSORBOARD=n")
     if not configured.PARALLEL_NONE:
         print("bench runs one process; for the data-parallel throughput run 'make' and read its summary")
     kconf, _ = resolve(parse_file(ROOT / ".config", snapshot=True), parse_overrides(os.environ.get("SET", "")),
-                       parse_overrides(bench, "bench"))
+                       parse_overrides(bench_sets, "bench"))
     cfg = values(kconf)
-    data = prepare(cfg, ROOT)
+    result = bench(cfg, prepare(cfg, ROOT))
+    if out := os.environ.get("BENCH_JSON"):
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["status"] == "done" else 1
+
+
+def bench(cfg, data) -> dict:
+    """Train ``cfg`` (MAX_ITERS steps) in a temporary folder, print the figures and return them.
+
+    A run that ends early (status other than "done": NaN/Inf stop, interrupt, time limit) is
+    reported as such; its throughput is printed only when the summary and at least two logging
+    intervals hold it (a "time_limit" summary does), and the checkpoint timing is skipped.
+    """
+    steps = cfg.MAX_ITERS
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, data, Path(tmp), log=lambda m: None)
         if trainer.device.type == "cuda":
@@ -75,20 +91,37 @@ def main() -> int:
             peak, peak_kind = torch.cuda.max_memory_allocated(), "CUDA allocator peak"
         else:
             peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
-        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-        save_s, load_s, ckpt_bytes = checkpoint_times(trainer, Path(tmp))
-    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+        metrics = Path(tmp) / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        done = summary["status"] == "done"
+        if done:
+            save_s, load_s, ckpt_bytes = checkpoint_times(trainer, Path(tmp))
+    result = {"plan": cfg.PLAN_NAME, "status": summary["status"], "steps": summary["steps"],
+              "planned_steps": summary.get("planned_steps", steps)}
+    if not done:
+        print(stop_message(cfg.PLAN_NAME, summary, steps))
+        if "error" in summary:
+            result["error"] = summary["error"]
+    logged = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    speeds = logged[1:]  # the first interval holds warmup and compilation
+    if not all(k in summary for k in ("device", "dtype", "params", "mfu")):
+        print("  no throughput figures: the summary of a run stopped this way holds none")
+        return result
+    if not speeds:
+        print(f"  no throughput figure: the run logged {len(logged)} interval(s) of {cfg.LOG_INTERVAL} steps and "
+              "the first holds warmup; raise BENCH_STEPS")
+        return result
     tps = statistics.median(speeds)
     flops = trainer.model.flops_per_token() * tps
-    result = {
-        "plan": cfg.PLAN_NAME, "device": summary["device"], "dtype": summary["dtype"], "compile": cfg.COMPILE,
-        "params": summary["params"], "tokens_per_step": trainer.tokens_per_step, "steps": steps,
+    result.update({
+        "device": summary["device"], "dtype": summary["dtype"], "compile": cfg.COMPILE,
+        "params": summary["params"], "tokens_per_step": trainer.tokens_per_step,
         "tokens_per_s": tps, "tokens_per_s_intervals": speeds, "flops_per_s": flops, "mfu": summary["mfu"],
-    }
+    })
     print(f"bench {cfg.PLAN_NAME}: {summary['params']:,} params, vocab {trainer.model.cfg.vocab_size}, "
           f"{trainer.tokens_per_step:,} tokens/step, "
           f"{summary['device']}, {summary['dtype']}, compile {'on' if cfg.COMPILE else 'off'}")
-    print(f"  {tps:,.0f} tokens/s (median of {len(speeds)} intervals of {interval} steps), "
+    print(f"  {tps:,.0f} tokens/s (median of {len(speeds)} intervals of {cfg.LOG_INTERVAL} steps), "
           f"{flops / 1e9:.1f} GFLOP/s" + (f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] else ""))
     predicted = predict_run_memory(cfg, trainer.curriculum, trainer.model.cfg, summary["dtype"]).total
     print(f"  peak memory: {peak / 2**20:,.0f} MiB ({peak_kind}); predicted for the training step: "
@@ -100,12 +133,21 @@ def main() -> int:
         moe = moe_vs_dense(mcfg.moe, mcfg.n_embd, mcfg.mlp, cfg.MICRO_BATCH, cfg.BLOCK_SIZE, trainer.device, dtype)
         print(describe_moe(moe))
         result["moe_vs_dense"] = moe
-    print(f"  checkpoint: {ckpt_bytes / 2**20:.1f} MiB, save {1000 * save_s:.0f} ms, load {1000 * load_s:.0f} ms "
-          f"(median of 5, including fsync)")
-    result.update(checkpoint_bytes=ckpt_bytes, checkpoint_save_s=save_s, checkpoint_load_s=load_s)
-    if out := os.environ.get("BENCH_JSON"):
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    if done:
+        print(f"  checkpoint: {ckpt_bytes / 2**20:.1f} MiB, save {1000 * save_s:.0f} ms, load {1000 * load_s:.0f} ms "
+              f"(median of 5, including fsync)")
+        result.update(checkpoint_bytes=ckpt_bytes, checkpoint_save_s=save_s, checkpoint_load_s=load_s)
+    return result
+
+
+def stop_message(plan: str, summary: dict, planned: int) -> str:
+    """What an early stop looks like in the bench output: status, steps reached and the reason."""
+    status, reached, planned = summary["status"], summary["steps"], summary.get("planned_steps", planned)
+    if status == "time_limit":
+        return (f"bench {plan}: the measured run was cut short by its time limit at step {reached} of {planned}; "
+                "any figures below cover only the steps it reached")
+    return (f"bench {plan}: the measured run stopped early (status {status!r}) at step {reached} of {planned}: "
+            f"{summary.get('error') or 'no reason given'}")
 
 
 if __name__ == "__main__":
