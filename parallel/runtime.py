@@ -162,8 +162,12 @@ def save_sharded(d: Dist, folder, model, optimizer, ds) -> None:
 
 
 def load_sharded(d: Dist, folder, model, optimizer, ds) -> None:
-    """Load a sharded checkpoint; torch distributed checkpointing reshards to this world size."""
+    """Load a sharded checkpoint; torch distributed checkpointing reshards to this world size.
+    The folder's pickles are checked first (train.untrusted): one from elsewhere runs no code."""
+    from train import untrusted
+
     if ds is not None:
+        untrusted.check_deepspeed_folder(folder)
         path, _ = ds.load_checkpoint(str(folder.parent), tag=folder.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
@@ -171,26 +175,36 @@ def load_sharded(d: Dist, folder, model, optimizer, ds) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    untrusted.check_dcp_folder(folder)
     weights, optim = get_state_dict(model, optimizer)
     state = {"model": weights, "optimizer": optim}
-    dcp.load(state, checkpoint_id=str(folder))
+    with untrusted.dcp_refusals():
+        dcp.load(state, storage_reader=untrusted.SafeFileSystemReader(str(folder)),
+                 planner=untrusted.SafeLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def full_weights(folder, engine_name: str) -> dict:
     """The whole model's weights from a sharded checkpoint folder, in one process without a process
-    group (for 'make sample'): DCP's single-process conversion, or DeepSpeed's zero_to_fp32."""
-    import tempfile
+    group (for 'make sample'): DCP's single-process read of the "model" entries, or DeepSpeed's
+    zero_to_fp32; the folder's pickles checked first, as in load_sharded."""
     from pathlib import Path
+
+    from train import untrusted
 
     folder = Path(folder)
     if engine_name == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        untrusted.check_deepspeed_folder(folder)
         return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    # What torch's dcp_to_torch_save does, minus the file: dcp.load would copy only the keys the
+    # caller's dict already has, and this one is filled from the metadata by the planner.
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(folder), str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    untrusted.check_dcp_folder(folder)
+    state: dict = {}
+    with untrusted.dcp_refusals():  # only the weights: the optimizer entries are not read
+        _load_state_dict(state, storage_reader=untrusted.SafeFileSystemReader(str(folder)),
+                         planner=untrusted.SafeEmptyLoadPlanner(keys={"model"}), no_dist=True)
+    return state["model"]
