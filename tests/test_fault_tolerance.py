@@ -331,3 +331,18 @@ def test_a_run_cut_by_max_time_says_so_and_continue_trains_the_rest(repo):
     out = run_make(repo, "continue", env={"SET": f'RUNS_DIR="{elsewhere}"'}, check=False).stdout
     assert "(time_limit)" in out and "resuming from its checkpoint" in out
     assert json.loads((run_dir / "summary.json").read_text())["steps"] > steps, "another MAX_TIME of training"
+
+
+def test_a_named_error_in_training_shows_its_message_and_keeps_the_traceback_in_the_log(tmp_path):
+    from test_checkpoint import train_process
+
+    run_dir = tmp_path / "run"
+    configure(tmp_path, run_dir, "MAX_ITERS=5 EVAL_INTERVAL=5")
+    assert train_process(run_dir).wait() == 0
+    configure(tmp_path, run_dir, "MAX_ITERS=5 EVAL_INTERVAL=5 N_LAYER=3")
+    proc = train_process(run_dir, "--resume")
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1
+    assert "error: " in stderr and "differing symbols: CONFIG_N_LAYER" in stderr and "Traceback" not in stderr
+    assert "Traceback" in (run_dir / "train.log").read_text()
+    assert "CheckpointError" in json.loads((run_dir / "summary.json").read_text())["error"]

@@ -26,8 +26,22 @@ class Tee:
 
     def __call__(self, message: str) -> None:
         print(message, flush=True)
+        self.file_only(message)
+
+    def file_only(self, message: str) -> None:
         self.file.write(message + "\n")
         self.file.flush()
+
+
+def named_errors() -> tuple[type, ...]:
+    """Errors this tool raises on purpose, whose message says what was wrong and what to do."""
+    from data.corpus import DataError
+    from kbuild.kconfig import ConfigError
+    from train.checkpoint import CheckpointError
+    from train.curriculum import CurriculumError
+    from train.metrics import MetricsError
+
+    return ConfigError, DataError, CheckpointError, CurriculumError, MetricsError
 
 
 def main(run_dir: Path, resume: bool = False) -> int:
@@ -57,11 +71,17 @@ def main(run_dir: Path, resume: bool = False) -> int:
     except KeyboardInterrupt:  # a signal before the training loop took over its handling
         log("interrupted before training started")
         return EXIT_CODES["interrupted"]
-    except Exception as e:  # recorded for plan.json; the traceback goes to the log (every rank: stderr)
+    except BaseException as e:  # recorded for plan.json; the traceback goes to the log (every rank: stderr)
+        if isinstance(e, (SystemExit, GeneratorExit)):
+            raise  # (torch's distributed CheckpointException is a BaseException too: recorded like the rest)
         if not main_rank:
             print(f"rank {os.environ.get('RANK')}: {traceback.format_exc()}", file=sys.stderr, flush=True)
             return 1
-        log(traceback.format_exc())
+        if isinstance(e, named_errors()):  # raised on purpose with what to do: the message on screen
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            log.file_only(traceback.format_exc())
+        else:
+            log(traceback.format_exc())
         from train.trainer import write_summary
 
         write_summary(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
