@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
-from kbuild.kconfig import (ROOT, ConfigError, load, load_layers, parse_file, parse_overrides, resolve,
-                            write_min_config, write_outputs)
+from kbuild.kconfig import (ROOT, ConfigError, completeness_problem, load, load_layers, parse_file, parse_overrides,
+                            resolve, write_min_config, write_outputs)
 
 from data.corpus import DataError
 
@@ -44,10 +45,13 @@ def cmd_defconfig(args) -> int:
 
 
 def cmd_olddefconfig(args) -> int:
-    kconf, problems = resolve(parse_file(DOT_CONFIG, snapshot=True) if DOT_CONFIG.exists() else [], parse_overrides(args.set),
-                              lenient=True)
+    old = parse_file(DOT_CONFIG, snapshot=True) if DOT_CONFIG.exists() else []
+    kconf, problems = resolve(old, parse_overrides(args.set), lenient=True)
     for p in problems:
         print(f"warning: dropped: {p}", file=sys.stderr)
+    if DOT_CONFIG.exists() and (gap := completeness_problem(DOT_CONFIG, old, kconf)):
+        print(f"warning: {gap.split('; run ')[0]}; symbols it lacks now have their defaults: check them "
+              f"with 'make menuconfig'", file=sys.stderr)
     write_outputs(kconf, DOT_CONFIG, CONFIG_PY)
     print("updated .config and config.py to the current Kconfig tree")
     return 0
@@ -88,8 +92,21 @@ def cmd_run(args) -> int:
     from plan.expand import expand
     from plan.runner import create_plan
 
-    plan = create_plan(cfg, expand(layers, cfg), args.set)
+    specs = expand(layers, cfg)
+    preflight(specs, here=True)  # before the plan exists: a run that cannot train leaves nothing behind
+    plan = create_plan(cfg, specs, args.set)
     return finish(plan)
+
+
+def preflight(specs, here: bool) -> None:
+    """Refuse a plan with a run that cannot train (plan/preflight.py), naming the run and the symbols."""
+    from plan.preflight import problems
+
+    found = [(s.name, p) for s in specs if not s.rejected for p in problems(s.cfg, here)]
+    if found:
+        one = len(specs) == 1
+        raise ConfigError([p if one else f"run {name}: {p}" for name, p in found]
+                          + ["nothing was created or trained; fix the configuration (make menuconfig, or SET=...)"])
 
 
 def cmd_continue(args) -> int:
@@ -131,7 +148,7 @@ def cmd_slurm(args) -> int:
     plan, script = slurm_plan(layers, cfg, args.set)
     todo = [r["name"] for r in plan.runs if r["status"] == "pending"]
     print(f"plan: {plan.path} ({len(plan.runs)} run{'s' if len(plan.runs) != 1 else ''}, "
-          f"{len(todo)} in the array)\nsubmit with:\n  sbatch {script}")
+          f"{len(todo)} in the array)\nsubmit with:\n  sbatch {shlex.quote(str(script))}")
     return 0
 
 

@@ -30,6 +30,7 @@ from optim.optimizers import build_optimizer, optimizer_name, set_lr
 from optim.schedule import lr_at
 from plan.expand import FRAGMENTS, RunSpec, cell_pairs, expand
 from plan.memory import predict_memory
+from plan.preflight import check_vocab, config_problems, device_problems
 from parallel.launch import check_layout
 from train.curriculum import Curriculum
 from train.moe_stats import MoEStats
@@ -37,14 +38,6 @@ from train.precision import apply_fp8, fp8_backend, te_shape_problems, te_token_
 from train.trackers import tracker_problems
 
 CPU_PARAM_BUDGET = 30_000_000  # larger models are checked as a reduced twin
-CHAR_BYTE_VOCAB = 256  # byte vocabulary; char vocabularies of the shipped corpora pad to at most this
-
-
-def check_vocab(cfg: Config) -> int:
-    """The vocabulary the run's model will have, known without data (SentencePiece: its configured size)."""
-    from train.trainer import padded_vocab
-
-    return padded_vocab(cfg.SENTENCEPIECE_VOCAB_SIZE) if cfg.TOKENIZER_SENTENCEPIECE else CHAR_BYTE_VOCAB
 GIB = 1024 ** 3
 
 
@@ -137,11 +130,16 @@ def check_run(spec: RunSpec) -> Row:
         return Row(spec.name, "rejected", spec.error)
     t0 = time.perf_counter()
     cfg = spec.cfg
+    if found := config_problems(cfg):  # named rules: no need to build anything, no traceback
+        return Row(spec.name, "FAILED", "; ".join(found), time.perf_counter() - t0)
     try:
         r = step_twice(cfg)
-    except Exception:
+    except Exception as e:
+        if "CONFIG_" in str(e):  # raised on purpose, naming its symbol: the message is the whole story
+            return Row(spec.name, "FAILED", f"{type(e).__name__}: {e}", time.perf_counter() - t0)
         print(f"check {spec.name}: FAILED\n{traceback.format_exc()}", flush=True)
         return Row(spec.name, "FAILED", traceback.format_exc().strip().splitlines()[-1], time.perf_counter() - t0)
+    r["notes"] += [f"not on this machine: {p}" for p in device_problems(cfg)]
     mem, target = r["memory"], cfg.TARGET_DEVICE_MEMORY_GIB
     built = "reduced twin" if r["twin"] else "full size"
     active = f" ({r['active_params'] / 1e6:.2f}M active)" if r["active_params"] < r["params"] else ""

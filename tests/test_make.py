@@ -96,11 +96,78 @@ def test_quickstart_on_a_reduced_budget(repo, make):
 
 def test_failed_run_is_recorded_in_the_plan(repo, make):
     make("defconfig-quickstart")
-    p = make(env={"SET": "DEVICE_CUDA=y MAX_ITERS=2"}, check=False)
+    p = make(env={"SET": "DATA_PATH=missing.txt MAX_ITERS=2"}, check=False)
     assert p.returncode != 0 and "1 run(s) did not finish: base" in p.stdout
     plan = json.loads(next((repo / "runs").iterdir()).joinpath("plan.json").read_text())
     run = plan["runs"][0]
-    assert run["status"] == "failed" and "CONFIG_DEVICE_CUDA=y" in run["error"]
+    assert run["status"] == "failed" and "missing.txt" in run["error"]
+
+
+def test_run_that_cannot_train_here_is_refused_before_the_plan_exists(repo, make):
+    make("defconfig-quickstart")
+    p = make(env={"SET": "DEVICE_CUDA=y MAX_ITERS=2"}, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "error: CONFIG_DEVICE_CUDA=y but torch sees no CUDA GPU on this machine" in p.stderr
+    assert "nothing was created or trained" in p.stderr and not (repo / "runs").exists()
+    p = make(env={"SET": "MODEL_SIZE_CUSTOM=y N_EMBD=30 N_HEAD=4"}, check=False)
+    assert "error: CONFIG_N_EMBD=30 is not divisible by CONFIG_N_HEAD=4" in p.stderr and not (repo / "runs").exists()
+    p = make("check", env={"SET": "MODEL_SIZE_CUSTOM=y N_EMBD=30 N_HEAD=4"}, check=False)
+    assert p.returncode != 0 and "FAILED" in p.stdout and "CONFIG_N_EMBD=30 is not divisible" in p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
+    out = make("check", env={"SET": "DEVICE_CUDA=y"}).stdout  # a check on a laptop for a GPU machine
+    assert "check passed" in out and "not on this machine: CONFIG_DEVICE_CUDA=y" in out
+
+
+# what make must pass through untouched: $ (alone, as $VAR, $(...) and $$), quotes, backslashes, spaces
+SET_VALUES = {"SAMPLE_PROMPT": "$HOME/x", "DATA_JSONL_FIELD": "$(shell touch {marker})",
+              "DATA_PARQUET_COLUMN": "`touch {marker}`", "DATA_TEXT_SEPARATOR": 'say "hi"', "DATA_HF_CONFIG": "it's",
+              "DATA_HF_SPLIT": "a\\b \\n", "SLURM_PARTITION": "  two  spaces ", "SLURM_ACCOUNT": "$$ and $",
+              "SLURM_EXTRA": "#not a comment", "DATA_PATH": "%;&|<>*?[]{}~!"}
+
+
+@pytest.mark.parametrize("how", ["command line", "environment"])
+def test_set_reaches_kbuild_unexpanded_and_runs_nothing(repo, make, how, tmp_path):
+    import shlex
+
+    from kbuild.kconfig import parse_file, resolve, values
+
+    make("defconfig-quickstart")
+    marker = tmp_path / "ran"
+    want = {name: value.replace("{marker}", str(marker)) for name, value in SET_VALUES.items()}
+    words = []
+    for i, (name, value) in enumerate(want.items()):  # single quotes and double quotes, alternately
+        double = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        words.append(f"{name}={shlex.quote(value) if i % 2 else double}")
+    text = " ".join(words)
+    p = make("savedefconfig", f"SET={text}") if how == "command line" else make("savedefconfig", env={"SET": text})
+    cfg = values(resolve(parse_file(repo / "defconfig"))[0])
+    assert {name: cfg[name] for name in want} == want, p.stdout
+    assert not marker.exists(), "make ran a command found in SET"
+
+
+def test_help_says_how_to_quote_set(make):
+    assert "make SET='SAMPLE_PROMPT=$HOME' gives the text $HOME" in make("help").stdout
+
+
+def test_syncconfig_accepts_menuconfigs_file_and_olddefconfig_repairs_a_cut_one(repo, make):
+    import subprocess
+    import sys
+
+    from kbuild.kconfig import END_MARKER, parse_file, resolve
+
+    make("defconfig-quickstart")
+    dot = repo / ".config"
+    kconf, _ = resolve(parse_file(dot, snapshot=True))
+    kconf.write_config(str(dot), save_old=False)  # as menuconfig saves it: kconfiglib's own header, no marker
+    assert END_MARKER not in dot.read_text()
+    subprocess.run([sys.executable, "-m", "kbuild", "syncconfig"], cwd=repo, check=True, capture_output=True)
+    assert dot.read_text().endswith(f"{END_MARKER}\n"), "syncconfig writes the marker back"
+    text = dot.read_text()
+    dot.write_text(text[:text.index("CONFIG_MAX_ITERS")])  # cut short, e.g. by a full disk
+    p = make("check", check=False)
+    assert p.returncode == 2 and f"{dot.name} is truncated: kbuild wrote it, but its final line" in p.stderr
+    p = make("olddefconfig")
+    assert f"warning: {dot} is truncated" in p.stderr and dot.read_text().endswith(f"{END_MARKER}\n")
 
 
 def test_run_outside_make_dir_uses_run_make_helper(repo):

@@ -1,0 +1,101 @@
+"""Up-front checks: what a run would otherwise find only after setup, found in its first second.
+
+``problems(cfg)`` needs only the configuration: the model's shape rules (ModelConfig), the
+curriculum's, and, for a run about to train on this machine (``here=True``), whether this
+machine has the device, dtype and FP8 support the configuration asks for. 'make' runs it for
+every run before the plan is created; 'make check' and 'make slurm' (which check on one machine
+for another) run it with ``here=False`` and report the device part as notes.
+
+``data_problems(cfg, data)`` needs the prepared data: every split long enough for BLOCK_SIZE,
+and SAMPLE_PROMPT encodable by the tokenizer. The runner calls it after preparing a run's data,
+before the run trains.
+
+Each problem is one line naming the CONFIG_ symbols and what to change.
+"""
+
+from __future__ import annotations
+
+from kbuild.kconfig import Config
+
+CHAR_BYTE_VOCAB = 256  # byte vocabulary; char vocabularies of the shipped corpora pad to at most this
+
+
+def check_vocab(cfg: Config) -> int:
+    """The vocabulary the run's model will have, known without data (SentencePiece: its configured size)."""
+    from train.trainer import padded_vocab
+
+    return padded_vocab(cfg.SENTENCEPIECE_VOCAB_SIZE) if cfg.TOKENIZER_SENTENCEPIECE else CHAR_BYTE_VOCAB
+
+
+def problems(cfg: Config, here: bool = True) -> list[str]:
+    """What stops ``cfg`` from training; with ``here``, on this machine. Empty when nothing does."""
+    return config_problems(cfg) + (device_problems(cfg) if here else [])
+
+
+def config_problems(cfg: Config) -> list[str]:
+    """Rules of the model and the curriculum, which their own from_config enforce at setup."""
+    from model.gpt import ModelConfig
+    from train.curriculum import Curriculum
+
+    found = []
+    for build in (lambda: ModelConfig.from_config(cfg, check_vocab(cfg)), lambda: Curriculum.from_config(cfg)):
+        try:
+            build()
+        except ValueError as e:  # CurriculumError is a ValueError too; both name their symbols
+            found.append(str(e))
+    return found
+
+
+def device_problems(cfg: Config) -> list[str]:
+    """Whether this machine has what the run asks for: CUDA, fp16, FP8 hardware, GPUs to count."""
+    import torch
+
+    from parallel.launch import procs_per_node
+    from train.device import resolve_device, resolve_dtype
+    from train.precision import fp8_backend, require_fp8_device
+
+    found = []
+    try:
+        device = resolve_device(cfg)
+        resolve_dtype(cfg, device)
+    except RuntimeError as e:
+        found.append(str(e))
+        device = torch.device("cpu")
+    backend = fp8_backend(cfg)
+    if backend == "te" or (backend == "torchao" and not cfg.FP8_EMULATE):
+        try:
+            require_fp8_device(device, backend)
+        except RuntimeError as e:
+            found.append(str(e))
+    try:
+        procs_per_node(cfg)
+    except RuntimeError as e:
+        found.append(str(e))
+    return found
+
+
+def data_problems(cfg: Config, data) -> list[str]:
+    """What stops ``cfg`` from training on its prepared ``data`` (a PreparedData or a PreparedMix)."""
+    from data.mix import as_mix
+
+    mix = as_mix(data)
+    found = []
+    need = cfg.BLOCK_SIZE + 2  # a window of BLOCK_SIZE inputs and its shifted targets, at a random start
+    splits = [(m.data, split) for m in mix.members for split in ("train", "val")]
+    splits += [(extra, "val") for _, extra in mix.extras]
+    for part, split in splits:
+        n = len(part.tokens(split))
+        if n < need:
+            fix = "a larger VAL_FRACTION" if split == "val" else "a smaller VAL_FRACTION"
+            found.append(f"CONFIG_BLOCK_SIZE={cfg.BLOCK_SIZE}: the {split} split of {part.path} has {n} tokens, "
+                         f"fewer than the {need} one training window needs; use more data, a smaller "
+                         f"BLOCK_SIZE or {fix}")
+    prompt = cfg.SAMPLE_PROMPT or "\n"  # what train/sample.py encodes
+    try:
+        mix.tokenizer.encode(prompt)
+    except ValueError as e:
+        what = (f"CONFIG_SAMPLE_PROMPT={cfg.SAMPLE_PROMPT!r}: the run's" if cfg.SAMPLE_PROMPT else
+                "CONFIG_SAMPLE_PROMPT is empty, so samples start from a newline, but the run's")
+        found.append(f"{what} {mix.tokenizer.kind} tokenizer cannot encode it ({e}); write a prompt from the "
+                     f"corpus's characters, or use TOKENIZER_BYTE")
+    return found
