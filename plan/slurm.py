@@ -25,13 +25,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kbuild.kconfig import ROOT, Config, ConfigError, load, write_text_if_changed
+from kbuild.kconfig import ROOT, Config, ConfigError, control_char, load, write_text_if_changed
 from parallel.launch import launch_env, train_command
 from plan.plan import Plan
 from train.checkpoint import has_checkpoint
 
 SCRIPT = "slurm.sbatch"
 _TIME_RE = re.compile(r"(?:(\d+)-)?(\d{1,2}):([0-5]\d):([0-5]\d)")
+# What an '#SBATCH' line can carry without quoting: sbatch, not the shell, reads those lines and
+# splits them at white space, so values are validated to need no quotes instead of being quoted.
+_DIRECTIVE_VALUE_RE = re.compile(r"[A-Za-z0-9_.,:;@%+=/\[\]*|&!^~()-]*")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.,+-]+")
 FOLLOWER_WAIT_S = 600  # how long nodes 1.. wait for node 0 to start the run
 
 
@@ -62,42 +66,69 @@ class SlurmSettings:
             if re.search(r"\s", cfg[sym]):
                 problems.append(f'CONFIG_{sym}="{cfg[sym]}": contains white space; give one name '
                                 f'(several partitions are separated by commas)')
+            elif cfg[sym] and not _NAME_RE.fullmatch(cfg[sym]):
+                problems.append(f"CONFIG_{sym}={cfg[sym]!r}: not a Slurm name; use letters, digits, '_', '.', "
+                                f"'-' and '+' (several separated by commas)")
         extra = tuple(item.strip() for item in cfg.SLURM_EXTRA.split(";") if item.strip())
         for item in extra:
-            if not item.startswith("-"):
+            if not re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*", item.partition("=")[0]):
                 problems.append(f'CONFIG_SLURM_EXTRA="{cfg.SLURM_EXTRA}": {item!r} is not an sbatch option; '
                                 f'write options like "--qos=high;--constraint=h100"')
+            elif not _DIRECTIVE_VALUE_RE.fullmatch(item.partition("=")[2]):
+                bad = next(c for c in item.partition("=")[2] if not _DIRECTIVE_VALUE_RE.fullmatch(c))
+                problems.append(f"CONFIG_SLURM_EXTRA={cfg.SLURM_EXTRA!r}: {item!r} contains {bad!r}, which an "
+                                f"'#SBATCH' line cannot carry (no white space, quotes, '#', '$' or backslashes); "
+                                f"write --option=value with a plain value")
         if problems:
             raise ConfigError(problems)
         return cls(cfg.SLURM_PARTITION, cfg.SLURM_ACCOUNT, cfg.SLURM_GPUS_PER_TASK, cfg.SLURM_CPUS_PER_TASK,
                    cfg.SLURM_MEM_GB, cfg.SLURM_TIME.strip(), cfg.SLURM_MAX_PARALLEL, extra)
 
 
+def output_path_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be the '#SBATCH --output=' directory, or None."""
+    if _DIRECTIVE_VALUE_RE.fullmatch(str(folder)) and "%" not in str(folder):
+        return None
+    return (f"CONFIG_RUNS_DIR: the path {str(folder)!r} contains characters an '#SBATCH --output=' line cannot "
+            f"carry (white space, quotes, '#', '%', '$', ...); for 'make slurm' choose a RUNS_DIR whose absolute "
+            f"path has only letters, digits, '/', '.', '_' and '-'")
+
+
 def slurm_plan(layers: list, cfg: Config, overrides: str = "") -> tuple[Plan, Path]:
     """Create the plan as 'make' does, prepare its data, and write its sbatch script; nothing trains."""
     from data.prepare import prepare
     from plan.expand import expand
-    from plan.runner import create_plan
+    from plan.preflight import config_problems, data_problems
+    from plan.runner import create_plan, runs_dir
 
     if cfg.DRY_RUN:
         raise ConfigError(["CONFIG_DRY_RUN=y: 'make slurm' submits training; use 'make check' for the dry run "
                            "or set DRY_RUN=n"])
     settings = SlurmSettings.from_config(cfg)  # before the plan exists: a bad value leaves nothing behind
+    if problem := output_path_problem(runs_dir(cfg)):
+        raise ConfigError([problem])
     specs = expand(layers, cfg)
     nodes = {s.cfg.get("NNODES") or 1 for s in specs if not s.rejected}
     if len(nodes) > 1:
         raise ConfigError([f"CONFIG_NNODES differs between the runs of this plan ({sorted(nodes)}); one sbatch "
                            f"array asks for one node count: make a plan per node count"])
+    # the nodes train, not this machine: the model's rules now, the device's at each task's start
+    found = [f"run {s.name}: {p}" for s in specs if not s.rejected for p in config_problems(s.cfg)]
+    if found:
+        raise ConfigError(found + ["nothing was created; fix the configuration (make menuconfig, or SET=...)"])
     plan = create_plan(cfg, specs, overrides)
     plan.record["runner_pid"] = None  # no process runs this plan; its array tasks never claim it
     plan.save()
     for run in plan.runs:  # data errors show now, not in every array task; tasks never prepare at once
         if run["status"] == "pending":
+            run_cfg = next(s.cfg for s in specs if s.name == run["name"])
             try:
-                prepare(next(s.cfg for s in specs if s.name == run["name"]), ROOT)
+                found = data_problems(run_cfg, prepare(run_cfg, ROOT))
             except Exception as e:
-                plan.update(run["name"], status="failed", error=f"data: {type(e).__name__}: {e}")
-                print(f"run {run['name']}: data: {e}", file=sys.stderr)
+                found = [f"data: {type(e).__name__}: {e}"]
+            if found:
+                plan.update(run["name"], status="failed", error="; ".join(found))
+                print(f"run {run['name']}: " + "; ".join(found), file=sys.stderr)
     return plan, write_script(plan, settings, nodes.pop() if nodes else 1)
 
 
@@ -113,10 +144,18 @@ def write_script(plan: Plan, settings: SlurmSettings, nnodes: int = 1, python: s
 
 
 def script_text(plan: Plan, names: list[str], s: SlurmSettings, nnodes: int, python: str) -> str:
+    """The sbatch script: every value in a shell line is quoted; values in '#SBATCH' lines are validated."""
     q = shlex.quote
+    for what, value in (("the plan directory", str(plan.path)), ("the source tree", str(ROOT)),
+                        ("the Python interpreter", python), *(("a run name", n) for n in names)):
+        if control_char(value):  # a newline in a comment or an assignment would start a new command
+            raise ConfigError([f"{what} {value!r} contains {control_char(value)}; the sbatch script cannot "
+                               f"carry it: choose CONFIG_RUNS_DIR (or the checkout's path) without it"])
+    if problem := output_path_problem(plan.path):
+        raise ConfigError([problem])
     array = f"0-{len(names) - 1}" + (f"%{s.max_parallel}" if s.max_parallel else "")
     directives = [f"--job-name={plan.path.name}", f"--array={array}",
-                  f"--output={q(str(plan.path / 'slurm-%A_%a.out'))}",
+                  f"--output={plan.path / 'slurm-%A_%a.out'}",
                   f"--nodes={nnodes}", "--ntasks-per-node=1"]
     directives += [f"--partition={s.partition}"] if s.partition else []
     directives += [f"--account={s.account}"] if s.account else []
@@ -125,7 +164,7 @@ def script_text(plan: Plan, names: list[str], s: SlurmSettings, nnodes: int, pyt
     directives += [f"--mem={s.mem_gb}G"] if s.mem_gb else []
     directives += [f"--time={s.time}", *s.extra]
     lines = ["#!/bin/bash",
-             f"# Generated by 'make slurm' for plan {plan.path.name}: one array task per run.",
+             f"# Generated by 'make slurm' for plan {q(plan.path.name)}: one array task per run.",
              f"# Submit: sbatch {q(str(plan.path / SCRIPT))}",
              "# Status: plan.json; afterwards 'make continue' trains what is left, 'make report' reports.",
              *(f"#SBATCH {d}" for d in directives),

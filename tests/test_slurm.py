@@ -179,3 +179,73 @@ def test_make_slurm_prints_the_sbatch_command(repo, make, tmp_path):
     [script] = (tmp_path / "out").glob("quickstart-*/slurm.sbatch")
     assert f"sbatch {script}" in out
     assert f"cd {repo}\n" in script.read_text()
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ("--qos=high\ntouch /tmp/x", "the value contains a newline character"),  # refused by the resolver itself
+    ("--qos=high;--comment=$(id)", "'--comment=$(id)' contains '$', which an '#SBATCH' line cannot carry"),
+    ("--comment=a b", "'--comment=a b' contains ' '"),
+    ("--comment='x'", "contains \"'\""),
+    ("--comment=x\\y", "contains '\\\\'"),
+    ("--comment=x#y", "contains '#'"),
+    ("qos=high", "'qos=high' is not an sbatch option"),
+    ("--9=x", "'--9=x' is not an sbatch option"),
+])
+def test_extra_options_that_an_sbatch_line_cannot_carry_are_refused(tmp_path, extra, reason):
+    import shlex
+
+    with pytest.raises(ConfigError) as e:
+        slurm_plan_for("quickstart", f"SLURM_EXTRA={shlex.quote(extra)} {TINY}", tmp_path)
+    assert "CONFIG_SLURM_EXTRA" in e.value.problems[0] and reason in e.value.problems[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("sym, value", [("SLURM_PARTITION", "gpu'x"), ("SLURM_ACCOUNT", "a$b"), ("SLURM_ACCOUNT", "a#b")])
+def test_partition_and_account_are_plain_names(tmp_path, sym, value):
+    import shlex
+
+    with pytest.raises(ConfigError, match=f"CONFIG_{sym}=.*not a Slurm name"):
+        slurm_plan_for("quickstart", f"{sym}={shlex.quote(value)} {TINY}", tmp_path)
+
+
+@pytest.mark.parametrize("folder", ["a b", "a%b", "it's", 'q"q', "d$x"])
+def test_runs_dir_an_output_directive_cannot_carry_is_refused_before_the_plan(tmp_path, folder):
+    import shlex
+
+    runs = tmp_path / folder
+    with pytest.raises(ConfigError, match="CONFIG_RUNS_DIR: the path .* '#SBATCH --output=' line cannot carry"):
+        slurm.slurm_plan(*_layers_and_cfg(f"RUNS_DIR={shlex.quote(str(runs))} {TINY}"))
+    assert not runs.exists()
+
+
+def _layers_and_cfg(set_: str):
+    layers = [parse_file(ROOT / "defconfigs" / "quickstart"), parse_overrides(set_)]
+    return layers, values(resolve(*layers)[0])
+
+
+def test_shell_lines_quote_every_value_and_the_printed_command_too(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    import kbuild.__main__ as cli
+    from kbuild.kconfig import write_outputs
+
+    runs = tmp_path / "a&b(c);d|e"  # fine for '#SBATCH' lines, which no shell reads; dangerous in shell lines
+    kconf, _ = resolve(parse_file(ROOT / "defconfigs" / "quickstart"), parse_overrides(f"RUNS_DIR={shlex.quote(str(runs))} {TINY}"))
+    write_outputs(kconf, tmp_path / ".config", tmp_path / "config.py")
+    monkeypatch.setattr(cli, "DOT_CONFIG", tmp_path / ".config")
+    assert cli.main(["slurm", "--set", ""]) == 0
+    [script] = runs.glob("quickstart-*/slurm.sbatch")
+    printed = capsys.readouterr().out.splitlines()[-1].strip()
+    assert shlex.split(printed) == ["sbatch", str(script)]
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    body = script.read_text().split("set -euo pipefail")[1].split("RUN=")[0]
+    out = subprocess.run(["bash", "-c", body + 'printf "%s" "$PLAN_DIR"'], capture_output=True, text=True, check=True)
+    assert out.stdout == str(script.parent)
+    assert f"#SBATCH --output={script.parent}/slurm-%A_%a.out\n" in script.read_text()
+
+
+def test_a_control_character_in_a_path_never_reaches_the_script(tmp_path):
+    plan = Plan.create(tmp_path, "p", "single", [{"name": "base"}])
+    settings = slurm.SlurmSettings("", "", 1, 8, 0, "04:00:00", 0, ())
+    with pytest.raises(ConfigError, match="the Python interpreter '/x\\\\n/python' contains a newline"):
+        slurm.script_text(plan, ["base"], settings, 1, "/x\n/python")
