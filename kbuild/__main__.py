@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from kbuild.kconfig import (ROOT, ConfigError, completeness_problem, load, load_layers, parse_file, parse_overrides,
-                            resolve, write_min_config, write_outputs)
+                            resolve, values, write_min_config, write_outputs)
 
 from data.corpus import DataError
 
@@ -110,17 +110,20 @@ def preflight(specs, here: bool) -> None:
 
 
 def cmd_continue(args) -> int:
-    from plan.runner import claim, newest_unfinished_plan, override_runs, runs_dir
+    from plan.runner import claim, newest_unfinished_plan, prepare_to_continue, runs_dir
 
-    root = runs_dir(load(DOT_CONFIG)[1]) if DOT_CONFIG.exists() else ROOT / "runs"
+    # SET may move RUNS_DIR: look for the plan where the overrides say plans are
+    here = parse_file(DOT_CONFIG, snapshot=True) if DOT_CONFIG.exists() else []
+    root = runs_dir(values(resolve(here, parse_overrides(args.set))[0]))
     plan = newest_unfinished_plan(root)
     if plan is None:
         print(f"nothing to continue: every plan under {root} is finished")
         return 0
-    claim(plan)
     unfinished = [r["name"] for r in plan.runs if r["status"] not in ("done", "rejected")]
-    if args.set:  # e.g. another world size: SET="NPROC_PER_NODE=1"; a model change is refused at resume
-        override_runs(plan, unfinished, args.set)
+    claim(plan)  # refuses a plan another live process runs, before anything of it changes
+    # e.g. another world size: SET="NPROC_PER_NODE=1"; a model change is refused at resume
+    prepare_to_continue(plan, unfinished, args.set)
+    if args.set:
         print(f"applied SET={args.set!r} to the runs to continue")
     print(f"continuing {plan.path.name}: " + ", ".join(f"{r['name']} ({r['status']})" for r in plan.runs
                                                        if r["name"] in unfinished))
@@ -267,11 +270,22 @@ def main(argv=None) -> int:
     except (DataError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, OSError) as e:
-        if os.environ.get("KBUILD_DEBUG"):
+    except Exception as e:
+        if isinstance(e, loaded_named_errors()):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(e, (ValueError, RuntimeError, OSError)) or os.environ.get("KBUILD_DEBUG"):
             raise
         print(f"error: {e} (KBUILD_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+
+
+def loaded_named_errors() -> tuple[type, ...]:
+    """CheckpointError and MetricsError, if their modules were imported (that is, could have raised them):
+    importing train.checkpoint here would load torch into every configuration command."""
+    found = [getattr(sys.modules.get(module), name, None) for module, name in
+             (("train.checkpoint", "CheckpointError"), ("train.metrics", "MetricsError"))]
+    return tuple(c for c in found if c is not None)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from kbuild.kconfig import ROOT, Config, load, parse_file, parse_overrides, resolve, write_outputs
+from kbuild.kconfig import ROOT, Config, ConfigError, load, parse_file, parse_overrides, resolve, values, write_outputs
 from parallel.launch import engine, launch_env, train_command
 from plan.expand import RunSpec, mode_of
 from plan.plan import PLAN_FILE, Plan, now
@@ -48,28 +49,41 @@ def create_plan(cfg: Config, specs: list[RunSpec], overrides: str = "") -> Plan:
     return plan
 
 
-def override_runs(plan: Plan, names: list[str], overrides: str) -> None:
-    """Apply SET-style overrides to the resolved configs of ``names`` (all validated before any is
-    written), e.g. to continue on another world size."""
+def prepare_to_continue(plan: Plan, names: list[str], overrides: str = "") -> None:
+    """Before ``names`` are continued: apply SET-style overrides to their resolved configs (e.g. another
+    world size, a smaller MICRO_BATCH) and check each result can train on this machine
+    (plan/preflight.py). Every run is validated before any file is written, so a refusal changes nothing."""
+    from plan.preflight import problems
+
     resolved = {name: resolve(parse_file(plan.run_dir(name) / ".config", snapshot=True),
                               parse_overrides(overrides))[0] for name in names}
+    found = [f"run {name}: {p}" for name, kconf in resolved.items() for p in problems(values(kconf))]
+    if found:
+        raise ConfigError(found + ["nothing was continued: fix it with 'make continue SET=...' or continue on "
+                                   "a machine that fits"])
     for name, kconf in resolved.items():
-        write_outputs(kconf, plan.run_dir(name) / ".config", plan.run_dir(name) / "config.py")
+        if overrides:
+            write_outputs(kconf, plan.run_dir(name) / ".config", plan.run_dir(name) / "config.py")
 
 
 def execute(plan: Plan) -> Plan:
     """Train every unfinished run of ``plan`` (interrupted ones resume from their checkpoint)."""
     from data.prepare import prepare
+    from plan.preflight import data_problems
 
     todo, parallel = [], False
     for name in [r["name"] for r in plan.runs if r["status"] in UNFINISHED]:
         try:  # prepare data up front: data errors show before hours of training
             cfg = load(plan.run_dir(name) / ".config")[1]
-            prepare(cfg, ROOT)
-            todo.append(name)
-            parallel |= engine(cfg) != "none"
+            found = data_problems(cfg, prepare(cfg, ROOT))
         except Exception as e:
-            plan.update(name, status="failed", error=f"data: {type(e).__name__}: {e}", end=now())
+            found = [f"data: {type(e).__name__}: {e}"]
+        if found:  # e.g. a corpus shorter than BLOCK_SIZE, a SAMPLE_PROMPT the tokenizer cannot encode
+            plan.update(name, status="failed", error="; ".join(found), end=now())
+            print(f"run {name}: " + "; ".join(found), file=sys.stderr, flush=True)
+            continue
+        todo.append(name)
+        parallel |= engine(cfg) != "none"
     print(f"plan: {plan.path} ({len(plan.runs)} run{'s' if len(plan.runs) != 1 else ''}, {len(todo)} to train)", flush=True)
     slots = [None] if parallel else _device_slots()  # a data-parallel run takes every GPU
     active: dict[str, tuple[subprocess.Popen, str | None]] = {}
