@@ -55,6 +55,10 @@ def problems_of_schedule(cfg: Mapping, say) -> None:
         shape = "cosine" if cfg["LR_COSINE"] else "WSD"
         say("MIN_LR", f"CONFIG_MIN_LR={min_lr:g} is above CONFIG_LR={lr:g}: the {shape} 'decay' would raise the "
                       f"rate; set MIN_LR at or below LR (typical: LR/10)", "LR")
+    if warmup >= max_iters:
+        say("WARMUP_ITERS", f"CONFIG_WARMUP_ITERS={warmup} is not below CONFIG_MAX_ITERS={max_iters}: the run "
+                            f"would end still in warmup, never training at LR; lower WARMUP_ITERS (typical: "
+                            f"1-5% of MAX_ITERS, e.g. {max(1, max_iters // 20)}) or raise MAX_ITERS", "MAX_ITERS")
     if cfg["LR_COSINE"] and cfg["LR_DECAY_ITERS"] and warmup >= cfg["LR_DECAY_ITERS"]:
         say("LR_DECAY_ITERS", f"CONFIG_LR_DECAY_ITERS={cfg['LR_DECAY_ITERS']} is not after CONFIG_WARMUP_ITERS="
                               f"{warmup}: the cosine would be over before warmup ends and the rate would drop from "

@@ -62,7 +62,8 @@ def main() -> int:
     # One process: a data-parallel run's throughput is in its own summary (make, then the report).
     bench_sets = (f'DATA_PATH="" DATASET_EMBEDDED=y EMBEDDED_CORPUS_MB=4 MAX_ITERS={steps} MAX_TIME=0 '
                   f"LOG_INTERVAL={interval} EVAL_INTERVAL={steps} EVAL_BATCHES=1 CHECKPOINT_INTERVAL=0 "
-                  "SAMPLE_TOKENS=1 PARALLEL_NONE=y TRACK_WANDB=n TRACK_TRACKIO=n TRACK_TENSORBOARD=n")
+                  "SAMPLE_TOKENS=1 PARALLEL_NONE=y TRACK_WANDB=n TRACK_TRACKIO=n TRACK_TENSORBOARD=n "
+                  f"WARMUP_ITERS={min(configured.WARMUP_ITERS, steps - 1)}")  # the steps measured fit the schedule
     if not configured.PARALLEL_NONE:
         print("bench runs one process; for the data-parallel throughput run 'make' and read its summary")
     kconf, _ = resolve(parse_file(ROOT / ".config", snapshot=True), parse_overrides(os.environ.get("SET", "")),

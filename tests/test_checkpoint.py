@@ -20,7 +20,7 @@ from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.trainer import Trainer
 
-SETTINGS = ("MODEL_SIZE_CUSTOM=y N_LAYER=2 N_HEAD=2 N_EMBD=64 BLOCK_SIZE=32 MICRO_BATCH=8 WARMUP_ITERS=5 "
+SETTINGS = ("MODEL_SIZE_CUSTOM=y N_LAYER=2 N_HEAD=2 N_EMBD=64 BLOCK_SIZE=32 MICRO_BATCH=8 WARMUP_ITERS=2 "
             "LR=3e-3 MIN_LR=3e-4 EVAL_BATCHES=2 LOG_INTERVAL=5 DEVICE_CPU=y DTYPE_FP32=y SAMPLE_TOKENS=5 "
             'DROPOUT="0.1" CPU_THREADS=1')
 

@@ -14,7 +14,7 @@ CURRICULUM = 'CURRICULUM=y CURRICULUM_STAGES="64:0 128:0.25 256:0.5"'
 
 
 def cfg(text: str = "", base: str = BASE):
-    kconf, problems = resolve([], parse_overrides(base), parse_overrides(text))
+    kconf, problems = resolve([], parse_overrides("WARMUP_ITERS=1 " + base), parse_overrides(text))
     assert problems == []
     return values(kconf)
 

@@ -191,7 +191,7 @@ def bench_setup(tmp_path):
     lines = [f"{a} {b} {a}{b}." for a in ("cat", "dog", "fox", "owl") for b in ("one", "two", "six")]
     (tmp_path / "corpus.txt").write_text("\n".join(lines * 60) + "\n")
     cfg = cfg_with(DATA_PATH="corpus.txt", DATA_CACHE_DIR="cache", MODEL_SIZE_CUSTOM="y", N_LAYER=1, N_HEAD=2,
-                   N_EMBD=32, BLOCK_SIZE=32, MICRO_BATCH=4, MAX_ITERS=12, LOG_INTERVAL=2, EVAL_INTERVAL=12,
+                   N_EMBD=32, BLOCK_SIZE=32, MICRO_BATCH=4, MAX_ITERS=12, WARMUP_ITERS=2, LOG_INTERVAL=2, EVAL_INTERVAL=12,
                    EVAL_BATCHES=1, MAX_TIME=0, MAX_BAD_STEPS=2, DEVICE_CPU="y", DTYPE_FP32="y", SAMPLE_TOKENS=1,
                    CPU_THREADS=1)
     return cfg, prepare(cfg, tmp_path, **QUIET)

@@ -15,7 +15,7 @@ from kbuild.kconfig import ROOT, parse_overrides, resolve, write_outputs
 from parallel.launch import train_command
 
 # A tiny model; GRAD_ACCUM=2 exercises the skipped all-reduce of the first micro-batch.
-SETTINGS = ("MODEL_SIZE_CUSTOM=y N_LAYER=2 N_HEAD=2 N_EMBD=64 BLOCK_SIZE=32 GRAD_ACCUM=2 WARMUP_ITERS=4 "
+SETTINGS = ("MODEL_SIZE_CUSTOM=y N_LAYER=2 N_HEAD=2 N_EMBD=64 BLOCK_SIZE=32 GRAD_ACCUM=2 WARMUP_ITERS=1 "
             'LR=3e-3 MIN_LR=3e-4 MAX_ITERS=16 LOG_INTERVAL=4 EVAL_INTERVAL=8 EVAL_BATCHES=2 DEVICE_CPU=y '
             'DTYPE_FP32=y SAMPLE_TOKENS=5 DROPOUT="0" CHECKPOINT_INTERVAL=8 CHECKPOINT_KEEP=2')
 # Stated tolerance: the same global batch and seed give the same losses up to float reduction order

@@ -170,9 +170,10 @@ def small_disk(tmp_path):
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_plan_says_why(repo, small_disk):
     """A real full filesystem: the step-40 checkpoint cannot be written; make continue then resumes from
     step 20 once there is space again, finding the plan through the SET override of RUNS_DIR."""
-    settings = f"{TINY} MAX_ITERS=60 CHECKPOINT_INTERVAL=20 EVAL_INTERVAL=1000 LOG_INTERVAL=10"
+    settings = f"{TINY} CHECKPOINT_INTERVAL=20 EVAL_INTERVAL=1000 LOG_INTERVAL=10"
     run_make(repo, "defconfig-quickstart")
     run_make(repo, env={"SET": f"{settings} MAX_ITERS=20"})  # how large is one checkpoint?
+    settings += " MAX_ITERS=60"
     size = next((repo / "runs").glob("*/base/checkpoints/step-00000020.pt")).stat().st_size
     proc = subprocess.Popen(["make", "--no-print-directory", "SKIP_SETUP=1", f"PYTHON={sys.executable}"], cwd=repo,
                             env=dict(os.environ, SET=f'{settings} RUNS_DIR="{small_disk}"'),
@@ -316,7 +317,7 @@ def test_time_based_checkpoints(tmp_path):
 
 def test_a_run_cut_by_max_time_says_so_and_continue_trains_the_rest(repo):
     elsewhere = repo.parent / "elsewhere"
-    settings = f'{TINY} MAX_ITERS=100000 MAX_TIME=2 EVAL_INTERVAL=100000 LOG_INTERVAL=50 RUNS_DIR="{elsewhere}"'
+    settings = f'{TINY.replace("MAX_TIME=0", "MAX_TIME=2")} MAX_ITERS=100000 EVAL_INTERVAL=100000 LOG_INTERVAL=50 RUNS_DIR="{elsewhere}"'
     run_make(repo, "defconfig-quickstart")
     p = run_make(repo, env={"SET": settings}, check=False)
     run_dir = next(elsewhere.glob("*/base"))

@@ -65,9 +65,9 @@ def test_every_problem_is_reported_not_just_the_first(tmp_path):
 
 
 def test_overrides_accept_prefix_quotes_and_bare_strings():
-    kconf, _ = resolve([], parse_overrides('CONFIG_SEED=7 MAX_ITERS=12 RUNS_DIR=out DATA_PATH="/a b/c.txt" LR=3e-4'))
+    kconf, _ = resolve([], parse_overrides('CONFIG_SEED=7 MAX_ITERS=120 RUNS_DIR=out DATA_PATH="/a b/c.txt" LR=3e-4'))
     cfg = values(kconf)
-    assert (cfg.SEED, cfg.MAX_ITERS, cfg.RUNS_DIR, cfg.DATA_PATH, cfg.LR) == (7, 12, "out", "/a b/c.txt", 3e-4)
+    assert (cfg.SEED, cfg.MAX_ITERS, cfg.RUNS_DIR, cfg.DATA_PATH, cfg.LR) == (7, 120, "out", "/a b/c.txt", 3e-4)
 
 
 def test_bad_override_names_the_set_item():
@@ -329,6 +329,11 @@ def test_every_float_symbol_states_a_finite_range():
     ("LR_WSD=y MAX_ITERS=1000 WARMUP_ITERS=900", "SET:3",
      "CONFIG_WARMUP_ITERS=900 ends after the WSD decay starts at step 800 (CONFIG_MAX_ITERS=1000 x "
      "(1 - CONFIG_WSD_DECAY_FRACTION=0.2))"),
+    ("WARMUP_ITERS=100 MAX_ITERS=40", "SET:1", "CONFIG_WARMUP_ITERS=100 is not below CONFIG_MAX_ITERS=40: the run "
+                                               "would end still in warmup, never training at LR; lower WARMUP_ITERS "
+                                               "(typical: 1-5% of MAX_ITERS, e.g. 2) or raise MAX_ITERS "
+                                               "(CONFIG_MAX_ITERS from SET:2)"),
+    ("LR_WSD=y MAX_ITERS=100 WARMUP_ITERS=100", "SET:3", "CONFIG_WARMUP_ITERS=100 is not below CONFIG_MAX_ITERS=100"),
 ])
 def test_schedule_rules_name_both_symbols_values_and_places(text, first, problem):
     with pytest.raises(ConfigError) as e:
@@ -345,11 +350,9 @@ def test_schedule_rules_name_the_file_line_and_default(tmp_path):
 
 @pytest.mark.parametrize("text", [
     "LR_CONSTANT=y LR=1e-3",  # no MIN_LR: nothing decays
-    "WARMUP_ITERS=100 MAX_ITERS=40",  # a smoke run that ends in warmup: nothing jumps
     "LR_DECAY_ITERS=5000 MAX_ITERS=1000",  # stops mid-cosine, e.g. to be extended
     "LR_DECAY_ITERS=500 MAX_ITERS=1000",  # decays, then holds MIN_LR
     "LR_WSD=y MAX_ITERS=1000 WARMUP_ITERS=800",  # warmup ends exactly where the decay starts
-    "LR_WSD=y MAX_ITERS=100 WARMUP_ITERS=100",  # never leaves warmup
     "LR=1e-3 MIN_LR=1e-3",
 ])
 def test_schedule_rules_allow_what_lr_at_handles(text):

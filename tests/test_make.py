@@ -74,7 +74,7 @@ def test_check_dry_run(repo, make):
 
 def test_quickstart_on_a_reduced_budget(repo, make):
     make("defconfig-quickstart")
-    out = make(env={"SET": "MAX_ITERS=40 EVAL_INTERVAL=20 LOG_INTERVAL=10 EVAL_BATCHES=4 SAMPLE_TOKENS=30"}).stdout
+    out = make(env={"SET": "MAX_ITERS=40 WARMUP_ITERS=4 EVAL_INTERVAL=20 LOG_INTERVAL=10 EVAL_BATCHES=4 SAMPLE_TOKENS=30"}).stdout
     plans = list((repo / "runs").iterdir())
     assert len(plans) == 1 and plans[0].name.startswith("quickstart-")
     plan = json.loads((plans[0] / "plan.json").read_text())
@@ -96,7 +96,7 @@ def test_quickstart_on_a_reduced_budget(repo, make):
 
 def test_failed_run_is_recorded_in_the_plan(repo, make):
     make("defconfig-quickstart")
-    p = make(env={"SET": "DATA_PATH=missing.txt MAX_ITERS=2"}, check=False)
+    p = make(env={"SET": "DATA_PATH=missing.txt MAX_ITERS=2 WARMUP_ITERS=1"}, check=False)
     assert p.returncode != 0 and "1 run(s) did not finish: base" in p.stdout
     plan = json.loads(next((repo / "runs").iterdir()).joinpath("plan.json").read_text())
     run = plan["runs"][0]
@@ -105,7 +105,7 @@ def test_failed_run_is_recorded_in_the_plan(repo, make):
 
 def test_run_that_cannot_train_here_is_refused_before_the_plan_exists(repo, make):
     make("defconfig-quickstart")
-    p = make(env={"SET": "DEVICE_CUDA=y MAX_ITERS=2"}, check=False)
+    p = make(env={"SET": "DEVICE_CUDA=y MAX_ITERS=2 WARMUP_ITERS=1"}, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "error: CONFIG_DEVICE_CUDA=y but torch sees no CUDA GPU on this machine" in p.stderr
     assert "nothing was created or trained" in p.stderr and not (repo / "runs").exists()
@@ -197,7 +197,7 @@ def test_stopped_plan_continues_without_redoing_done_runs(repo, how):
     import time
 
     run_make(repo, "defconfig-matrix-optimizers")
-    env = dict(os.environ, SET="MATRIX_OPT_LION=n MATRIX_OPT_MUON=n MATRIX_LRS= MATRIX_SEEDS=3 MAX_ITERS=40 CHECKPOINT_INTERVAL=5 EVAL_INTERVAL=20 "
+    env = dict(os.environ, SET="MATRIX_OPT_LION=n MATRIX_OPT_MUON=n MATRIX_LRS= MATRIX_SEEDS=3 MAX_ITERS=40 WARMUP_ITERS=4 CHECKPOINT_INTERVAL=5 EVAL_INTERVAL=20 "
                               "EVAL_BATCHES=2 LOG_INTERVAL=5 SAMPLE_TOKENS=5 MICRO_BATCH=4 BLOCK_SIZE=64")
     proc = subprocess.Popen(["make", "--no-print-directory", "SKIP_SETUP=1", f"PYTHON={sys.executable}"],
                             cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

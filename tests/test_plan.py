@@ -152,7 +152,7 @@ def test_check_fails_a_run_predicted_not_to_fit(capsys):
 def test_check_reports_drift(capsys, tmp_path, monkeypatch):
     import plan.check as check_mod
 
-    (tmp_path / "stale").write_text("# pins a default\nCONFIG_SEED=1337\nCONFIG_MAX_ITERS=7\n")
+    (tmp_path / "stale").write_text("# pins a default\nCONFIG_SEED=1337\nCONFIG_MAX_ITERS=700\n")
     monkeypatch.setattr(check_mod, "presets", lambda: [tmp_path / "stale"])
     failures, out = check(capsys, "quickstart")
     assert failures == 1
