@@ -16,8 +16,8 @@ import functools
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +97,8 @@ def prepare_source(cfg, root: Path, source: Source, tok: Tokenizer, log=print, s
     log(f"data: preparing {source.description} with the {tok.kind} tokenizer -> {out}")
     t0 = time.time()
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=cache))
+    tmp = cache / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()  # 0o777 less the umask, not mkdtemp's 0700: teammates sharing the cache can read it
     try:
         manifest = _write(source, tok, fraction, tmp, log)
         if out.exists():  # a stale, manifest-less leftover (a crash of an older version)

@@ -450,7 +450,7 @@ def config_py_text(kconf: kconfiglib.Kconfig) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through ``write(tmp_path)`` then rename, so readers never see half a file.
 
     The temporary file is created with mode 0o666 filtered by the umask (as open() would create
@@ -481,7 +481,7 @@ def write_text_if_changed(path: Path, text: str) -> bool:
     path = Path(path)
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return False
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return True
 
 
@@ -501,7 +501,7 @@ def write_outputs(kconf: kconfiglib.Kconfig, dot_config: Path, config_py: Path) 
 def write_min_config(kconf: kconfiglib.Kconfig, path: Path) -> None:
     """The minimal defconfig: only assignments that differ from Kconfig defaults."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: kconf.write_min_config(tmp, header=""))
+    atomic_write(path, lambda tmp: kconf.write_min_config(tmp, header=""))
 
 
 # --------------------------------------------------------------------------- entry points

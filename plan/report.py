@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kbuild.kconfig import write_text_if_changed
+from kbuild.kconfig import atomic_write, write_text_if_changed
 from plan.provenance import contributing, differing, load_attempts
 
 PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "final_val_loss.png", "tokens_per_s.png")
@@ -327,14 +326,7 @@ def _colors(n: int) -> list:
 def _save(fig: Figure, path: Path) -> None:
     """Render to a temporary file next to ``path``, then rename: never a half-written PNG."""
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))  # keeps the umask
 
 
 def plot_curves(rows: list[dict], x_key: str, xlabel: str, path: Path) -> bool:

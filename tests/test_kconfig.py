@@ -403,3 +403,28 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask):
     for name in ("plan.json", ".config", "config.py", "defconfig"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert sorted(p.name for p in tmp_path.iterdir()) == [".config", "config.py", "defconfig", "plan.json"]
+
+
+def test_reports_plots_and_prepared_data_honour_the_umask(tmp_path):
+    """What teammates read on a shared disk: report.md, the plots, the token cache folder."""
+    from data.prepare import prepare
+    from plan.plan import Plan
+    from plan.report import write_report
+
+    old = os.umask(0o002)
+    try:
+        plan = Plan.create(tmp_path / "runs", "p", "single", [{"name": "base"}])
+        (plan.run_dir("base")).mkdir()
+        (plan.run_dir("base") / "metrics.jsonl").write_text('{"step": 1, "val_loss": 2.0, "elapsed_s": 1}\n')
+        plan.update("base", status="done")
+        written = write_report(plan.path)
+        (tmp_path / "corpus.txt").write_text("some text to tokenize\n" * 200)
+        kconf, _ = resolve([], parse_overrides(f'DATA_PATH="{tmp_path / "corpus.txt"}" '
+                                               f'DATA_CACHE_DIR="{tmp_path / "cache"}"'))
+        data = prepare(values(kconf), ROOT, log=lambda m: None)
+    finally:
+        os.umask(old)
+    assert any(p.suffix == ".png" for p in written)
+    for p in written:
+        assert p.stat().st_mode & 0o777 == 0o664, p
+    assert data.path.stat().st_mode & 0o777 == 0o775
