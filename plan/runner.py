@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from kbuild.kconfig import ROOT, Config, ConfigError, load, parse_file, parse_overrides, resolve, values, write_outputs
+from kbuild.kconfig import (ROOT, Config, ConfigError, completeness_problem, load, parse_file, parse_overrides,
+                            predates_marker, resolve, unrecorded, values, write_outputs)
 from parallel.launch import engine, launch_env, train_command
 from plan.expand import RunSpec, mode_of
 from plan.plan import PLAN_FILE, Plan, now
@@ -52,17 +53,28 @@ def create_plan(cfg: Config, specs: list[RunSpec], overrides: str = "") -> Plan:
 def prepare_to_continue(plan: Plan, names: list[str], overrides: str = "") -> None:
     """Before ``names`` are continued: apply SET-style overrides to their resolved configs (e.g. another
     world size, a smaller MICRO_BATCH) and check each result can train on this machine
-    (plan/preflight.py). Every run is validated before any file is written, so a refusal changes nothing."""
+    (plan/preflight.py). Every run is validated before any file is written, so a refusal changes nothing.
+    A run configured by an older kbuild, before symbols the tree has now, gets their defaults, as
+    'make olddefconfig' would give them, and says so."""
     from plan.preflight import problems
 
-    resolved = {name: resolve(parse_file(plan.run_dir(name) / ".config", snapshot=True),
-                              parse_overrides(overrides))[0] for name in names}
-    found = [f"run {name}: {p}" for name, kconf in resolved.items() for p in problems(values(kconf))]
+    resolved, found, rewrite = {}, [], set()
+    for name in names:
+        path = plan.run_dir(name) / ".config"
+        mine = parse_file(path, snapshot=True)
+        resolved[name] = kconf = resolve(mine, parse_overrides(overrides))[0]
+        if predates_marker(path) and (new := unrecorded(mine, kconf)):
+            print(f"run {name}: its .config predates " + ", ".join(
+                f"CONFIG_{n}={kconf.syms[n].str_value or 'unset'}" for n in new) + " (defaults, as olddefconfig gives)")
+            rewrite.add(name)
+        elif gap := completeness_problem(path, mine, kconf):
+            found.append(f"run {name}: {gap}")
+        found += [f"run {name}: {p}" for p in problems(values(kconf))]
     if found:
         raise ConfigError(found + ["nothing was continued: fix it with 'make continue SET=...' or continue on "
                                    "a machine that fits"])
     for name, kconf in resolved.items():
-        if overrides:
+        if overrides or name in rewrite:
             write_outputs(kconf, plan.run_dir(name) / ".config", plan.run_dir(name) / "config.py")
 
 

@@ -347,3 +347,22 @@ def test_a_named_error_in_training_shows_its_message_and_keeps_the_traceback_in_
     assert "error: " in stderr and "differing symbols: CONFIG_N_LAYER" in stderr and "Traceback" not in stderr
     assert "Traceback" in (run_dir / "train.log").read_text()
     assert "CheckpointError" in json.loads((run_dir / "summary.json").read_text())["error"]
+
+
+def test_a_run_configured_by_an_older_kbuild_continues_with_the_new_symbols_defaults(stopped_run, capsys):
+    from kbuild.kconfig import END_MARKER, load
+
+    plan, run_dir, _ = stopped_run
+    dot = run_dir / ".config"
+    new = dot.read_text()
+    old = [line for line in new.splitlines() if "CHECKPOINT_MINUTES" not in line and line != END_MARKER
+           and not line.startswith("# A complete file ends")]  # as the tree wrote it before both existed
+    dot.write_text("\n".join(old) + "\n")
+    runner.prepare_to_continue(plan, ["base"])
+    assert "run base: its .config predates CONFIG_CHECKPOINT_MINUTES=" in capsys.readouterr().out
+    assert dot.read_text().rstrip().endswith(END_MARKER) and load(dot)[1].CHECKPOINT_MINUTES is not None
+
+    dot.write_text(new[:len(new) // 2])  # cut short by hand: refused, nothing rewritten
+    with pytest.raises(Exception, match=r"run base: .*\.config is truncated"):
+        runner.prepare_to_continue(plan, ["base"])
+    assert dot.read_text() == new[:len(new) // 2]
