@@ -12,16 +12,8 @@ import pytest
 from data import content, sources
 from data.corpus import DataError, source_for
 from data.prepare import prepare
-from kbuild.kconfig import parse_overrides, resolve, values
-
-QUIET = {"log": lambda m: None}
-
-
-def cfg_with(**sets):
-    text = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in sets.items())
-    kconf, problems = resolve([], parse_overrides(text))
-    assert not problems, problems
-    return values(kconf)
+from kbuild.kconfig import parse_overrides, resolve
+from test_data_sources import QUIET, cfg_with
 
 
 def text_of(data) -> str:
