@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import secrets
 import shlex
 import tempfile
 import unicodedata
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kconfiglib
+
+from kbuild.atomic import atomic_write, write_text_if_changed
 
 ROOT = Path(__file__).resolve().parent.parent
 KCONFIG = ROOT / "Kconfig"
@@ -146,7 +147,9 @@ def parse_overrides(text: str, source: str = "SET") -> list[Assignment]:
     for i, word in enumerate(words, 1):
         name, sep, value = word.partition("=")
         if not sep or not name:
-            raise ConfigError([f"{source} item {i}: {word!r} is not NAME=value"])
+            hint = (f"; a value with spaces needs quotes around it, e.g. SET='{out[-1].symbol}=\"two words\"'"
+                    if out else "")
+            raise ConfigError([f"{source} item {i}: {word!r} is not NAME=value{hint}"])
         name = name.removeprefix(PREFIX)
         out.append(Assignment(name, value, source, i, bare_strings=True))
     return out
@@ -245,7 +248,7 @@ def _apply(kconf: kconfiglib.Kconfig, a: Assignment) -> str | None:
             try:
                 return f"non-canonical integer {value!r}: write CONFIG_{a.symbol}={int(value)}"
             except ValueError:
-                return f"malformed integer {value!r}"
+                return f"malformed integer {value!r}: write a decimal integer such as CONFIG_{a.symbol}=30"
     elif sym.orig_type == kconfiglib.HEX:
         if not _HEX_RE.fullmatch(value):
             return f"malformed hex {value!r}: write it as 0x followed by hex digits"
@@ -448,41 +451,6 @@ def config_py_text(kconf: kconfiglib.Kconfig) -> str:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` then rename, so readers never see half a file.
-
-    The temporary file is created with mode 0o666 filtered by the umask (as open() would create
-    the file itself), not mkstemp's 0o600: plans and configs on a shared disk stay readable by the team.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_if_changed(path: Path, text: str) -> bool:
-    """Atomically write ``text`` unless the file already holds it. Returns True if written."""
-    path = Path(path)
-    if path.exists() and path.read_text(encoding="utf-8") == text:
-        return False
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return True
 
 
 def write_outputs(kconf: kconfiglib.Kconfig, dot_config: Path, config_py: Path) -> None:

@@ -43,7 +43,8 @@ def problems_of_names(cfg: Mapping, say, root: Path) -> None:
             continue
         target = Path(value) if os.path.isabs(value) else root / value
         if not value.strip() or os.path.normpath(target) == os.path.normpath(root):
-            say(sym, f'CONFIG_{sym}="{value}" is the top of the source tree: {what} would be written among '
+            where_to = "empty, which means the top of the source tree" if not value.strip() else "the top of the source tree"
+            say(sym, f'CONFIG_{sym}="{value}" is {where_to}: {what} would be written among '
                      f"the sources; give a directory of their own, e.g. the default "
                      f"\"{'runs' if sym == 'RUNS_DIR' else '.cache/data'}\"")
 

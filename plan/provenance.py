@@ -25,7 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kbuild.kconfig import ROOT, write_text_if_changed
+from kbuild.atomic import write_text_if_changed
+from kbuild.kconfig import ROOT
 from plan.plan import now
 
 PROVENANCE_FILE = "provenance.json"

@@ -101,10 +101,14 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step-00000020.pt"):
         path, state = checkpoint.latest(run_dir)
     assert path.name == "step-00000010.pt" and state["step"] == 10
-    t = trainer(tmp_path, run_dir, "MAX_ITERS=20 CHECKPOINT_INTERVAL=10 EVAL_INTERVAL=10")
-    with pytest.warns(UserWarning):
+    t, said = trainer(tmp_path, run_dir, "MAX_ITERS=20 CHECKPOINT_INTERVAL=10 EVAL_INTERVAL=10"), []
+    t.log = said.append
+    t.resume()  # the warning goes to the run's log
+    assert t.start_step == 10 and said[0].startswith("warning: skipping unreadable checkpoint")
+    for p in (run_dir / "checkpoints").glob("step-*.pt"):
+        p.write_bytes(b"PK\3\4")
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint \(step-00000010.pt: .*; step-00000020.pt: "):
         t.resume()
-    assert t.start_step == 10
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

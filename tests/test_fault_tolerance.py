@@ -346,7 +346,8 @@ def test_a_named_error_in_training_shows_its_message_and_keeps_the_traceback_in_
     assert proc.returncode == 1
     assert "error: " in stderr and "differing symbols: CONFIG_N_LAYER" in stderr and "Traceback" not in stderr
     assert "Traceback" in (run_dir / "train.log").read_text()
-    assert "CheckpointError" in json.loads((run_dir / "summary.json").read_text())["error"]
+    error = json.loads((run_dir / "summary.json").read_text())["error"]
+    assert error.startswith(f"{checkpoint.latest(run_dir)[0]} was trained with a different model"), error
 
 
 def test_a_run_configured_by_an_older_kbuild_continues_with_the_new_symbols_defaults(stopped_run, capsys):
@@ -366,3 +367,22 @@ def test_a_run_configured_by_an_older_kbuild_continues_with_the_new_symbols_defa
     with pytest.raises(Exception, match=r"run base: .*\.config is truncated"):
         runner.prepare_to_continue(plan, ["base"])
     assert dot.read_text() == new[:len(new) // 2]
+
+
+def test_a_crafted_checkpoint_is_named_as_refused_not_just_unreadable(tmp_path):
+    import pickle
+
+    run_dir = tmp_path / "run"
+    trainer(tmp_path, run_dir, "MAX_ITERS=10 CHECKPOINT_INTERVAL=10 EVAL_INTERVAL=10").run()
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'owned'}",))
+
+    path = run_dir / "checkpoints" / "step-00000010.pt"
+    torch.save({"step": Exploit()}, path, pickle_module=pickle)
+    said = []
+    assert checkpoint.latest(run_dir, warn=said.append) is None and not (tmp_path / "owned").exists()
+    assert "refusing to load it: it pickles posix.system, which is not checkpoint data" in said[0]
+    assert "trying an earlier one" in said[0]
+    assert "step-00000010.pt: refusing to load it: it pickles posix.system" in checkpoint.none_readable(run_dir)

@@ -367,7 +367,8 @@ def test_output_folders_that_are_the_tree_itself_are_refused(text, symbol):
     with pytest.raises(ConfigError) as e:
         resolve([], parse_overrides(text))
     [problem] = e.value.problems
-    assert problem.startswith(f"SET:1: CONFIG_{symbol}=") and "is the top of the source tree" in problem
+    assert problem.startswith(f"SET:1: CONFIG_{symbol}=") and "the top of the source tree" in problem
+    assert ("empty" in problem) == (not text.split("=", 1)[1].strip("\" "))
 
 
 @pytest.mark.parametrize("name", ["a" * 201, "", "-x", ".hidden", "a b", "a/b", "café"])
@@ -390,7 +391,7 @@ def test_longest_plan_name_makes_a_plan_directory(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_atomic_writes_honour_the_umask(tmp_path, umask):
-    from kbuild.kconfig import write_text_if_changed
+    from kbuild.atomic import write_text_if_changed
 
     old = os.umask(umask)
     try:
@@ -428,3 +429,15 @@ def test_reports_plots_and_prepared_data_honour_the_umask(tmp_path):
     for p in written:
         assert p.stat().st_mode & 0o777 == 0o664, p
     assert data.path.stat().st_mode & 0o777 == 0o775
+
+
+def test_an_unquoted_value_with_spaces_says_to_quote_it():
+    with pytest.raises(ConfigError) as e:
+        parse_overrides("SAMPLE_PROMPT=$(shell touch /tmp/x)")
+    assert e.value.problems == ["SET item 2: 'touch' is not NAME=value; a value with spaces needs quotes around "
+                                "it, e.g. SET='SAMPLE_PROMPT=\"two words\"'"]
+
+
+def test_a_hex_looking_int_says_what_to_write(tmp_path):
+    [problem] = errors_for(tmp_path, "CONFIG_SEED=0x1e\n")
+    assert problem.endswith("malformed integer '0x1e': write a decimal integer such as CONFIG_SEED=30")

@@ -84,7 +84,8 @@ def main(run_dir: Path, resume: bool = False) -> int:
             log(traceback.format_exc())
         from train.trainer import write_summary
 
-        write_summary(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        named = isinstance(e, named_errors())  # says what to do already; a class name adds nothing
+        write_summary(run_dir, {"status": "failed", "error": str(e) if named else f"{type(e).__name__}: {e}"})
         return 1
     finally:
         if dist is not None:

@@ -124,17 +124,42 @@ def save_best(run_dir: Path, state: dict) -> Path:
     return path
 
 
-def latest(run_dir: Path, map_location="cpu") -> tuple[Path, dict] | None:
-    """The newest step checkpoint that loads; unreadable ones are skipped with a warning."""
+def latest(run_dir: Path, map_location="cpu", warn=None) -> tuple[Path, dict] | None:
+    """The newest step checkpoint that loads; unreadable ones are skipped with a warning (through
+    ``warn(message)`` when given, e.g. the run's log, else Python's warnings)."""
     for path in reversed(step_paths(run_dir)):
         try:
             if path.is_dir():  # sharded: the engine loads weights and optimizer from the folder itself
                 return path, {**load(path / EXTRA, map_location), "sharded": str(path)}
             return path, load(path, map_location)
         except Exception as e:  # truncated zip, bad magic, unpickling error: all mean "not usable"
-            warnings.warn(f"skipping unreadable checkpoint {path} ({type(e).__name__}: {e}); using an earlier one",
-                          stacklevel=2)
+            message = f"skipping unreadable checkpoint {path} ({why_unreadable(e)}); trying an earlier one"
+            warnings.warn(message, stacklevel=2) if warn is None else warn(f"warning: {message}")
     return None
+
+
+def none_readable(run_dir: Path) -> str:
+    """Why ``latest`` found nothing: no step checkpoints, or each one's reason."""
+    paths = step_paths(run_dir)
+    if not paths:
+        return f"{run_dir}: no step checkpoint in {Path(run_dir) / FOLDER}"
+    reasons = []
+    for path in paths:
+        try:
+            load(path / EXTRA if path.is_dir() else path)
+        except Exception as e:
+            reasons.append(f"{path.name}: {why_unreadable(e)}")
+    return f"{run_dir}: no readable checkpoint ({'; '.join(reasons)})"
+
+
+def why_unreadable(e: Exception) -> str:
+    """A load failure in words; torch's weights_only refusal names the global it would have run."""
+    if m := re.search(r"GLOBAL (\S+) ", str(e)):
+        return (f"refusing to load it: it pickles {m[1]}, which is not checkpoint data; this run directory "
+                f"may not come from this tool")
+    if isinstance(e, FileNotFoundError):
+        return f"{Path(e.filename).name if e.filename else 'a file'} is missing"
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def intact(path: Path) -> bool:

@@ -61,7 +61,7 @@ def keep_until(path: Path, step: int, warn=print) -> int:
     """Resume: drop the records an interrupted attempt logged after ``step`` (its checkpoint), and a torn
     final line (a short write at a full disk or a kill), with a warning; rewrite the file atomically.
     A damaged line elsewhere is a MetricsError naming the file and line. Returns the records kept."""
-    from kbuild.kconfig import write_text_if_changed
+    from kbuild.atomic import write_text_if_changed
 
     lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     kept = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from data.tokenizer import Tokenizer, check_vocab_fits
@@ -32,9 +34,9 @@ def sample_from(run_dir, prompt: str | None = None, tokens: int | None = None) -
     from model.gpt import GPT, ModelConfig
     from train import checkpoint
 
-    found = checkpoint.latest(Path(run_dir))
+    found = checkpoint.latest(Path(run_dir), warn=lambda message: print(message, file=sys.stderr))
     if found is None:
-        raise FileNotFoundError(f"{run_dir}: no readable checkpoint in this run directory")
+        raise checkpoint.CheckpointError(checkpoint.none_readable(Path(run_dir)))
     path, state = found
     tokenizer = Tokenizer(state["tokenizer"])
     check_vocab_fits(tokenizer, state["model_config"]["vocab_size"], str(path))

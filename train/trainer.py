@@ -249,9 +249,9 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the run directory's newest readable checkpoint."""
-        found = checkpoint.latest(self.run_dir)
+        found = checkpoint.latest(self.run_dir, warn=self.log)
         if found is None:
-            raise CheckpointError(f"{self.run_dir}: no readable checkpoint to resume from")
+            raise CheckpointError(checkpoint.none_readable(self.run_dir))
         path, state = found
         check_vocab_fits(self.tokenizer, state["model_config"]["vocab_size"], str(path))
         problems = incompatibilities(state["config"], self.cfg)
@@ -373,7 +373,8 @@ class Trainer:
         if stop_reason == "nonfinite":
             message = (f"stopped at step {step}: loss or gradient was NaN/Inf for {self.guard.in_a_row} steps in a "
                        f"row (CONFIG_MAX_BAD_STEPS={cfg.MAX_BAD_STEPS}); the last good weights are in the "
-                       f"checkpoint. Lower LR, raise WARMUP_ITERS or set GRAD_CLIP")
+                       f"checkpoint. Lower LR, raise WARMUP_ITERS or set GRAD_CLIP ('make continue SET=...'); if the "
+                       f"loss was climbing before the stop, those weights have diverged too: start a new run instead")
             self.log(message)
             return {"status": "failed", "error": message, "steps": step, "skipped_steps": self.guard.skipped}
         if stop_reason is not None:
@@ -509,6 +510,6 @@ def memory_prediction(cfg) -> str:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    from kbuild.kconfig import write_text_if_changed
+    from kbuild.atomic import write_text_if_changed
 
     write_text_if_changed(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
