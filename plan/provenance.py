@@ -152,7 +152,7 @@ def collect(overrides: str, *, root: Path = ROOT, gpus: str | None = None) -> di
     """One attempt's record (without its timestamp): git, versions, devices, host, command, SET."""
     return {"git": git_state(root), "versions": versions(), "device": devices(gpus),
             "hostname": socket.gethostname(),
-            "command": {"argv": list(sys.argv), "SET": os.environ.get("SET")},
+            "command": {"argv": list(sys.orig_argv), "SET": os.environ.get("SET")},  # with the interpreter and -m
             "set": overrides}
 
 

@@ -136,7 +136,7 @@ def test_record_attempt_keeps_history(repo, no_outer_repo, tmp_path, monkeypatch
     monkeypatch.setenv("SET", "LR=1e-3 SEED=2")
     first = record_attempt(run_dir, "LR=1e-3 SEED=2", root=repo)
     assert first["git"]["commit"] == git(repo, "rev-parse", "HEAD") and first["git"]["dirty"] is False
-    assert first["command"] == {"argv": sys.argv, "SET": "LR=1e-3 SEED=2"} and first["set"] == "LR=1e-3 SEED=2"
+    assert first["command"] == {"argv": sys.orig_argv, "SET": "LR=1e-3 SEED=2"} and first["set"] == "LR=1e-3 SEED=2"
     assert first["hostname"] and first["time"][:2] == "20"
     (repo / "train.py").write_text("lr = 3e-4\n")  # resumed after an edit
     monkeypatch.delenv("SET")
