@@ -67,6 +67,9 @@ def main(run_dir: Path, resume: bool = False) -> int:
         summary = trainer.run()
         if dist.main:
             write_summary(run_dir, summary)
+        # Every rank's outstanding collectives (FSDP2's last all-gathers) complete before any rank tears
+        # its process group down: gloo aborts a process destroyed with work in flight.
+        runtime.barrier(dist)
         return EXIT_CODES[summary["status"]]
     except KeyboardInterrupt:  # a signal before the training loop took over its handling
         log("interrupted before training started")
