@@ -25,7 +25,7 @@ from parallel.launch import engine, launch_env, train_command
 from plan.expand import RunSpec, mode_of
 from plan.plan import PLAN_FILE, Plan, now
 from plan.provenance import record_attempt
-from train.checkpoint import has_checkpoint, intact, step_paths
+from train.checkpoint import newest_intact_step
 
 UNFINISHED = ("pending", "running", "failed", "interrupted", "killed", "time_limit")
 KEPT_ON_RESTART = (".config", "config.py", "provenance.json")  # what a run that starts over keeps in place
@@ -154,12 +154,13 @@ def _start(plan: Plan, name: str, gpu: str | None) -> subprocess.Popen:
     resumes from its newest one, whatever its status (failed, killed, interrupted, time limit); one
     without starts over, and the files of its previous attempt move to attempt-N/, never deleted."""
     run_dir = plan.run_dir(name)
-    resume = has_checkpoint(run_dir)
+    resumed_from = newest_intact_step(run_dir)
+    resume = resumed_from is not None
     if not resume and (aside := set_aside(run_dir)) is not None:
         print(f"run {name}: no checkpoint to resume from; the previous attempt's files are in {aside}", flush=True)
     (run_dir / "summary.json").unlink(missing_ok=True)  # its status and error are in plan.json's attempts
     plan.update(name, status="running", start=now(), end=None, error=None)
-    plan.add_attempt(name, start=now(), resumed_from=_newest_step(run_dir) if resume else None)
+    plan.add_attempt(name, start=now(), resumed_from=resumed_from)
     record_attempt(run_dir, plan.record.get("set") or "", gpus=gpu, resumed=resume)  # commit, versions, host
     cfg = load(run_dir / ".config")[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **launch_env(cfg))
@@ -185,11 +186,6 @@ def set_aside(run_dir: Path) -> Path | None:
     return aside
 
 
-def _newest_step(run_dir: Path) -> int | None:
-    steps = [int(p.name.split("-")[1].split(".")[0]) for p in step_paths(run_dir) if intact(p)]
-    return max(steps, default=None)
-
-
 def _finish(plan: Plan, name: str, code: int) -> None:
     run_dir = plan.run_dir(name)
     status, error = outcome(code, read_summary(run_dir), run_dir)
@@ -199,7 +195,7 @@ def _finish(plan: Plan, name: str, code: int) -> None:
 
 def outcome(code: int, summary: dict, run_dir: Path) -> tuple[str, str | None]:
     """(plan.json status, error) of a training process that exited with ``code``."""
-    last = _newest_step(run_dir)
+    last = newest_intact_step(run_dir)
     kept = (f"its newest checkpoint (step {last}) is kept and 'make continue' resumes from it" if last is not None
             else "it had no checkpoint yet, so 'make continue' starts it over")
     if code == 0 and summary.get("status") in ("done", "time_limit"):

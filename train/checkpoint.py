@@ -52,34 +52,32 @@ def save(path: Path, state: dict) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         # torch's zip writer words a full disk as e.g. "unexpected pos 704 vs 598": ask the disk
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or _nearly_full(path.parent)
+        free = _free_bytes(path.parent)
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or (free is not None and free < 16 * 2**20)
         tmp.unlink(missing_ok=True)
         if not isinstance(e, (OSError, RuntimeError)):
             raise  # KeyboardInterrupt and the like: cleaned up, not a write failure
         cause = f"{type(e).__name__}: {str(e).strip()}"
         cause = f"no space left on the device ({cause})" if full else cause
-        raise CheckpointError(f"cannot write the checkpoint {path}: {cause} ({free_space(path.parent)} free "
-                              f"there); the partial file was removed and earlier checkpoints are intact. "
-                              f"Free space, then 'make continue' resumes from the last one") from None
+        shown = "unknown space" if free is None else f"{free / 2**20:,.0f} MiB"
+        raise CheckpointError(f"cannot write the checkpoint {path}: {cause} ({shown} free there); the partial "
+                              f"file was removed and earlier checkpoints are intact. Free space, then "
+                              f"'make continue' resumes from the last one") from None
 
 
-def _nearly_full(folder: Path) -> bool:
+def _free_bytes(folder: Path) -> int | None:
     try:
-        return shutil.disk_usage(folder).free < 16 * 2**20
+        return shutil.disk_usage(folder).free
     except OSError:
-        return False
+        return None
 
 
-def free_space(folder: Path) -> str:
-    try:
-        return f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB"
-    except OSError:
-        return "unknown space"
+def load(path: Path) -> dict:
+    """Load onto the CPU with weights_only=True: tensors and plain containers only, no code. A file
+    that pickles anything else is refused, naming what it pickles (UntrustedCheckpointError)."""
+    from train.untrusted import load_weights_only  # it imports CheckpointError from here
 
-
-def load(path: Path, map_location="cpu") -> dict:
-    """Load with weights_only=True: tensors and plain containers only, no code."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return load_weights_only(path, path, mmap=False)
 
 
 def step_paths(run_dir: Path) -> list[Path]:
@@ -124,42 +122,33 @@ def save_best(run_dir: Path, state: dict) -> Path:
     return path
 
 
-def latest(run_dir: Path, map_location="cpu", warn=None) -> tuple[Path, dict] | None:
+def latest(run_dir: Path, warn=None, skipped: list[str] | None = None) -> tuple[Path, dict] | None:
     """The newest step checkpoint that loads; unreadable ones are skipped with a warning (through
-    ``warn(message)`` when given, e.g. the run's log, else Python's warnings)."""
+    ``warn(message)`` when given, e.g. the run's log, else Python's warnings) and, with ``skipped``,
+    listed there with their reasons."""
     for path in reversed(step_paths(run_dir)):
         try:
             if path.is_dir():  # sharded: the engine loads weights and optimizer from the folder itself
-                return path, {**load(path / EXTRA, map_location), "sharded": str(path)}
-            return path, load(path, map_location)
-        except Exception as e:  # truncated zip, bad magic, unpickling error: all mean "not usable"
-            message = f"skipping unreadable checkpoint {path} ({why_unreadable(e)}); trying an earlier one"
+                return path, {**load(path / EXTRA), "sharded": str(path)}
+            return path, load(path)
+        except Exception as e:  # truncated zip, bad magic, refused pickle: all mean "not usable"
+            reason = (str(e).removeprefix(f"{path / EXTRA if path.is_dir() else path}: ")
+                      if isinstance(e, CheckpointError) else f"{type(e).__name__}: {str(e).split('. ')[0]}")  # torch's first sentence
+            if skipped is not None:
+                skipped.append(f"{path.name}: {reason}")
+            message = f"skipping unreadable checkpoint {path} ({reason}); trying an earlier one"
             warnings.warn(message, stacklevel=2) if warn is None else warn(f"warning: {message}")
     return None
 
 
-def none_readable(run_dir: Path) -> str:
-    """Why ``latest`` found nothing: no step checkpoints, or each one's reason."""
-    paths = step_paths(run_dir)
-    if not paths:
-        return f"{run_dir}: no step checkpoint in {Path(run_dir) / FOLDER}"
-    reasons = []
-    for path in paths:
-        try:
-            load(path / EXTRA if path.is_dir() else path)
-        except Exception as e:
-            reasons.append(f"{path.name}: {why_unreadable(e)}")
-    return f"{run_dir}: no readable checkpoint ({'; '.join(reasons)})"
-
-
-def why_unreadable(e: Exception) -> str:
-    """A load failure in words; torch's weights_only refusal names the global it would have run."""
-    if m := re.search(r"GLOBAL (\S+) ", str(e)):
-        return (f"refusing to load it: it pickles {m[1]}, which is not checkpoint data; this run directory "
-                f"may not come from this tool")
-    if isinstance(e, FileNotFoundError):
-        return f"{Path(e.filename).name if e.filename else 'a file'} is missing"
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+def newest(run_dir: Path, warn=None) -> tuple[Path, dict]:
+    """``latest``, or a CheckpointError saying why no step checkpoint could be used."""
+    skipped = []
+    found = latest(run_dir, warn, skipped)
+    if found is None:
+        raise CheckpointError(f"{run_dir}: no readable checkpoint ({'; '.join(skipped)})" if skipped else
+                              f"{run_dir}: no step checkpoint in {Path(run_dir) / FOLDER}")
+    return found
 
 
 def intact(path: Path) -> bool:
@@ -173,6 +162,11 @@ def intact(path: Path) -> bool:
         return False
 
 
+def newest_intact_step(run_dir: Path) -> int | None:
+    """The step of the newest intact step checkpoint (what a resume starts from), or None."""
+    return max((int(_STEP_RE.match(p.name)[1]) for p in step_paths(run_dir) if intact(p)), default=None)
+
+
 def has_checkpoint(run_dir: Path) -> bool:
     """The run holds a step checkpoint it can resume from."""
-    return any(intact(p) for p in step_paths(run_dir))
+    return newest_intact_step(run_dir) is not None

@@ -34,10 +34,7 @@ def sample_from(run_dir, prompt: str | None = None, tokens: int | None = None) -
     from model.gpt import GPT, ModelConfig
     from train import checkpoint
 
-    found = checkpoint.latest(Path(run_dir), warn=lambda message: print(message, file=sys.stderr))
-    if found is None:
-        raise checkpoint.CheckpointError(checkpoint.none_readable(Path(run_dir)))
-    path, state = found
+    path, state = checkpoint.newest(Path(run_dir), warn=lambda message: print(message, file=sys.stderr))
     tokenizer = Tokenizer(state["tokenizer"])
     check_vocab_fits(tokenizer, state["model_config"]["vocab_size"], str(path))
     cfg = state["config"]

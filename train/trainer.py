@@ -249,10 +249,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the run directory's newest readable checkpoint."""
-        found = checkpoint.latest(self.run_dir, warn=self.log)
-        if found is None:
-            raise CheckpointError(checkpoint.none_readable(self.run_dir))
-        path, state = found
+        path, state = checkpoint.newest(self.run_dir, warn=self.log)
         check_vocab_fits(self.tokenizer, state["model_config"]["vocab_size"], str(path))
         problems = incompatibilities(state["config"], self.cfg)
         if problems:

@@ -99,10 +99,12 @@ def read_dcp_metadata(path: Path) -> Metadata:
     return metadata
 
 
-def load_weights_only(source, path, extra_globals=()):
+def load_weights_only(source, path, extra_globals=(), mmap: bool | None = None):
     """torch.load with weights_only=True (tensors and plain containers), plus ``extra_globals``;
-    ``path`` names the file in errors. A refused global raises UntrustedCheckpointError."""
-    mmap = isinstance(source, (str, Path)) and zipfile.is_zipfile(source)  # no copy of tensor data
+    ``path`` names the file in errors. A refused global raises UntrustedCheckpointError. ``mmap``
+    None: map a zip file (a check reads no tensor data); False: read it (the tensors are kept)."""
+    if mmap is None:
+        mmap = isinstance(source, (str, Path)) and zipfile.is_zipfile(source)
     try:
         with torch.serialization.safe_globals(list(extra_globals)):
             return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
