@@ -146,7 +146,7 @@ class Trainer:
         """
         cfg = self.cfg
         self.updating = False  # True while the optimizer changes weights: a failure then leaves no good state
-        self.step_start = self.position()
+        self.step_start = self.step_streams()
         set_lr(self.optimizer, self.lr_at(step))
         stage, accum = self.curriculum.stage_at(step), self.curriculum.grad_accum_at(step)
         loss_sum = torch.zeros((), device=self.device)
@@ -197,14 +197,25 @@ class Trainer:
         """Weights and optimizer state are split over ranks: checkpoints are folders the engine writes."""
         return self.dist.engine in ("fsdp2", "deepspeed")
 
-    def position(self) -> dict:
-        """Where the data order and the random streams are now (cheap: a few small tensor copies)."""
-        return {"data_rng": self.batches.generator.get_state(), "data_counts": self.batches.counts.tolist(),
-                "rng": capture_rng()}
+    def step_streams(self) -> dict:
+        """The random streams a training step draws from (data order, torch's CPU and CUDA generators),
+        taken at each step's start (about a microsecond) so a step that fails can be checkpointed untaken."""
+        streams = {"data_rng": self.batches.generator.get_state(), "data_counts": self.batches.counts.copy(),
+                   "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            streams["cuda"] = torch.cuda.get_rng_state_all()
+        return streams
 
-    def state(self, step: int, val_loss: float | None, elapsed: float, position: dict | None = None) -> dict:
+    def position(self, before: dict | None = None) -> dict:
+        """The data position and every RNG state: now, or with ``before`` (step_streams) as of then."""
+        streams = before or {"data_rng": self.batches.generator.get_state(), "data_counts": self.batches.counts}
+        rng = capture_rng()
+        rng.update({k: v for k, v in (before or {}).items() if k in ("torch", "cuda")})
+        return {"data_rng": streams["data_rng"], "data_counts": streams["data_counts"].tolist(), "rng": rng}
+
+    def state(self, step: int, val_loss: float | None, elapsed: float, before: dict | None = None) -> dict:
         """Everything needed to continue exactly: weights, optimizer, scaler, step, data position, RNG
-        (``position``: as captured earlier, e.g. at the start of a step that failed; default now).
+        (``before``: the streams at the start of a step that failed, which the checkpoint leaves untaken).
         Under a sharded engine, weights and optimizer state go to the engine's own files instead."""
         weights = {} if self.sharded else {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
@@ -224,11 +235,11 @@ class Trainer:
             "best_val_step": self.best_step,
             "skipped_steps": self.guard.skipped,
             "wall_time_s": elapsed,
-            **(position or self.position()),
+            **self.position(before),
         }
 
-    def save_checkpoint(self, step: int, val_loss: float | None, elapsed: float, position: dict | None = None) -> None:
-        self._save(step, self.state(step, val_loss, elapsed, position))
+    def save_checkpoint(self, step: int, val_loss: float | None, elapsed: float, before: dict | None = None) -> None:
+        self._save(step, self.state(step, val_loss, elapsed, before))
         self.last_save = self.clock()
 
     def _save(self, step: int | None, state: dict) -> None:
