@@ -23,6 +23,7 @@ from typing import Iterator
 
 from data.content import BINARY_HINT, binary_evidence, file_digest
 from data.sources import Piece, ReadOptions, Stats, file_kind, read_pieces
+from kbuild.errors import NamedError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # Tests and generated tables (codec maps, pydoc topics) are left out: code, not data.
@@ -30,7 +31,7 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "_
 DOC_SEPARATOR = "\n\n"  # between documents for tokenizers without an end-of-sequence token
 
 
-class DataError(ValueError):
+class DataError(NamedError, ValueError):
     """A data source cannot be used; the message says what, where and what to do."""
 
 

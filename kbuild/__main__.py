@@ -11,7 +11,7 @@ from pathlib import Path
 from kbuild.kconfig import (ROOT, ConfigError, completeness_problem, load, load_layers, parse_file, parse_overrides,
                             resolve, values, write_min_config, write_outputs)
 
-from data.corpus import DataError
+from kbuild.errors import NamedError
 
 DOT_CONFIG = ROOT / ".config"
 CONFIG_PY = ROOT / "config.py"
@@ -267,25 +267,14 @@ def main(argv=None) -> int:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
-    except (DataError, NotImplementedError) as e:
+    except (NamedError, NotImplementedError) as e:  # DataError, CheckpointError, MetricsError, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        if isinstance(e, loaded_named_errors()):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if not isinstance(e, (ValueError, RuntimeError, OSError)) or os.environ.get("KBUILD_DEBUG"):
+    except (ValueError, RuntimeError, OSError) as e:
+        if os.environ.get("KBUILD_DEBUG"):
             raise
         print(f"error: {e} (KBUILD_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
-
-
-def loaded_named_errors() -> tuple[type, ...]:
-    """CheckpointError and MetricsError, if their modules were imported (that is, could have raised them):
-    importing train.checkpoint here would load torch into every configuration command."""
-    found = [getattr(sys.modules.get(module), name, None) for module, name in
-             (("train.checkpoint", "CheckpointError"), ("train.metrics", "MetricsError"))]
-    return tuple(c for c in found if c is not None)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from data.corpus import DataError
+from kbuild.errors import NamedError
 from kbuild.kconfig import (ROOT, Config, ConfigError, completeness_problem, load, parse_file, parse_overrides,
                             predates_marker, resolve, unrecorded, values, write_outputs)
 from parallel.launch import engine, launch_env, train_command
@@ -90,7 +90,7 @@ def execute(plan: Plan) -> Plan:
             cfg = load(plan.run_dir(name) / ".config")[1]
             found = data_problems(cfg, prepare(cfg, ROOT))
         except Exception as e:
-            found = [f"data: {e}" if isinstance(e, (DataError, ConfigError)) else f"data: {type(e).__name__}: {e}"]
+            found = [f"data: {e}" if isinstance(e, NamedError) else f"data: {type(e).__name__}: {e}"]
         if found:  # e.g. a corpus shorter than BLOCK_SIZE, a SAMPLE_PROMPT the tokenizer cannot encode
             plan.update(name, status="failed", error="; ".join(found), end=now())
             print(f"run {name}: " + "; ".join(found), file=sys.stderr, flush=True)

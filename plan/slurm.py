@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.corpus import DataError
+from kbuild.errors import NamedError
 from kbuild.atomic import write_text_if_changed
 from kbuild.kconfig import ROOT, Config, ConfigError, control_char, load
 from parallel.launch import launch_env, train_command
@@ -127,7 +127,7 @@ def slurm_plan(layers: list, cfg: Config, overrides: str = "") -> tuple[Plan, Pa
             try:
                 found = data_problems(run_cfg, prepare(run_cfg, ROOT))
             except Exception as e:
-                found = [f"data: {e}" if isinstance(e, (DataError, ConfigError)) else f"data: {type(e).__name__}: {e}"]
+                found = [f"data: {e}" if isinstance(e, NamedError) else f"data: {type(e).__name__}: {e}"]
             if found:
                 plan.update(run["name"], status="failed", error="; ".join(found))
                 print(f"run {run['name']}: " + "; ".join(found), file=sys.stderr)

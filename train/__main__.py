@@ -11,6 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from kbuild.errors import NamedError
 from kbuild.kconfig import ROOT, load
 
 
@@ -31,17 +32,6 @@ class Tee:
     def file_only(self, message: str) -> None:
         self.file.write(message + "\n")
         self.file.flush()
-
-
-def named_errors() -> tuple[type, ...]:
-    """Errors this tool raises on purpose, whose message says what was wrong and what to do."""
-    from data.corpus import DataError
-    from kbuild.kconfig import ConfigError
-    from train.checkpoint import CheckpointError
-    from train.curriculum import CurriculumError
-    from train.metrics import MetricsError
-
-    return ConfigError, DataError, CheckpointError, CurriculumError, MetricsError
 
 
 def main(run_dir: Path, resume: bool = False) -> int:
@@ -80,14 +70,14 @@ def main(run_dir: Path, resume: bool = False) -> int:
         if not main_rank:
             print(f"rank {os.environ.get('RANK')}: {traceback.format_exc()}", file=sys.stderr, flush=True)
             return 1
-        if isinstance(e, named_errors()):  # raised on purpose with what to do: the message on screen
+        if isinstance(e, NamedError):  # raised on purpose with what to do: the message on screen
             print(f"error: {e}", file=sys.stderr, flush=True)
             log.file_only(traceback.format_exc())
         else:
             log(traceback.format_exc())
         from train.trainer import write_summary
 
-        named = isinstance(e, named_errors())  # says what to do already; a class name adds nothing
+        named = isinstance(e, NamedError)  # says what to do already; a class name adds nothing
         write_summary(run_dir, {"status": "failed", "error": str(e) if named else f"{type(e).__name__}: {e}"})
         return 1
     finally:

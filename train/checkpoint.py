@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from kbuild.errors import NamedError
+
 FOLDER = "checkpoints"
 BEST = "best.pt"
 BEST_SHARDED = "best"
@@ -30,7 +32,7 @@ EXTRA = "extra.pt"  # a sharded checkpoint's non-tensor state; written last, it 
 _STEP_RE = re.compile(r"^step-(\d+)(\.pt)?$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(NamedError):
     """A checkpoint cannot be written or used; the message says what to do."""
 
 

@@ -23,10 +23,12 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+from kbuild.errors import NamedError
+
 _LR_POWERS = (("CURRICULUM_LR_SQRT", 0.5), ("CURRICULUM_LR_LINEAR", 1.0))
 
 
-class CurriculumError(ValueError):
+class CurriculumError(NamedError, ValueError):
     """A curriculum setting that cannot work; the message names the CONFIG_ symbols and a fix."""
 
 

@@ -8,6 +8,8 @@ import math
 import time
 from pathlib import Path
 
+from kbuild.errors import NamedError
+
 # Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched by substring
 # of torch.cuda.get_device_name(). MFU is reported against these.
 GPU_PEAK_FLOPS = [
@@ -53,7 +55,7 @@ class MetricsLog:
             self.file.close()
 
 
-class MetricsError(Exception):
+class MetricsError(NamedError):
     """metrics.jsonl is damaged somewhere other than its last line; the message names the line."""
 
 
