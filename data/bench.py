@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from data.prepare import prepare
-from kbuild.kconfig import parse_overrides, resolve, values
+from kconfig.tree import parse_overrides, resolve
+from kconfig.values import values
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or has "
          "had one their its new after who they have not two first been other also but more all when time")

@@ -23,7 +23,7 @@ from typing import Iterator
 
 from data.content import BINARY_HINT, binary_evidence, file_digest
 from data.sources import Piece, ReadOptions, Stats, file_kind, read_pieces
-from kbuild.errors import NamedError
+from kconfig.errors import NamedError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # Tests and generated tables (codec maps, pydoc topics) are left out: code, not data.

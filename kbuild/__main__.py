@@ -8,10 +8,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from kbuild.kconfig import (ROOT, ConfigError, completeness_problem, load, load_layers, parse_file, parse_overrides,
-                            resolve, values, write_min_config, write_outputs)
+from kconfig.errors import ConfigError
 
-from kbuild.errors import NamedError
+from kconfig.tree import (ROOT, completeness_problem, load, load_layers, parse_file, parse_overrides, resolve, write_min_config, write_outputs)
+
+from kconfig.values import values
+
+from kconfig.errors import NamedError
 
 DOT_CONFIG = ROOT / ".config"
 CONFIG_PY = ROOT / "config.py"

@@ -94,7 +94,7 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int) -> "ModelConfig":
-        """Build from resolved Kconfig values (kbuild.kconfig.Config)."""
+        """Build from resolved Kconfig values (kconfig.tree.Config)."""
         mlp = "swiglu" if cfg.MLP_SWIGLU else "relu2" if cfg.MLP_RELU2 else "gelu"
         moe = None
         if cfg.MOE:

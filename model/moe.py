@@ -79,7 +79,7 @@ class MoEConfig:
 
     @classmethod
     def from_config(cls, cfg, expert_hidden: int) -> MoEConfig:
-        """Build from resolved Kconfig values (kbuild.kconfig.Config); needs CONFIG_MOE=y."""
+        """Build from resolved Kconfig values (kconfig.tree.Config); needs CONFIG_MOE=y."""
         if not cfg.MOE:
             raise ValueError("MoEConfig.from_config needs CONFIG_MOE=y; with it off, blocks keep the dense MLP")
         return cls(

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from kbuild.kconfig import ROOT, Assignment, Config, drift
+from kconfig.tree import ROOT, Assignment, drift
+
+from kconfig.values import Config
 from model.gpt import GPT, ModelConfig
 from optim.optimizers import build_optimizer, optimizer_name, set_lr
 from optim.schedule import lr_at
@@ -177,14 +179,14 @@ def check_plan(base_layers: list[list[Assignment]], cfg: Config) -> int:
     print(f"\n=== check: {len(rows)} run(s), {time.perf_counter() - t0:.1f}s ===")
     for r in rows:
         print(f"{r.name:<{width}}  {r.status:<8} {r.seconds:5.2f}s  {r.detail}")
-    if cfg.RUN_MATRIX and cfg.MATRIX_PAIRWISE:
+    if cfg.RUN_MODE == "matrix" and cfg.MATRIX_PAIRWISE:
         print(pair_coverage(specs))
     print(f"presets: {len(presets())} defconfigs and fragments, "
           + ("all equal to their savedefconfig output" if not drifted else f"{len(drifted)} problem(s):"))
     for problem in drifted:
         print(f"  {problem}")
     failures = sum(r.status == "FAILED" for r in rows) + len(drifted)
-    if cfg.RUN_ABLATION:  # a matrix may rule out cells; an ablation step that cannot apply is a mistake
+    if cfg.RUN_MODE == "ablation":  # a matrix may rule out cells; an ablation step that cannot apply is a mistake
         failures += sum(r.status == "rejected" for r in rows)
     print("check passed" if not failures else f"check FAILED: {failures} problem(s)")
     return failures

@@ -9,13 +9,15 @@ rejected, with Kconfig's reason; it never runs.
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import kconfiglib
 
-from kbuild.kconfig import ROOT, Assignment, Config, ConfigError, new_kconfig, parse_file, resolve, values
+from kconfig.errors import ConfigError
+
+from kconfig.tree import ROOT, Assignment, new_kconfig, parse_file, resolve
+from kconfig.values import Config, option_value, values
 from plan.plan import run_name
 
 FRAGMENTS = ROOT / "defconfigs" / "fragments"
@@ -39,13 +41,9 @@ class RunSpec:
         return self.error is not None
 
 
-def mode_of(cfg: Config) -> str:
-    return "ablation" if cfg.RUN_ABLATION else "matrix" if cfg.RUN_MATRIX else "single"
-
-
 def expand(base_layers: list[list[Assignment]], base_cfg: Config) -> list[RunSpec]:
     """The plan's runs, each resolved (or rejected). Raises ConfigError for a broken plan definition."""
-    mode = mode_of(base_cfg)
+    mode = base_cfg.RUN_MODE
     if mode == "ablation":
         specs = ablation_runs(base_cfg)
     elif mode == "matrix":
@@ -76,7 +74,7 @@ def expand(base_layers: list[list[Assignment]], base_cfg: Config) -> list[RunSpe
 def plan_symbols() -> set[str]:
     """The run-mode options and everything that depends on the ablation or matrix mode."""
     kconf = new_kconfig()
-    modes = {kconf.syms[n] for n in ("RUN_SINGLE", "RUN_ABLATION", "RUN_MATRIX")}
+    modes = set(kconf.named_choices["RUN_MODE"].syms)
     def deps(sym) -> set:
         items = set(kconfiglib.expr_items(sym.direct_dep))
         return items | (set(kconfiglib.expr_items(sym.choice.direct_dep)) if sym.choice else set())
@@ -116,7 +114,7 @@ def ablation_runs(cfg: Config) -> list[RunSpec]:
     applied: list[list[Assignment]] = []
     for name, fragments in steps:
         layers = [parse_file(fragment_path(f)) for f in fragments]
-        applied = applied + layers if cfg.ABLATION_CUMULATIVE else layers
+        applied = applied + layers if cfg.ABLATION_ORDER == "cumulative" else layers
         specs.append(RunSpec(run_name([("", name)]), layers=list(applied)))
     return specs
 
@@ -136,10 +134,8 @@ def matrix_axes(cfg: Config, kconf_syms: dict) -> list[list[tuple[str, list[Assi
             raise ConfigError([f"CONFIG_{name}: {name[len(MATRIX_PREFIX):]} is not an option of a Kconfig choice"])
         by_choice.setdefault(option.choice, []).append(option.name)
     axes = []
-    for choice, options in by_choice.items():
-        prefix = os.path.commonprefix([s.name for s in choice.syms])
-        prefix = prefix[:prefix.rfind("_") + 1]  # whole words: OPT_ADAMW -> "adamw" even when alone
-        axes.append([(o[len(prefix):].lower(), [Assignment(o, "y", f"matrix axis CONFIG_{MATRIX_PREFIX}{o}", 0)])
+    for choice, options in by_choice.items():  # OPT_ADAMW -> "adamw", as cfg.OPTIMIZER reads it
+        axes.append([(option_value(choice, o), [Assignment(o, "y", f"matrix axis CONFIG_{MATRIX_PREFIX}{o}", 0)])
                      for o in options])
     for name, fragments in parse_steps(cfg.MATRIX_FRAGMENTS or "", "CONFIG_MATRIX_FRAGMENTS"):
         layer = [a for f in fragments for a in parse_file(fragment_path(f, "CONFIG_MATRIX_FRAGMENTS"))]

@@ -17,7 +17,7 @@ import re
 import time
 from pathlib import Path
 
-from kbuild.atomic import write_text_if_changed
+from kconfig.atomic import write_text_if_changed
 
 # Why a run stopped: done; time_limit (CONFIG_MAX_TIME); interrupted (SIGTERM/SIGINT, checkpointed);
 # killed (SIGKILL or another fatal signal: the out-of-memory killer, a lost node); failed (an error).

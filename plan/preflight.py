@@ -15,7 +15,7 @@ Each problem is one line naming the CONFIG_ symbols and what to change.
 
 from __future__ import annotations
 
-from kbuild.kconfig import Config
+from kconfig.values import Config
 
 CHAR_BYTE_VOCAB = 256  # byte vocabulary; char vocabularies of the shipped corpora pad to at most this
 

@@ -25,8 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kbuild.atomic import write_text_if_changed
-from kbuild.kconfig import ROOT
+from kconfig.atomic import write_text_if_changed
+from kconfig.tree import ROOT
 from plan.plan import now
 
 PROVENANCE_FILE = "provenance.json"

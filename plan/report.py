@@ -26,7 +26,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kbuild.atomic import atomic_write, write_text_if_changed
+from kconfig.atomic import atomic_write, write_text_if_changed
 from plan.provenance import contributing, differing, load_attempts
 
 PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "final_val_loss.png", "tokens_per_s.png")

@@ -18,11 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from kbuild.errors import NamedError
-from kbuild.kconfig import (ROOT, Config, ConfigError, completeness_problem, load, parse_file, parse_overrides,
-                            predates_marker, resolve, unrecorded, values, write_outputs)
+from kconfig.errors import NamedError
+from kconfig.errors import ConfigError
+from kconfig.tree import (ROOT, completeness_problem, load, parse_file, parse_overrides, predates_marker, resolve, unrecorded, write_outputs)
+from kconfig.values import Config, values
 from parallel.launch import engine, launch_env, train_command
-from plan.expand import RunSpec, mode_of
+from plan.expand import RunSpec
 from plan.plan import PLAN_FILE, Plan, now
 from plan.provenance import record_attempt
 from train.checkpoint import newest_intact_step
@@ -40,7 +41,7 @@ def runs_dir(cfg: Config) -> Path:
 def create_plan(cfg: Config, specs: list[RunSpec], overrides: str = "") -> Plan:
     """Write runs/<plan>/plan.json and every run's resolved .config/config.py before anything runs."""
     records = [{"name": s.name, "baseline": s.baseline, "differences": s.differences} for s in specs]
-    plan = Plan.create(runs_dir(cfg), cfg.PLAN_NAME, mode_of(cfg), records)
+    plan = Plan.create(runs_dir(cfg), cfg.PLAN_NAME, cfg.RUN_MODE, records)
     plan.record.update(set=overrides, runner_pid=os.getpid())
     for spec in specs:
         if spec.rejected:

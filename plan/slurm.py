@@ -25,9 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kbuild.errors import NamedError
-from kbuild.atomic import write_text_if_changed
-from kbuild.kconfig import ROOT, Config, ConfigError, control_char, load
+from kconfig.errors import NamedError
+from kconfig.atomic import write_text_if_changed
+from kconfig.errors import ConfigError
+from kconfig.tree import ROOT, control_char, load
+from kconfig.values import Config
 from parallel.launch import launch_env, train_command
 from plan.plan import Plan
 from train.checkpoint import has_checkpoint

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data.prepare import prepare  # noqa: E402
-from kbuild.kconfig import load, parse_overrides, resolve, parse_file, values  # noqa: E402
+from kconfig.tree import load, parse_overrides, resolve, parse_file  # noqa: E402
+from kconfig.values import values  # noqa: E402
 import torch  # noqa: E402
 
 from plan.check import predict_run_memory  # noqa: E402

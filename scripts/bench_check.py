@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kbuild.kconfig import parse_file, parse_overrides, resolve, values  # noqa: E402
+from kconfig.tree import parse_file, parse_overrides, resolve  # noqa: E402
+from kconfig.values import values  # noqa: E402
 from plan.check import check_plan  # noqa: E402
 from plan.expand import expand  # noqa: E402
 

@@ -1,4 +1,4 @@
-# Configuration: every assignment is validated by kbuild/kconfig.py (kconfiglib).
+# Configuration: every assignment is validated by kconfig/tree.py (kconfiglib).
 
 DEFCONFIGS := $(filter-out fragments,$(sort $(notdir $(wildcard defconfigs/*))))
 DEFCONFIG_TARGETS := $(addprefix defconfig-,$(DEFCONFIGS))

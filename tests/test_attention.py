@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kbuild.kconfig import ConfigError, parse_overrides, resolve, values
+from kconfig.errors import ConfigError
+
+from kconfig.tree import parse_overrides, resolve
+
+from kconfig.values import values
 from model.attention import FlashAttentionUnavailable, causal_mask, reference_attention, sdpa_attention, softcap
 from model.gpt import GPT, ModelConfig
 

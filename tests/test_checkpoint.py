@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from data.prepare import prepare
-from kbuild.kconfig import ROOT, parse_overrides, resolve, values, write_outputs
+from kconfig.tree import ROOT, parse_overrides, resolve, write_outputs
+from kconfig.values import values
 from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.trainer import Trainer

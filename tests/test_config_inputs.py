@@ -16,7 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kbuild.kconfig import ConfigError, load, new_kconfig, parse_file, parse_overrides, resolve, values, write_outputs
+from kconfig.errors import ConfigError
+
+from kconfig.tree import load, new_kconfig, parse_file, parse_overrides, resolve, write_outputs
+
+from kconfig.values import values
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _TREE = new_kconfig()

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from kbuild.kconfig import parse_overrides, resolve, values
+from kconfig.tree import parse_overrides, resolve
+
+from kconfig.values import values
 from train.curriculum import Curriculum, CurriculumError, Stage, parse_stages
 
 BASE = "MICRO_BATCH=16 BLOCK_SIZE=256 GRAD_ACCUM=4 MAX_ITERS=1000"

@@ -14,7 +14,8 @@ from data.corpus import DataError, embedded_source, local_source, source_for
 from data.loader import Batches
 from data.prepare import prepare, unigram_entropy
 from data.tokenizer import Tokenizer
-from kbuild.kconfig import parse_overrides, resolve, values
+from kconfig.tree import parse_overrides, resolve
+from kconfig.values import values
 
 
 def cfg_with(**sets):

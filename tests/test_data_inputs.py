@@ -12,7 +12,7 @@ import pytest
 from data import content, sources
 from data.corpus import DataError, source_for
 from data.prepare import prepare
-from kbuild.kconfig import parse_overrides, resolve
+from kconfig.tree import parse_overrides, resolve
 from test_data_sources import QUIET, cfg_with
 
 
@@ -234,7 +234,7 @@ def test_bench_main_exits_nonzero_and_writes_the_stop_to_bench_json(tmp_path, mo
                                                            "planned_steps": 60, "error": "interrupted by SIGINT"})
     monkeypatch.setattr(bench, "prepare", lambda cfg, root: None)
     monkeypatch.setattr(bench, "ROOT", tmp_path)
-    from kbuild.kconfig import write_outputs
+    from kconfig.tree import write_outputs
 
     kconf, _ = resolve([], parse_overrides("DEVICE_CPU=y"))
     write_outputs(kconf, tmp_path / ".config", tmp_path / "config.py")

@@ -18,7 +18,8 @@ from data.corpus import DataError, local_source, source_for
 from data.prepare import prepare
 from data.sources import ReadOptions
 from data.tokenizer import Tokenizer, check_vocab_fits
-from kbuild.kconfig import parse_overrides, resolve, values
+from kconfig.tree import parse_overrides, resolve
+from kconfig.values import values
 
 QUIET = {"log": lambda m: None}
 

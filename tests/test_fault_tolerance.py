@@ -351,7 +351,7 @@ def test_a_named_error_in_training_shows_its_message_and_keeps_the_traceback_in_
 
 
 def test_a_run_configured_by_an_older_kbuild_continues_with_the_new_symbols_defaults(stopped_run, capsys):
-    from kbuild.kconfig import END_MARKER, load
+    from kconfig.tree import END_MARKER, load
 
     plan, run_dir, _ = stopped_run
     dot = run_dir / ".config"

@@ -10,8 +10,11 @@ from pathlib import Path
 import kconfiglib
 import pytest
 
-from kbuild.kconfig import (ROOT, Assignment, ConfigError, config_py_text, float_spec, load, parse_file,
-                            parse_overrides, resolve, values, write_min_config, write_outputs)
+from kconfig.errors import ConfigError
+
+from kconfig.tree import (ROOT, Assignment, load, parse_file, parse_overrides, resolve, write_min_config, write_outputs)
+
+from kconfig.values import config_py_text, float_spec, values
 
 DEFCONFIGS = sorted(p for p in (ROOT / "defconfigs").iterdir() if p.is_file())
 
@@ -96,7 +99,8 @@ def test_config_py_round_trips_every_type(tmp_path):
     assert {bool, int, float, str, type(None)} <= types
     assert loaded["LR"] == 2e-3 and loaded["SAMPLE_PROMPT"] == "def " and loaded["RUN_MATRIX"] is False
     assert loaded["WSD_DECAY_FRACTION"] is None  # its dependency (LR_WSD) is off
-    assert set(loaded) == {s.name for s in kconf.unique_defined_syms}
+    assert set(loaded) == {s.name for s in kconf.unique_defined_syms} | {c.name for c in kconf.unique_choices}
+    assert loaded["MLP"] == "swiglu" and loaded["OPTIMIZER"] == "adamw" and loaded["MUON_IMPL"] is None
 
 
 def test_config_py_quotes_strings_with_repr():
@@ -198,7 +202,7 @@ def test_control_character_in_a_file_value_is_refused(tmp_path):
 
 
 def test_control_character_in_a_default_is_found_after_resolving():
-    from kbuild.kconfig import _check_strings
+    from kconfig.tree import _check_strings
 
     kconf, _ = resolve([])
     kconf.syms["SAMPLE_PROMPT"].set_value("a\nb")  # as a Kconfig default would give it
@@ -252,7 +256,7 @@ def test_defconfig_that_sets_nothing_is_a_named_error(tmp_path, text):
 
 
 def test_written_config_ends_with_the_marker_and_a_cut_one_is_refused(tmp_path):
-    from kbuild.kconfig import END_MARKER
+    from kconfig.tree import END_MARKER
 
     kconf, _ = resolve(parse_file(ROOT / "defconfigs" / "quickstart"))
     write_outputs(kconf, tmp_path / ".config", tmp_path / "config.py")
@@ -391,7 +395,7 @@ def test_longest_plan_name_makes_a_plan_directory(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_atomic_writes_honour_the_umask(tmp_path, umask):
-    from kbuild.atomic import write_text_if_changed
+    from kconfig.atomic import write_text_if_changed
 
     old = os.umask(umask)
     try:

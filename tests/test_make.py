@@ -129,7 +129,9 @@ SET_VALUES = {"SAMPLE_PROMPT": "$HOME/x", "DATA_JSONL_FIELD": "$(shell touch {ma
 def test_set_reaches_kbuild_unexpanded_and_runs_nothing(repo, make, how, tmp_path):
     import shlex
 
-    from kbuild.kconfig import parse_file, resolve, values
+    from kconfig.tree import parse_file, resolve
+
+    from kconfig.values import values
 
     make("defconfig-quickstart")
     marker = tmp_path / "ran"
@@ -153,7 +155,7 @@ def test_syncconfig_accepts_menuconfigs_file_and_olddefconfig_repairs_a_cut_one(
     import subprocess
     import sys
 
-    from kbuild.kconfig import END_MARKER, parse_file, resolve
+    from kconfig.tree import END_MARKER, parse_file, resolve
 
     make("defconfig-quickstart")
     dot = repo / ".config"

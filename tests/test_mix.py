@@ -12,7 +12,8 @@ from data.corpus import DataError
 from data.loader import Batches
 from data.mix import PreparedMix, as_mix, parse_mix, parse_val_extra
 from data.prepare import prepare
-from kbuild.kconfig import parse_overrides, resolve, values
+from kconfig.tree import parse_overrides, resolve
+from kconfig.values import values
 from train import checkpoint
 from train.trainer import Trainer, write_summary
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kbuild.kconfig import parse_overrides, resolve, values
+from kconfig.tree import parse_overrides, resolve
+
+from kconfig.values import values
 from model.moe import MoE, MoEConfig, expert_matmul, expert_width, grouped_mm_usable, is_moe_block
 
 C, H, E = 16, 8, 4  # fp32 rows of 16 and 8 floats keep torch._grouped_mm's 16-byte alignment

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kbuild.kconfig import parse_overrides, resolve, values
+from kconfig.tree import parse_overrides, resolve
+
+from kconfig.values import values
 from model.gpt import GPT, ModelConfig
 from optim.lion import Lion
 from optim.optimizers import build_optimizer, describe, param_groups, set_lr

@@ -7,7 +7,9 @@ import json
 import pytest
 
 import plan.expand as expand_mod
-from kbuild.kconfig import ROOT, ConfigError, parse_file, parse_overrides, resolve, values
+from kconfig.errors import ConfigError
+from kconfig.tree import ROOT, parse_file, parse_overrides, resolve
+from kconfig.values import values
 from plan.check import check_plan
 from plan.expand import cell_pairs, expand
 from plan.plan import Plan, run_name
@@ -215,7 +217,7 @@ def test_check_validates_data_parallel_layouts(capsys):
 
 
 def test_continue_overrides_rewrite_the_unfinished_runs_configs(tmp_path):
-    from kbuild.kconfig import load
+    from kconfig.tree import load
     from plan.runner import create_plan, prepare_to_continue
 
     specs = plan_for("quickstart-fsdp2", set_=f'RUNS_DIR="{tmp_path}"')

@@ -12,7 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kbuild.kconfig import ConfigError, parse_overrides, resolve, values
+from kconfig.errors import ConfigError
+
+from kconfig.tree import parse_overrides, resolve
+
+from kconfig.values import values
 from model.gpt import GPT, ModelConfig
 from train import precision
 from train.precision import (apply_fp8, fp8_autocast, fp8_backend, fp8_eligible, require_fp8_device,

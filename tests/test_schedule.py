@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from kbuild.kconfig import ConfigError, parse_overrides, resolve, values
+from kconfig.errors import ConfigError
+
+from kconfig.tree import parse_overrides, resolve
+
+from kconfig.values import values
 from optim.schedule import lr_at
 
 

@@ -8,7 +8,8 @@ import numpy as np
 
 from data.prepare import prepare
 from data.sentencepiece_tokenizer import MAX_SENTENCE, sample_lines
-from kbuild.kconfig import parse_overrides, resolve, values
+from kconfig.tree import parse_overrides, resolve
+from kconfig.values import values
 
 
 def test_long_lines_are_cut_not_dropped():

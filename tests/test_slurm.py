@@ -11,7 +11,9 @@ import textwrap
 import pytest
 
 import plan.slurm as slurm
-from kbuild.kconfig import ROOT, ConfigError, parse_file, parse_overrides, resolve, values
+from kconfig.errors import ConfigError
+from kconfig.tree import ROOT, parse_file, parse_overrides, resolve
+from kconfig.values import values
 from plan.plan import Plan
 from plan.runner import UNFINISHED, claim, newest_unfinished_plan
 
@@ -227,7 +229,7 @@ def test_shell_lines_quote_every_value_and_the_printed_command_too(tmp_path, mon
     import shlex
 
     import kbuild.__main__ as cli
-    from kbuild.kconfig import write_outputs
+    from kconfig.tree import write_outputs
 
     runs = tmp_path / "a&b(c);d|e"  # fine for '#SBATCH' lines, which no shell reads; dangerous in shell lines
     kconf, _ = resolve(parse_file(ROOT / "defconfigs" / "quickstart"), parse_overrides(f"RUNS_DIR={shlex.quote(str(runs))} {TINY}"))

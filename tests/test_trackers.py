@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data.progress import Progress
-from kbuild.kconfig import Config
+from kconfig.values import Config
 from train import trackers as trackers_mod
 from train.progress import TrainProgress
 from train.system_metrics import sample_system

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from data.prepare import prepare
-from kbuild.kconfig import parse_overrides, resolve, values
+from kconfig.tree import parse_overrides, resolve
+from kconfig.values import values
 from train import checkpoint
 from train.sample import sample_from
 from train.trainer import Trainer, padded_vocab, write_summary

@@ -225,7 +225,7 @@ def test_crafted_deepspeed_file_is_refused(runs, tmp_path, name):
 
 
 def resume(run_dir, cfg) -> subprocess.CompletedProcess:
-    from kbuild.kconfig import ROOT
+    from kconfig.tree import ROOT
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     return subprocess.run(train_command(cfg, run_dir, True), cwd=ROOT, env=env, capture_output=True, text=True,

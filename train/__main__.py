@@ -11,8 +11,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from kbuild.errors import NamedError
-from kbuild.kconfig import ROOT, load
+from kconfig.errors import NamedError
+from kconfig.tree import ROOT, load
 
 
 # The runner maps these back to plan.json (and reads summary.json for time_limit, which ends cleanly).

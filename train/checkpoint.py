@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kbuild.errors import NamedError
+from kconfig.errors import NamedError
 
 FOLDER = "checkpoints"
 BEST = "best.pt"

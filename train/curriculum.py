@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from kbuild.errors import NamedError
+from kconfig.errors import NamedError
 
 _LR_POWERS = (("CURRICULUM_LR_SQRT", 0.5), ("CURRICULUM_LR_LINEAR", 1.0))
 

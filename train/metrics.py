@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from kbuild.errors import NamedError
+from kconfig.errors import NamedError
 
 # Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched by substring
 # of torch.cuda.get_device_name(). MFU is reported against these.
@@ -63,7 +63,7 @@ def keep_until(path: Path, step: int, warn=print) -> int:
     """Resume: drop the records an interrupted attempt logged after ``step`` (its checkpoint), and a torn
     final line (a short write at a full disk or a kill), with a warning; rewrite the file atomically.
     A damaged line elsewhere is a MetricsError naming the file and line. Returns the records kept."""
-    from kbuild.atomic import write_text_if_changed
+    from kconfig.atomic import write_text_if_changed
 
     lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     kept = []

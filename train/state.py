@@ -38,7 +38,7 @@ def restore_rng(state: dict) -> None:
 
 def model_symbols() -> set[str]:
     """Symbols of the Model menu: a checkpoint's weights only fit a config that agrees on all of them."""
-    from kbuild.kconfig import new_kconfig
+    from kconfig.tree import new_kconfig
 
     model = {s.name for s in new_kconfig().unique_defined_syms if s.nodes[0].filename.startswith(MODEL_KCONFIG)}
     return model | {"FP8_TE"}  # TransformerEngine's fused layers store the weights under other names

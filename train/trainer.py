@@ -518,6 +518,6 @@ def memory_prediction(cfg) -> str:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    from kbuild.atomic import write_text_if_changed
+    from kconfig.atomic import write_text_if_changed
 
     write_text_if_changed(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Rules on resolved values that no Kconfig range or dependency can express.
 
-Called once, from kbuild.kconfig.resolve, so a defconfig, .config, SET and every run of a
+Called once, from kconfig.tree.resolve, so a defconfig, .config, SET and every run of a
 plan meet the same rules before any work is spent. Each problem names the symbols, their
 values and where each value comes from (file:line, or the Kconfig default).
 Rules that need the model's own arithmetic (head widths, MoE layout) live with the model
@@ -53,19 +53,19 @@ def problems_of_schedule(cfg: Mapping, say) -> None:
     """The LR schedule (optim/schedule.py lr_at) as configured has no jump and decays downwards."""
     lr, min_lr, warmup, max_iters = cfg["LR"], cfg["MIN_LR"], cfg["WARMUP_ITERS"], cfg["MAX_ITERS"]
     if min_lr is not None and min_lr > lr:  # MIN_LR applies to cosine and WSD, not to constant
-        shape = "cosine" if cfg["LR_COSINE"] else "WSD"
+        shape = "cosine" if cfg["LR_SCHEDULE"] == "cosine" else "WSD"
         say("MIN_LR", f"CONFIG_MIN_LR={min_lr:g} is above CONFIG_LR={lr:g}: the {shape} 'decay' would raise the "
                       f"rate; set MIN_LR at or below LR (typical: LR/10)", "LR")
     if warmup >= max_iters:
         say("WARMUP_ITERS", f"CONFIG_WARMUP_ITERS={warmup} is not below CONFIG_MAX_ITERS={max_iters}: the run "
                             f"would end still in warmup, never training at LR; lower WARMUP_ITERS (typical: "
                             f"1-5% of MAX_ITERS, e.g. {max(1, max_iters // 20)}) or raise MAX_ITERS", "MAX_ITERS")
-    if cfg["LR_COSINE"] and cfg["LR_DECAY_ITERS"] and warmup >= cfg["LR_DECAY_ITERS"]:
+    if cfg["LR_SCHEDULE"] == "cosine" and cfg["LR_DECAY_ITERS"] and warmup >= cfg["LR_DECAY_ITERS"]:
         say("LR_DECAY_ITERS", f"CONFIG_LR_DECAY_ITERS={cfg['LR_DECAY_ITERS']} is not after CONFIG_WARMUP_ITERS="
                               f"{warmup}: the cosine would be over before warmup ends and the rate would drop from "
                               f"LR to MIN_LR in one step; make LR_DECAY_ITERS larger than WARMUP_ITERS (0 means "
                               f"MAX_ITERS)", "WARMUP_ITERS")
-    if cfg["LR_WSD"]:
+    if cfg["LR_SCHEDULE"] == "wsd":
         decay_start = max_iters - int(cfg["WSD_DECAY_FRACTION"] * max_iters)
         if decay_start < warmup < max_iters:
             say("WARMUP_ITERS", f"CONFIG_WARMUP_ITERS={warmup} ends after the WSD decay starts at step "
