@@ -1,4 +1,5 @@
-"""Shared fixtures: a temporary copy of the repository and a 'make' runner for it."""
+"""Shared fixtures: configurations built through the real Kconfig tree, a temporary copy of the
+repository and a 'make' runner for it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,33 @@ sys.path.insert(0, str(ROOT))
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "runs", ".cache", "__pycache__", ".pytest_cache",
                                  ".config", "config.py", "defconfig", "build", "*.egg-info")
+
+
+def config_of(*sets: str, **symbols):
+    """A resolved, typed Config: Kconfig defaults, then each SET-syntax text, then ``symbols``.
+
+    The one way tests build configurations: through kconfiglib, strictly (an assignment that does
+    not take raises ConfigError), so a test never holds a value the tool would refuse or a symbol
+    that no longer exists. ``config_of("MLP_SWIGLU=y", N_LAYER=2, SAMPLE_PROMPT="def ")``.
+    """
+    from kconfig.tree import parse_overrides, resolve
+    from kconfig.values import values
+
+    def word(name, value):
+        if isinstance(value, bool):
+            return f"{name}={'y' if value else 'n'}"
+        return f'{name}="{value}"' if isinstance(value, str) else f"{name}={value!r}"
+
+    layers = [parse_overrides(text) for text in sets]
+    layers.append(parse_overrides(" ".join(word(k, v) for k, v in symbols.items())))
+    kconf, _ = resolve(*layers)
+    return values(kconf)
+
+
+@pytest.fixture
+def config():
+    """``config("OPT_LION=y", LR=1e-3)``: see config_of."""
+    return config_of
 
 
 @pytest.fixture
