@@ -1,9 +1,10 @@
 """A Kconfig choice is read as one value: cfg.MLP == "swiglu", derived by one rule (kconfig/values.py)."""
 
 import pytest
+from conftest import config_of
 
 from kconfig.errors import ConfigError
-from kconfig.tree import new_kconfig, parse_overrides, resolve
+from kconfig.tree import new_kconfig, parse_overrides
 from kconfig.values import option_values, values
 
 
@@ -27,29 +28,28 @@ def test_every_option_of_every_choice_is_its_value_when_selected():
     for choice in kconf.unique_choices:
         for sym, value in zip(choice.syms, option_values(choice)):
             try:
-                resolved, _ = resolve(parse_overrides(f"{enabling.get(choice.name, '')} {sym.name}=y"))
+                cfg = config_of(f"{enabling.get(choice.name, '')} {sym.name}=y")
             except ConfigError:
                 continue  # this option needs more than its choice (e.g. a CUDA-only one); covered elsewhere
-            cfg = values(resolved)
             assert cfg[choice.name] == value and cfg[sym.name] is True, (choice.name, sym.name)
             checked += 1
     assert checked >= 60
 
 
 def test_known_values_and_a_choice_that_does_not_apply_is_none():
-    cfg = values(resolve(parse_overrides("MLP_RELU2=y OPT_LION=y MODEL_SIZE_GPT2_MEDIUM=y"))[0])
+    cfg = config_of("MLP_RELU2=y OPT_LION=y MODEL_SIZE_GPT2_MEDIUM=y")
     assert (cfg.MLP, cfg.OPTIMIZER, cfg.MODEL_SIZE, cfg.NORM, cfg.LR_SCHEDULE) == (
         "relu2", "lion", "gpt2_medium", "layernorm", "cosine")
     assert cfg.MUON_IMPL is None and cfg.MOE_SCORE is None and cfg.COMPILE_MODE is None
-    cfg = values(resolve(parse_overrides("OPT_MUON=y"))[0])
+    cfg = config_of("OPT_MUON=y")
     assert cfg.OPTIMIZER == "muon" and cfg.MUON_IMPL in ("torch", "compact")
 
 
 def test_a_matrix_axis_labels_runs_with_the_value_the_run_reads():
     from plan.expand import expand
 
-    layers = [parse_overrides("RUN_MATRIX=y MATRIX_MLP_GELU=y MATRIX_MLP_RELU2=y MATRIX_OPT_LION=y")]
-    specs = expand(layers, values(resolve(*layers)[0]))
+    text = "RUN_MATRIX=y MATRIX_MLP_GELU=y MATRIX_MLP_RELU2=y MATRIX_OPT_LION=y"
+    specs = expand([parse_overrides(text)], config_of(text))
     assert [(s.name, s.cfg.MLP, s.cfg.OPTIMIZER) for s in specs] == [
         ("lion-gelu", "gelu", "lion"), ("lion-relu2", "relu2", "lion")]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import kconfiglib
 import pytest
+from conftest import config_of
 
 from kconfig.errors import ConfigError
 
@@ -424,9 +425,8 @@ def test_reports_plots_and_prepared_data_honour_the_umask(tmp_path):
         plan.update("base", status="done")
         written = write_report(plan.path)
         (tmp_path / "corpus.txt").write_text("some text to tokenize\n" * 200)
-        kconf, _ = resolve([], parse_overrides(f'DATA_PATH="{tmp_path / "corpus.txt"}" '
-                                               f'DATA_CACHE_DIR="{tmp_path / "cache"}"'))
-        data = prepare(values(kconf), ROOT, log=lambda m: None)
+        cfg = config_of(DATA_PATH=str(tmp_path / "corpus.txt"), DATA_CACHE_DIR=str(tmp_path / "cache"))
+        data = prepare(cfg, ROOT, log=lambda m: None)
     finally:
         os.umask(old)
     assert any(p.suffix == ".png" for p in written)

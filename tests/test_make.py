@@ -11,7 +11,7 @@ from conftest import run_make
 def test_help_lists_every_target(make):
     out = make("help").stdout
     for target in ("defconfig-<name>", "menuconfig", "olddefconfig", "savedefconfig", "list-defconfigs",
-                   "run", "check", "sample", "bench", "test", "help", "defconfig-quickstart",
+                   "run", "check", "sample", "bench", "test", "test-fast", "help", "defconfig-quickstart",
                    "defconfig-nanogpt-shakespeare-char-cpu"):
         assert target in out, target
 
