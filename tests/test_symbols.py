@@ -17,8 +17,8 @@ of the code packages with ``ast`` and collect the names the code uses as symbols
 - text: ``CONFIG_NAME`` written in any string (error messages): the user is told to set it.
 
 Each must be a defined symbol or a named choice of ``kconfig.tree.new_kconfig()``. Two more rules
-on the config reads: no silent fallbacks (``cfg.get(...)``, ``getattr(cfg, ...)``: attribute
-access only), and no consumer reads a choice's option symbols (``cfg.MLP_SWIGLU``): it reads the
+on the config reads: no silent fallbacks (``cfg.get(...)``, ``getattr(cfg, ...)``,
+``"NAME" in cfg``: attribute access only), and no consumer reads a choice's option symbols (``cfg.MLP_SWIGLU``): it reads the
 choice (``cfg.MLP == "swiglu"``); the option symbols are only the defconfig contract.
 """
 
@@ -79,8 +79,13 @@ def _name_constant(node: ast.expr) -> str | None:
     return None
 
 
-def _is_fallback(node: ast.Call) -> bool:
-    """``cfg.get(...)``, ``getattr(cfg, ...)`` or ``hasattr(cfg, ...)`` on a configuration."""
+def _is_fallback(node: ast.AST) -> bool:
+    """``cfg.get(...)``, ``getattr(cfg, ...)``, ``hasattr(cfg, ...)`` or ``... in cfg`` on a configuration."""
+    if isinstance(node, ast.Compare):
+        return any(isinstance(op, (ast.In, ast.NotIn)) and _is_config(right)
+                   for op, right in zip(node.ops, node.comparators))
+    if not isinstance(node, ast.Call):
+        return False
     func = node.func
     if isinstance(func, ast.Attribute) and func.attr == "get":
         return _is_config(func.value)
@@ -140,13 +145,15 @@ def symbol_reads(path: Path, shown: str) -> list[Read]:
                 reads.append(Read(where(node), name, ast.unparse(node), "table"))
         elif isinstance(node, ast.Call):
             reads += _call_reads(node, where(node))
+        elif _is_fallback(node) and (name := _name_constant(node.left)):  # "NAME" in cfg
+            reads.append(Read(where(node), name, ast.unparse(node), "config"))
     return reads + _text_reads(tree, where)
 
 
 def fallbacks(path: Path, shown: str) -> list[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     return [f"{shown}:{node.lineno}: {ast.unparse(node)}"
-            for node in ast.walk(tree) if isinstance(node, ast.Call) and _is_fallback(node)]
+            for node in ast.walk(tree) if _is_fallback(node)]
 
 
 @lru_cache(maxsize=None)
@@ -208,14 +215,15 @@ def test_each_kind_of_read_catches_a_misspelt_symbol(tmp_path):
         "    a = cfg.N_LAYR\n"
         "    b = spec.cfg['BLOK_SIZE']\n"
         "    c = kconf.syms['N_HEDA']\n"
-        "    d = Assignment('SEEED', '1', 'SET', 0)\n"
+        "    d = Assignment('SEEED', '1', 'SET', 0) if 'DROPUT' in cfg else None\n"
         "    raise ValueError(f'set CONFIG_MAX_ITER={a} or CONFIG_MATRIX_{b}=y')\n"
         "    return torch.float32, signal.SIGTERM, self.cfg.N_LAYER, cfg.MLP, env['RANK']\n"
     )
     reads = symbol_reads(source, "consumer.py")
     names = kconfig_names()[0]
-    assert sorted(r.name for r in reads) == ["BLOK_SIZE", "MAX_ITER", "MLP", "N_HEDA", "N_LAYER", "N_LAYR", "SEEED"]
+    assert sorted(r.name for r in reads) == [
+        "BLOK_SIZE", "DROPUT", "MAX_ITER", "MLP", "N_HEDA", "N_LAYER", "N_LAYR", "SEEED"]
     unknown = unknown_names(reads, names)
-    assert len(unknown) == 5
+    assert len(unknown) == 6
     assert "consumer.py:2: cfg.N_LAYR: N_LAYR is neither a Kconfig symbol nor a named choice (did you mean N_LAYER?)" \
         in unknown
