@@ -1,4 +1,4 @@
-"""Where training text comes from: DATA_PATH, a Hugging Face dataset, or a preset.
+"""Local training text: a DATA_PATH file or folder, the embedded corpus, tiny Shakespeare.
 
 Each source is a list of files read in order (see data/sources.py for formats)
 plus a fingerprint of their content (data/content.py: a full hash of each file
@@ -22,17 +22,13 @@ from pathlib import Path
 from typing import Iterator
 
 from data.content import BINARY_HINT, binary_evidence, file_digest
+from data.errors import DataError
 from data.sources import Piece, ReadOptions, Stats, file_kind, read_pieces
-from kconfig.errors import NamedError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # Tests and generated tables (codec maps, pydoc topics) are left out: code, not data.
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
 DOC_SEPARATOR = "\n\n"  # between documents for tokenizers without an end-of-sequence token
-
-
-class DataError(NamedError, ValueError):
-    """A data source cannot be used; the message says what, where and what to do."""
 
 
 @dataclass(frozen=True)
@@ -103,25 +99,6 @@ class Source:
         return DOC_SEPARATOR.join(self.documents())
 
 
-def source_for(cfg, root: Path) -> Source:
-    """The source the configuration asks for: DATA_PATH, else DATA_HF_NAME, else the preset."""
-    from data import hub
-
-    opts = ReadOptions.from_config(cfg)
-    if cfg.DATA_PATH:
-        return local_source(rooted(cfg.DATA_PATH, root), opts)
-    downloads = rooted(cfg.DATA_CACHE_DIR, root) / "downloads"
-    if cfg.DATA_HF_NAME:
-        return hub.hub_source(hub.HubDataset(cfg.DATA_HF_NAME, cfg.DATA_HF_CONFIG, cfg.DATA_HF_SPLIT,
-                                             "CONFIG_DATA_HF_NAME"), cfg.DATA_HF_MAX_MB, downloads, opts)
-    for symbol, preset in hub.PRESETS.items():
-        if cfg.get(symbol):
-            return hub.hub_source(preset, cfg.DATA_HF_MAX_MB, downloads, opts)
-    if cfg.DATASET_SHAKESPEARE:
-        return shakespeare_source(downloads)
-    return embedded_source(cfg.EMBEDDED_CORPUS_MB * 1_000_000)
-
-
 def rooted(path: str, root: Path) -> Path:
     p = Path(os.path.expanduser(path))
     return p if p.is_absolute() else root / p
@@ -178,7 +155,7 @@ def local_source(path: Path, opts: ReadOptions = ReadOptions(), label: str = "",
             raise DataError(f"{where}: {path} is binary data, not text: {evidence}; {BINARY_HINT}, or set "
                             f"{_symbol(where)} to a text, .jsonl or .parquet file")
         files = [path]
-    return Source(label or _slug(path.name.split(".")[0] or path.name), tuple(files),
+    return Source(label or slug(path.name.split(".")[0] or path.name), tuple(files),
                   description or f"local data at {path}", options=opts, binary_skipped=tuple(binary), where=where)
 
 
@@ -255,5 +232,6 @@ def _symbol(where: str) -> str:
     return where.split("=")[0].split(":")[0]
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """``name`` as a short cache-folder label: letters, digits, "-" and "_" only."""
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "data"

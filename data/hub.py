@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from data.corpus import DataError, Source, _slug, local_source
+from data.corpus import Source, local_source, slug
+from data.errors import DataError
 from data.sources import ReadOptions
 
 
@@ -28,14 +29,14 @@ class HubDataset:
                          "make SET='DATA_PATH=/path/to/file-or-folder' (.txt, .jsonl or .parquet).")
 
 
-PRESETS = {
-    "DATASET_TINYSTORIES": HubDataset(
+PRESETS = {  # by the DATASET choice's value
+    "tinystories": HubDataset(
         "roneneldan/TinyStories", "", "train", "CONFIG_DATASET_TINYSTORIES",
         "Download TinyStoriesV2-GPT4-train.txt (2.2 GB) from "
         "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt "
         "and run with make SET='DATA_PATH=/path/to/TinyStoriesV2-GPT4-train.txt "
         "DATA_TEXT_SEPARATOR=<|endoftext|>'."),
-    "DATASET_FINEWEB_EDU": HubDataset(
+    "fineweb_edu": HubDataset(
         "HuggingFaceFW/fineweb-edu", "sample-10BT", "train", "CONFIG_DATASET_FINEWEB_EDU",
         "Download sample/10BT/000_00000.parquet (about 2 GB) from "
         "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/tree/main/sample/10BT "
@@ -45,11 +46,11 @@ PRESETS = {
 
 def hub_source(ds: HubDataset, max_mb: int, download_dir: Path, opts: ReadOptions) -> Source:
     """The dataset's saved copy, streamed and saved first when missing."""
-    name = "-".join(_slug(p) for p in (ds.name.replace("/", "--"), ds.config, ds.split) if p)
+    name = "-".join(slug(p) for p in (ds.name.replace("/", "--"), ds.config, ds.split) if p)
     target = download_dir / f"hf-{name}-{max_mb}mb.jsonl"
     if not target.exists():
         _download(ds, opts.jsonl_field, max_mb * 1_000_000, target)
-    return local_source(target, replace(opts, jsonl_field="text"), label=_slug(ds.name.split("/")[-1]),
+    return local_source(target, replace(opts, jsonl_field="text"), label=slug(ds.name.split("/")[-1]),
                         description=f"Hugging Face {ds.name} {ds.config} [{ds.split}], first {max_mb} MB ({target})",
                         where=_where(ds))
 

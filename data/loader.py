@@ -7,8 +7,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data.corpus import DataError
-from data.prepare import PreparedData
+from data.cache import PreparedData
+from data.errors import DataError
 
 
 class Batches:

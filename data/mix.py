@@ -6,7 +6,7 @@ covers them all (data.vocab.mix_tokenizer), each source is prepared on its own
 training sequences pick their source by weight (data.loader.MixedBatches).
 Each source's held-out split is a validation set named after it; DATA_VAL_EXTRA
 = "NAME=PATH ..." adds files or folders used entirely for validation. Without
-either symbol, prepare() returns a plain PreparedData and ``as_mix`` wraps it
+either symbol, data.prepare.prepare returns a plain PreparedData and ``as_mix`` wraps it
 as a one-source mix whose validation set is called "val", as before.
 """
 
@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
-from data.corpus import DataError, local_source, rooted, source_for
+from data.cache import PreparedData, prepare_source
+from data.corpus import local_source, rooted
+from data.dataset import source_for
+from data.errors import DataError
 from data.loader import Batches, MixedBatches
-from data.prepare import PreparedData, prepare_source
 from data.sources import ReadOptions
 from data.tokenizer import Tokenizer
 from data.vocab import configured_tokenizer, mix_tokenizer, tokenizer_settings
@@ -165,7 +167,7 @@ def prepare_mix(cfg, root: Path, log=print) -> PreparedMix:
     """Prepare DATA_MIX's sources (or the single configured source) and the DATA_VAL_EXTRA sets."""
     opts = ReadOptions.from_config(cfg)
     cache = rooted(cfg.DATA_CACHE_DIR, root)
-    if cfg.get("DATA_MIX"):
+    if cfg.DATA_MIX:
         entries = parse_mix(cfg.DATA_MIX)
         total = sum(w for w, _, _ in entries)
         sources = [(local_source(rooted(path, root), opts, label=name, description=f"DATA_MIX source {name} ({path})",
@@ -175,8 +177,8 @@ def prepare_mix(cfg, root: Path, log=print) -> PreparedMix:
     else:
         source = source_for(cfg, root)
         sources, names = [(source, 1.0)], [source.label]
-    named = bool(cfg.get("DATA_MIX"))
-    extra_entries = parse_val_extra(cfg.get("DATA_VAL_EXTRA") or "", set(names) if named else {"val"})
+    named = bool(cfg.DATA_MIX)
+    extra_entries = parse_val_extra(cfg.DATA_VAL_EXTRA, set(names) if named else {"val"})
     extra_sources = [local_source(rooted(path, root), opts, label=name, description=f"validation set {name} ({path})",
                                   where=f"CONFIG_DATA_VAL_EXTRA: entry {name}={path}") for name, path in extra_entries]
     if not named and tokenizer_settings(cfg)["kind"] != "char":  # the single source's own tokenizer covers any text

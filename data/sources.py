@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from data.content import BINARY_HINT, bytes_evidence, stat_key, text_evidence
+from data.errors import DataError
+
 CHUNK_BYTES = 4 << 20
 _replaced = [0]  # invalid byte sequences replaced so far (policy "replace")
 
@@ -41,12 +44,11 @@ class ReadOptions:
     jsonl_field: str = "text"
     parquet_column: str = "text"
     separator: str = ""
-    invalid: str = "skip"  # "skip" or "replace" for non-UTF-8 text
+    invalid: str = "skip"  # non-UTF-8 text: "skip" or "replace" (the DATA_INVALID_UTF8 choice)
 
     @classmethod
     def from_config(cls, cfg) -> "ReadOptions":
-        return cls(cfg.DATA_JSONL_FIELD, cfg.DATA_PARQUET_COLUMN, cfg.DATA_TEXT_SEPARATOR,
-                   "replace" if cfg.DATA_INVALID_UTF8_REPLACE else "skip")
+        return cls(cfg.DATA_JSONL_FIELD, cfg.DATA_PARQUET_COLUMN, cfg.DATA_TEXT_SEPARATOR, cfg.DATA_INVALID_UTF8)
 
 
 @dataclass
@@ -89,8 +91,6 @@ def file_kind(path: Path) -> str:
 
 def read_pieces(path: Path, opts: ReadOptions, stats: Stats, where: str = "") -> Iterator[Piece]:
     """The documents of ``path`` as pieces; ``where`` (the setting that named the file) prefixes binary-data errors."""
-    from data.corpus import DataError
-
     before = _replaced[0]
     try:
         kind = file_kind(path)
@@ -112,16 +112,11 @@ def _errors(opts: ReadOptions) -> str:
 
 def binary_error(where: str, what: str, evidence: str):
     """The error for binary data inside a text source: the setting, the file (or record), what was found."""
-    from data.content import BINARY_HINT
-    from data.corpus import DataError
-
     return DataError(f"{where + ': ' if where else ''}{what} is binary data, not text: {evidence}; {BINARY_HINT}, "
                      "otherwise remove it from the data")
 
 
 def _text_pieces(path: Path, opts: ReadOptions, stats: Stats, where: str) -> Iterator[Piece]:
-    from data.content import bytes_evidence, stat_key
-
     if opts.invalid == "skip":
         bad = first_invalid_utf8(*stat_key(path))
         if bad is not None:
@@ -176,9 +171,6 @@ def first_invalid_utf8(path: str, *stat) -> str | None:
 
 
 def _jsonl_pieces(path: Path, opts: ReadOptions, stats: Stats, where: str) -> Iterator[Piece]:
-    from data.content import text_evidence
-    from data.corpus import DataError
-
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -208,9 +200,6 @@ def _jsonl_pieces(path: Path, opts: ReadOptions, stats: Stats, where: str) -> It
 
 
 def _parquet_pieces(path: Path, opts: ReadOptions, stats: Stats, where: str) -> Iterator[Piece]:
-    from data.content import text_evidence
-    from data.corpus import DataError
-
     try:
         import pyarrow.parquet as pq
     except ImportError:

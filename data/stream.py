@@ -156,3 +156,8 @@ def entropy_of_counts(counts: np.ndarray) -> float:
     counts = counts.astype(np.float64)
     p = counts[counts > 0] / max(1.0, counts.sum())
     return float(-(p * np.log(p)).sum())
+
+
+def unigram_entropy(ids: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats) of the token frequency distribution: the loss of the best model that ignores context."""
+    return entropy_of_counts(np.bincount(ids, minlength=vocab_size))

@@ -13,6 +13,8 @@ import json
 
 import numpy as np
 
+from data.errors import DataError
+
 
 class Tokenizer:
     """Maps text to token ids and back. ``spec`` is the JSON-serializable definition."""
@@ -43,11 +45,11 @@ class Tokenizer:
             return cls({"kind": "byte"})
         if kind != "char":
             raise ValueError(f"Tokenizer.fit makes char or byte tokenizers, not {kind!r}")
-        return cls.from_chars(np.unique(_codepoints(text)))
+        return cls.from_chars(np.unique(codepoints(text)))
 
     @classmethod
-    def from_chars(cls, codepoints) -> "Tokenizer":
-        return cls({"kind": "char", "chars": [chr(c) for c in sorted(int(c) for c in codepoints)]})
+    def from_chars(cls, points) -> "Tokenizer":
+        return cls({"kind": "char", "chars": [chr(c) for c in sorted(int(c) for c in points)]})
 
     @property
     def vocab_size(self) -> int:
@@ -68,7 +70,7 @@ class Tokenizer:
             # Line by line: long inputs encode several times faster, with identical ids ("\n" is its own piece).
             lines = self._sp.encode(text.splitlines(keepends=True))
             return np.fromiter((i for ids in lines for i in ids), dtype=dtype)
-        cps = _codepoints(text)
+        cps = codepoints(text)
         ids = np.searchsorted(self._codepoints, cps)
         ids = np.minimum(ids, len(self._codepoints) - 1)
         unknown = self._codepoints[ids] != cps
@@ -100,13 +102,12 @@ class Tokenizer:
 
 def check_vocab_fits(tokenizer: Tokenizer, embedding_rows: int, where: str) -> None:
     """Refuse a model whose embedding has fewer rows than the tokenizer has ids (e.g. an old checkpoint)."""
-    from data.corpus import DataError
-
     if tokenizer.vocab_size > embedding_rows:
         raise DataError(f"{where}: the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but the model's "
                         f"embedding has only {embedding_rows} rows; train a new model for this tokenizer "
                         "(or use the tokenizer the checkpoint was trained with)")
 
 
-def _codepoints(text: str) -> np.ndarray:
+def codepoints(text: str) -> np.ndarray:
+    """The Unicode code points of ``text`` as a uint32 array."""
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)

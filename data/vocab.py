@@ -16,23 +16,23 @@ from pathlib import Path
 
 import numpy as np
 
-from data.corpus import DataError, Source, empty_corpus_error
+from data.corpus import Source, empty_corpus_error
+from data.errors import DataError
 from data.progress import Progress
+from data.sentencepiece_tokenizer import sample_lines, train_sentencepiece
 from data.sources import Stats
-from data.tokenizer import Tokenizer, _codepoints
+from data.tokenizer import Tokenizer, codepoints
 
 FORMAT = 1
 
 
 def tokenizer_settings(cfg) -> dict:
     """What, besides the corpus, determines the tokenizer (part of cache keys)."""
-    if cfg.TOKENIZER_BYTE:
-        return {"kind": "byte"}
-    if cfg.TOKENIZER_SENTENCEPIECE:
-        return {"kind": "sentencepiece", "model_type": "unigram" if cfg.SENTENCEPIECE_UNIGRAM else "bpe",
+    if cfg.TOKENIZER == "sentencepiece":
+        return {"kind": "sentencepiece", "model_type": cfg.SENTENCEPIECE_MODEL_TYPE,
                 "vocab_size": cfg.SENTENCEPIECE_VOCAB_SIZE, "sample_mb": cfg.SENTENCEPIECE_SAMPLE_MB,
                 "val_fraction": cfg.VAL_FRACTION}
-    return {"kind": "char"}
+    return {"kind": cfg.TOKENIZER}  # "char" or "byte": nothing else determines them
 
 
 def configured_tokenizer(cfg, source: Source, cache: Path, log=print) -> Tokenizer:
@@ -114,14 +114,14 @@ def _fit_chars(sources, log, description: str = "") -> Tokenizer:
             progress.update(piece.consumed)
             pending.append(piece.text)
             if sum(map(len, pending)) > 1 << 22:
-                seen = np.union1d(seen, np.unique(_codepoints("".join(pending))))
+                seen = np.union1d(seen, np.unique(codepoints("".join(pending))))
                 pending = []
         many_docs = many_docs or stats.documents > 1
         skipped.add(stats)
     progress.close()
-    seen = np.union1d(seen, np.unique(_codepoints("".join(pending))))
+    seen = np.union1d(seen, np.unique(codepoints("".join(pending))))
     if many_docs:
-        seen = np.union1d(seen, np.unique(_codepoints("\n")))  # the separator between documents
+        seen = np.union1d(seen, np.unique(codepoints("\n")))  # the separator between documents
     if not len(seen):
         raise empty_corpus_error(sources, skipped, description)
     return Tokenizer.from_chars(seen)
@@ -145,8 +145,6 @@ def _sample(source: Source, cap: int, val_fraction: float, stats: Stats) -> tupl
 
 def _train_sentencepiece(sources, settings: dict, log) -> Tokenizer:
     """Train on SENTENCEPIECE_SAMPLE_MB of text: from one Source, or split by weight over (Source, weight) pairs."""
-    from data.sentencepiece_tokenizer import sample_lines, train_sentencepiece
-
     weighted = [(sources, 1.0)] if isinstance(sources, Source) else list(sources)
     cap = settings["sample_mb"] * 1_000_000
     total = sum(w for _, w in weighted)

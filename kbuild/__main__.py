@@ -194,8 +194,9 @@ def cmd_data(args) -> int:
     """Prepare the data the configuration needs (make does it on demand too)."""
     import shutil
 
-    from data.corpus import source_for
-    from data.prepare import prepare, prepared_path
+    from data.cache import prepared_path
+    from data.dataset import source_for
+    from data.prepare import prepare
 
     _, cfg = load(DOT_CONFIG, args.set)
     if args.reprepare:

@@ -10,18 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from data.corpus import DataError, embedded_source, local_source, source_for
+from conftest import config_of
+from data.corpus import embedded_source, local_source
+from data.dataset import source_for
+from data.errors import DataError
 from data.loader import Batches
-from data.prepare import prepare, unigram_entropy
+from data.prepare import prepare
+from data.stream import unigram_entropy
 from data.tokenizer import Tokenizer
-from kconfig.tree import parse_overrides, resolve
-from kconfig.values import values
-
-
-def cfg_with(**sets):
-    text = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in sets.items())
-    kconf, _ = resolve([], parse_overrides(text))
-    return values(kconf)
 
 
 @pytest.mark.parametrize("kind", ["char", "byte"])
@@ -70,15 +66,15 @@ def test_data_path_folder_takes_text_files_only_in_sorted_order(tmp_path):
 
 def test_bad_data_path_names_the_symbol(tmp_path):
     with pytest.raises(DataError, match="CONFIG_DATA_PATH=.*no such file or folder"):
-        source_for(cfg_with(DATA_PATH=str(tmp_path / "nope")), tmp_path)
+        source_for(config_of(DATA_PATH=str(tmp_path / "nope")), tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no UTF-8 text files"):
-        source_for(cfg_with(DATA_PATH=str(tmp_path / "empty")), tmp_path)
+        source_for(config_of(DATA_PATH=str(tmp_path / "empty")), tmp_path)
 
 
 def test_prepare_writes_manifest_and_reuses_it(tmp_path):
     write_corpus(tmp_path / "corpus")
-    cfg = cfg_with(DATA_PATH="corpus", DATA_CACHE_DIR="cache", VAL_FRACTION="0.1")
+    cfg = config_of(DATA_PATH="corpus", DATA_CACHE_DIR="cache", VAL_FRACTION="0.1")
     data = prepare(cfg, tmp_path, log=lambda m: None)
     m = data.manifest
     assert m["dtype"] == "uint16" and m["tokenizer"]["kind"] == "char"
@@ -98,14 +94,14 @@ def test_prepare_writes_manifest_and_reuses_it(tmp_path):
         "no temporary folders left"
     (tmp_path / "corpus" / "doc3.txt").write_text("new text\n")
     assert prepare(cfg, tmp_path, log=lambda m: None).path != data.path, "a changed source is prepared anew"
-    byte = prepare(cfg_with(DATA_PATH="corpus", DATA_CACHE_DIR="cache", TOKENIZER_BYTE="y"), tmp_path,
+    byte = prepare(config_of(DATA_PATH="corpus", DATA_CACHE_DIR="cache", TOKENIZER_BYTE=True), tmp_path,
                    log=lambda m: None)
     assert byte.manifest["tokenizer"]["vocab_size"] == 256 and byte.path != data.path
 
 
 def test_batches_are_shifted_windows_and_seeded(tmp_path):
     write_corpus(tmp_path / "corpus")
-    data = prepare(cfg_with(DATA_PATH="corpus", DATA_CACHE_DIR="cache"), tmp_path, log=lambda m: None)
+    data = prepare(config_of(DATA_PATH="corpus", DATA_CACHE_DIR="cache"), tmp_path, log=lambda m: None)
     a = Batches(data, "train", 4, 32, torch.device("cpu"), seed=3)
     x, y = a.next()
     assert x.shape == y.shape == (4, 32) and x.dtype == torch.long

@@ -9,11 +9,13 @@ import os
 import numpy as np
 import pytest
 
+from conftest import config_of
 from data import content, sources
-from data.corpus import DataError, source_for
+from data.dataset import source_for
+from data.errors import DataError
 from data.prepare import prepare
-from kconfig.tree import parse_overrides, resolve
-from test_data_sources import QUIET, cfg_with
+from kconfig.tree import parse_overrides, resolve, write_outputs
+from test_data_sources import QUIET
 
 
 def text_of(data) -> str:
@@ -28,20 +30,20 @@ def test_binary_data_path_is_refused_with_what_was_found(tmp_path):
     with pytest.raises(DataError, match=r"CONFIG_DATA_PATH='.*zeros.txt': .*zeros.txt is binary data, not text: "
                                         r"byte 0x00 at offset 0; if it is UTF-16 text, convert it .*"
                                         r"or set CONFIG_DATA_PATH to a text"):
-        prepare(cfg_with(DATA_PATH="zeros.txt", DATA_CACHE_DIR="cache"), tmp_path, **QUIET)
+        prepare(config_of(DATA_PATH="zeros.txt", DATA_CACHE_DIR="cache"), tmp_path, **QUIET)
     (tmp_path / "late.txt").write_bytes(b"plain text\n" * 100 + b"\0")
     with pytest.raises(DataError, match=r"not text: byte 0x00 at offset 1100;"):
-        source_for(cfg_with(DATA_PATH="late.txt"), tmp_path)
+        source_for(config_of(DATA_PATH="late.txt"), tmp_path)
     (tmp_path / "utf16.txt").write_bytes("text in UTF-16\n".encode("utf-16"))
     with pytest.raises(DataError, match=r"utf16.txt is binary data, not text: byte 0x00 at offset 3;.*iconv"):
-        source_for(cfg_with(DATA_PATH="utf16.txt"), tmp_path)
+        source_for(config_of(DATA_PATH="utf16.txt"), tmp_path)
     (tmp_path / "controls.txt").write_bytes(b"ab\x01\x02\x03\x04cd\n" * 500)
     with pytest.raises(DataError, match=r"controls.txt is binary data, not text: 44% control characters in bytes "
                                         r"0-4499 \(text has under 10%\);"):
-        source_for(cfg_with(DATA_PATH="controls.txt"), tmp_path)
+        source_for(config_of(DATA_PATH="controls.txt"), tmp_path)
     # Text keeps its tabs, form feeds, escapes (ANSI colours) and the odd stray control byte.
     (tmp_path / "ok.txt").write_bytes(b"def f():\n\treturn 1\n\x0c\n\x1b[31mred\x1b[0m\r\n" * 50 + b"x\x01y\n")
-    data = prepare(cfg_with(DATA_PATH="ok.txt", DATA_CACHE_DIR="cache", TOKENIZER_BYTE="y"), tmp_path, **QUIET)
+    data = prepare(config_of(DATA_PATH="ok.txt", DATA_CACHE_DIR="cache", TOKENIZER_BYTE=True), tmp_path, **QUIET)
     assert text_of(data).endswith("x\x01y\n")
 
 
@@ -55,7 +57,7 @@ def test_binary_stretch_past_the_sampled_blocks_is_found_while_streaming(tmp_pat
     assert content.binary_evidence(tmp_path / "big.txt") is None, "the sampled blocks miss it"
     with pytest.raises(DataError, match=r"CONFIG_DATA_PATH='.*big.txt': .*big.txt is binary data, not text: "
                                         r"byte 0x00 at offset 1048583;.*remove it from the data"):
-        prepare(cfg_with(DATA_PATH="big.txt", DATA_CACHE_DIR="cache", TOKENIZER_BYTE="y"), tmp_path, **QUIET)
+        prepare(config_of(DATA_PATH="big.txt", DATA_CACHE_DIR="cache", TOKENIZER_BYTE=True), tmp_path, **QUIET)
 
 
 def test_binary_files_in_a_folder_are_skipped_and_named_when_nothing_is_left(tmp_path):
@@ -65,9 +67,9 @@ def test_binary_files_in_a_folder_are_skipped_and_named_when_nothing_is_left(tmp
     (folder / "b.txt").write_bytes(b"\0" * 100)
     with pytest.raises(DataError, match=r"CONFIG_DATA_PATH=.*holds no UTF-8 text files .*\(2 binary or unreadable "
                                         r"files skipped, the first .*a.txt\)"):
-        source_for(cfg_with(DATA_PATH="c"), tmp_path)
+        source_for(config_of(DATA_PATH="c"), tmp_path)
     (folder / "c.txt").write_text("text\n")
-    src = source_for(cfg_with(DATA_PATH="c"), tmp_path)
+    src = source_for(config_of(DATA_PATH="c"), tmp_path)
     assert [p.name for p in src.files] == ["c.txt"] and len(src.binary_skipped) == 2
 
 
@@ -79,11 +81,11 @@ def test_binary_junk_in_jsonl_and_parquet_text_is_refused_naming_the_record(tmp_
                                       + json.dumps({"text": "\x89PNG\r\n\x1a\n\0\0\0\rIHDR"}) + "\n")
     with pytest.raises(DataError, match=r"CONFIG_DATA_PATH='.*r.jsonl': .*r.jsonl:2: field 'text' is binary data, "
                                         r"not text: character U\+0000 at position 8;"):
-        prepare(cfg_with(DATA_PATH="r.jsonl", DATA_CACHE_DIR="cache", TOKENIZER_BYTE="y"), tmp_path, **QUIET)
+        prepare(config_of(DATA_PATH="r.jsonl", DATA_CACHE_DIR="cache", TOKENIZER_BYTE=True), tmp_path, **QUIET)
     pq.write_table(pa.table({"text": ["fine", None, "".join(map(chr, range(1, 40)))]}), tmp_path / "p.parquet")
     with pytest.raises(DataError, match=r"p.parquet: row 2, column 'text' is binary data, not text: "
                                         r"64% control characters \(text has under 10%\);"):
-        list(source_for(cfg_with(DATA_PATH="p.parquet"), tmp_path).documents())
+        list(source_for(config_of(DATA_PATH="p.parquet"), tmp_path).documents())
 
 
 # 2. A source changed in place
@@ -93,7 +95,7 @@ def test_source_rewritten_with_same_size_and_mtime_is_prepared_anew(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("aaaa bbbb\n" * 500)
     st = path.stat()
-    cfg = cfg_with(DATA_PATH="c.txt", DATA_CACHE_DIR="cache")  # char: the tokenizer is keyed by content too
+    cfg = config_of(DATA_PATH="c.txt", DATA_CACHE_DIR="cache")  # char: the tokenizer is keyed by content too
     old = prepare(cfg, tmp_path, **QUIET)
     path.write_text("ab cd efg\n" * 500)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -137,13 +139,13 @@ def test_symlink_loop_and_dangling_link_are_named(tmp_path):
     os.symlink(tmp_path / "b", tmp_path / "a")
     os.symlink(tmp_path / "a", tmp_path / "b")
     with pytest.raises(DataError, match=r"CONFIG_DATA_PATH='.*/a': symlink loop .*resolving .*/a leads back"):
-        prepare(cfg_with(DATA_PATH="a", DATA_CACHE_DIR="cache"), tmp_path, **QUIET)
+        prepare(config_of(DATA_PATH="a", DATA_CACHE_DIR="cache"), tmp_path, **QUIET)
     with pytest.raises(DataError, match=r"CONFIG_DATA_MIX: entry x=b: symlink loop"):
-        prepare(cfg_with(DATA_MIX="1:x=b", DATA_CACHE_DIR="cache"), tmp_path, **QUIET)
+        prepare(config_of(DATA_MIX="1:x=b", DATA_CACHE_DIR="cache"), tmp_path, **QUIET)
     os.symlink(tmp_path / "gone.txt", tmp_path / "dangling")
     with pytest.raises(DataError, match=r"CONFIG_DATA_PATH='.*dangling': no such file or folder \(a symlink to "
                                         r"'.*gone.txt', which does not exist\)"):
-        source_for(cfg_with(DATA_PATH="dangling"), tmp_path)
+        source_for(config_of(DATA_PATH="dangling"), tmp_path)
 
 
 # 4. Text that is not UTF-8
@@ -152,7 +154,7 @@ def test_symlink_loop_and_dangling_link_are_named(tmp_path):
 @pytest.mark.parametrize("tokenizer", ["CHAR", "BYTE", "SENTENCEPIECE"])
 def test_all_text_skipped_as_non_utf8_says_how_much_where_and_what_to_do(tmp_path, tokenizer):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 100)
-    cfg = cfg_with(DATA_PATH="latin1.txt", DATA_CACHE_DIR="cache", **{f"TOKENIZER_{tokenizer}": "y"})
+    cfg = config_of(DATA_PATH="latin1.txt", DATA_CACHE_DIR="cache", **{f"TOKENIZER_{tokenizer}": True})
     with pytest.raises(DataError, match=r"CONFIG_DATA_PATH='.*latin1.txt': the corpus is empty \(1 file, 1 skipped "
                                         r"as not UTF-8\); the first invalid UTF-8 is at .*latin1.txt: byte 0xe9 at "
                                         r"offset 3. Choose CONFIG_DATA_INVALID_UTF8_REPLACE=y"):
@@ -160,7 +162,7 @@ def test_all_text_skipped_as_non_utf8_says_how_much_where_and_what_to_do(tmp_pat
     (tmp_path / "r.jsonl").write_bytes(b'{"text": "bad \xff"}\n\n{"text": "also \xfe"}\n')
     with pytest.raises(DataError, match=r"the corpus is empty \(1 file, 2 non-UTF-8 records skipped\); the first "
                                         r"invalid UTF-8 is at .*r.jsonl:1. Choose CONFIG_DATA_INVALID_UTF8_REPLACE=y"):
-        prepare(cfg_with(DATA_PATH="r.jsonl", DATA_CACHE_DIR="cache", **{f"TOKENIZER_{tokenizer}": "y"}),
+        prepare(config_of(DATA_PATH="r.jsonl", DATA_CACHE_DIR="cache", **{f"TOKENIZER_{tokenizer}": True}),
                 tmp_path, **QUIET)
 
 
@@ -170,7 +172,7 @@ def test_first_invalid_byte_offset_across_chunks_and_in_the_manifest(tmp_path, m
     folder.mkdir()
     (folder / "a.txt").write_text("good text\n")
     (folder / "b.txt").write_bytes("abcdeé xyz ".encode() + b"\xc3(" + b" more")
-    data = prepare(cfg_with(DATA_PATH="c", DATA_CACHE_DIR="cache", TOKENIZER_BYTE="y"), tmp_path, **QUIET)
+    data = prepare(config_of(DATA_PATH="c", DATA_CACHE_DIR="cache", TOKENIZER_BYTE=True), tmp_path, **QUIET)
     skipped = data.manifest["skipped"]
     assert skipped["non_utf8_files"] == 1 and skipped["non_utf8_first_at"].endswith("b.txt: byte 0xc3 at offset 12")
     assert text_of(data) == "good text\n"
@@ -182,9 +184,9 @@ def test_first_invalid_byte_offset_across_chunks_and_in_the_manifest(tmp_path, m
 def bench_setup(tmp_path):
     lines = [f"{a} {b} {a}{b}." for a in ("cat", "dog", "fox", "owl") for b in ("one", "two", "six")]
     (tmp_path / "corpus.txt").write_text("\n".join(lines * 60) + "\n")
-    cfg = cfg_with(DATA_PATH="corpus.txt", DATA_CACHE_DIR="cache", MODEL_SIZE_CUSTOM="y", N_LAYER=1, N_HEAD=2,
+    cfg = config_of(DATA_PATH="corpus.txt", DATA_CACHE_DIR="cache", MODEL_SIZE_CUSTOM=True, N_LAYER=1, N_HEAD=2,
                    N_EMBD=32, BLOCK_SIZE=32, MICRO_BATCH=4, MAX_ITERS=12, WARMUP_ITERS=2, LOG_INTERVAL=2, EVAL_INTERVAL=12,
-                   EVAL_BATCHES=1, MAX_TIME=0, MAX_BAD_STEPS=2, DEVICE_CPU="y", DTYPE_FP32="y", SAMPLE_TOKENS=1,
+                   EVAL_BATCHES=1, MAX_TIME=0, MAX_BAD_STEPS=2, DEVICE_CPU=True, DTYPE_FP32=True, SAMPLE_TOKENS=1,
                    CPU_THREADS=1)
     return cfg, prepare(cfg, tmp_path, **QUIET)
 
@@ -234,8 +236,6 @@ def test_bench_main_exits_nonzero_and_writes_the_stop_to_bench_json(tmp_path, mo
                                                            "planned_steps": 60, "error": "interrupted by SIGINT"})
     monkeypatch.setattr(bench, "prepare", lambda cfg, root: None)
     monkeypatch.setattr(bench, "ROOT", tmp_path)
-    from kconfig.tree import write_outputs
-
     kconf, _ = resolve([], parse_overrides("DEVICE_CPU=y"))
     write_outputs(kconf, tmp_path / ".config", tmp_path / "config.py")
     monkeypatch.setenv("BENCH_JSON", str(tmp_path / "bench.json"))

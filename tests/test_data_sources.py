@@ -13,22 +13,16 @@ import types
 import numpy as np
 import pytest
 
+from conftest import config_of
 from data import stream
-from data.corpus import DataError, local_source, source_for
+from data.corpus import local_source
+from data.dataset import source_for
+from data.errors import DataError
 from data.prepare import prepare
 from data.sources import ReadOptions
 from data.tokenizer import Tokenizer, check_vocab_fits
-from kconfig.tree import parse_overrides, resolve
-from kconfig.values import values
 
 QUIET = {"log": lambda m: None}
-
-
-def cfg_with(**sets):
-    text = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in sets.items())
-    kconf, problems = resolve([], parse_overrides(text))
-    assert not problems, problems
-    return values(kconf)
 
 
 def stories(n, seed=0):
@@ -48,7 +42,7 @@ def test_jsonl_parquet_and_text_files_are_read_by_extension(tmp_path):
     with gzip.open(folder / "c.jsonl.gz", "wt") as f:
         f.write(json.dumps({"body": "gz1"}) + "\n\n")
     pq.write_table(pa.table({"content": ["p1", "p2", None, "p3"]}), folder / "d.parquet")
-    src = source_for(cfg_with(DATA_PATH=str(folder), DATA_JSONL_FIELD="body", DATA_PARQUET_COLUMN="content"), tmp_path)
+    src = source_for(config_of(DATA_PATH=str(folder), DATA_JSONL_FIELD="body", DATA_PARQUET_COLUMN="content"), tmp_path)
     assert list(src.documents()) == ["plain text file\n", "j1", "j2", "gz1", "p1", "p2", "p3"]
     with pytest.raises(DataError, match=r"b.jsonl:1: no string field 'text' .*CONFIG_DATA_JSONL_FIELD"):
         list(local_source(folder / "b.jsonl").documents())
@@ -67,7 +61,7 @@ def test_text_separator_splits_documents(tmp_path):
 
 def test_sentencepiece_ends_every_document_with_eos_and_round_trips(tmp_path):
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in stories(400)))
-    cfg = cfg_with(DATA_PATH="docs.jsonl", DATA_CACHE_DIR="cache", TOKENIZER_SENTENCEPIECE="y",
+    cfg = config_of(DATA_PATH="docs.jsonl", DATA_CACHE_DIR="cache", TOKENIZER_SENTENCEPIECE=True,
                    SENTENCEPIECE_VOCAB_SIZE=400, VAL_FRACTION="0.1")
     data = prepare(cfg, tmp_path, **QUIET)
     tok, m = data.tokenizer, data.manifest
@@ -83,14 +77,14 @@ def test_sentencepiece_ends_every_document_with_eos_and_round_trips(tmp_path):
     assert rebuilt.encode("the cat sat\n on") == tok.encode("the cat sat\n on")
     assert rebuilt.decode(rebuilt.encode("héllo ✓\n\tx")) == "héllo ✓\n\tx"  # byte fallback
     assert (data.path / "tokenizer.model").exists()
-    unigram = prepare(cfg_with(DATA_PATH="docs.jsonl", DATA_CACHE_DIR="cache", TOKENIZER_SENTENCEPIECE="y",
-                               SENTENCEPIECE_UNIGRAM="y", SENTENCEPIECE_VOCAB_SIZE=400), tmp_path, **QUIET)
+    unigram = prepare(config_of(DATA_PATH="docs.jsonl", DATA_CACHE_DIR="cache", TOKENIZER_SENTENCEPIECE=True,
+                               SENTENCEPIECE_UNIGRAM=True, SENTENCEPIECE_VOCAB_SIZE=400), tmp_path, **QUIET)
     assert unigram.tokenizer.spec["model_type"] == "unigram" and unigram.path != data.path
 
 
 def test_char_and_byte_keep_blank_line_between_documents(tmp_path):
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["ab", "cd", "ef"]))
-    data = prepare(cfg_with(DATA_PATH="docs.jsonl", DATA_CACHE_DIR="cache", TOKENIZER_BYTE="y",
+    data = prepare(config_of(DATA_PATH="docs.jsonl", DATA_CACHE_DIR="cache", TOKENIZER_BYTE=True,
                             VAL_FRACTION="0.1"), tmp_path, **QUIET)
     ids = np.concatenate([data.tokens("train"), data.tokens("val")])
     assert data.tokenizer.decode(ids) == "ab\n\ncd\n\nef" and data.manifest["tokenizer"]["eos_id"] is None
@@ -102,7 +96,7 @@ def test_split_is_deterministic_and_streaming_matches_whole_text(tmp_path, monke
     folder.mkdir()
     for i, t in enumerate(stories(50)):
         (folder / f"{i:02d}.txt").write_text(t)
-    cfg = cfg_with(DATA_PATH="c", DATA_CACHE_DIR="cache", VAL_FRACTION="0.2")
+    cfg = config_of(DATA_PATH="c", DATA_CACHE_DIR="cache", VAL_FRACTION="0.2")
     data = prepare(cfg, tmp_path, **QUIET)
     text = "\n\n".join(stories(50))
     whole = Tokenizer.fit("char", text).encode_array(text)
@@ -110,17 +104,17 @@ def test_split_is_deterministic_and_streaming_matches_whole_text(tmp_path, monke
     assert np.array_equal(data.tokens("train"), whole[:-n_val]) and np.array_equal(data.tokens("val"), whole[-n_val:])
     shared = {"DATA_CACHE_DIR": "cache2", "VAL_FRACTION": "0.2", "TOKENIZER_SENTENCEPIECE": "y",
               "SENTENCEPIECE_VOCAB_SIZE": 350}
-    a = prepare(cfg_with(DATA_PATH="c", **shared), tmp_path, **QUIET)
+    a = prepare(config_of(DATA_PATH="c", **shared), tmp_path, **QUIET)
     # Parallel tokenizing (forced) gives the same tokens as one process.
     monkeypatch.setattr(stream, "PARALLEL_MIN_BYTES", 0)
-    b = prepare(cfg_with(DATA_PATH="c", **{**shared, "DATA_CACHE_DIR": "cache3"}), tmp_path, **QUIET)
+    b = prepare(config_of(DATA_PATH="c", **{**shared, "DATA_CACHE_DIR": "cache3"}), tmp_path, **QUIET)
     assert a.manifest["workers"] == 1 and b.manifest["workers"] == min(8, os.cpu_count() or 1)
     assert a.manifest["sha256"] == b.manifest["sha256"] and a.tokenizer.sha256 == b.tokenizer.sha256
 
 
 def test_tokenizer_mismatch_is_refused_with_how_to_reprepare(tmp_path):
     (tmp_path / "c.txt").write_text("\n".join(stories(200)))
-    cfg = cfg_with(DATA_PATH="c.txt", DATA_CACHE_DIR="cache", TOKENIZER_SENTENCEPIECE="y", SENTENCEPIECE_VOCAB_SIZE=320)
+    cfg = config_of(DATA_PATH="c.txt", DATA_CACHE_DIR="cache", TOKENIZER_SENTENCEPIECE=True, SENTENCEPIECE_VOCAB_SIZE=320)
     data = prepare(cfg, tmp_path, **QUIET)
     (stored,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
     other = Tokenizer.fit("char", "xyz")  # the configured tokenizer is replaced (retrained differently, say)
@@ -134,10 +128,10 @@ def test_tokenizer_mismatch_is_refused_with_how_to_reprepare(tmp_path):
 
 def test_missing_and_empty_corpus(tmp_path):
     with pytest.raises(DataError, match="CONFIG_DATA_PATH=.*nope.*no such file or folder"):
-        prepare(cfg_with(DATA_PATH="nope", DATA_CACHE_DIR="cache"), tmp_path, **QUIET)
+        prepare(config_of(DATA_PATH="nope", DATA_CACHE_DIR="cache"), tmp_path, **QUIET)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="the corpus is empty"):
-        prepare(cfg_with(DATA_PATH="empty.txt", DATA_CACHE_DIR="cache", TOKENIZER_BYTE="y"), tmp_path, **QUIET)
+        prepare(config_of(DATA_PATH="empty.txt", DATA_CACHE_DIR="cache", TOKENIZER_BYTE=True), tmp_path, **QUIET)
 
 
 @pytest.mark.parametrize("policy", ["SKIP", "REPLACE"])
@@ -148,8 +142,8 @@ def test_non_utf8_policy(tmp_path, policy):
     (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     (folder / "image.png").write_bytes(b"\x89PNG\0\0" * 100)
     (folder / "r.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "bad \xff"}\n')
-    data = prepare(cfg_with(DATA_PATH="c", DATA_CACHE_DIR="cache", TOKENIZER_BYTE="y", VAL_FRACTION="0.01",
-                            **{f"DATA_INVALID_UTF8_{policy}": "y"}), tmp_path, **QUIET)
+    data = prepare(config_of(DATA_PATH="c", DATA_CACHE_DIR="cache", TOKENIZER_BYTE=True, VAL_FRACTION="0.01",
+                            **{f"DATA_INVALID_UTF8_{policy}": True}), tmp_path, **QUIET)
     skipped = data.manifest["skipped"]
     text = data.tokenizer.decode(np.concatenate([data.tokens("train"), data.tokens("val")]))
     assert skipped["binary_files"] == 1
@@ -166,7 +160,7 @@ def test_corpus_shorter_than_a_sequence_names_split_and_tokens(tmp_path):
     import torch
 
     (tmp_path / "c.txt").write_text("a short corpus " * 20)
-    data = prepare(cfg_with(DATA_PATH="c.txt", DATA_CACHE_DIR="cache"), tmp_path, **QUIET)
+    data = prepare(config_of(DATA_PATH="c.txt", DATA_CACHE_DIR="cache"), tmp_path, **QUIET)
     with pytest.raises(DataError, match=r"the val split of .* has 30 tokens, too few for CONFIG_BLOCK_SIZE=64"):
         Batches(data, "val", 2, 64, torch.device("cpu"), seed=0)
 
@@ -180,7 +174,7 @@ def test_vocab_larger_than_embedding_is_refused():
 
 def test_disk_full_keeps_previous_data_and_leaves_nothing_complete(tmp_path, monkeypatch):
     (tmp_path / "c.txt").write_text("\n".join(stories(100)))
-    cfg = cfg_with(DATA_PATH="c.txt", DATA_CACHE_DIR="cache", TOKENIZER_BYTE="y")
+    cfg = config_of(DATA_PATH="c.txt", DATA_CACHE_DIR="cache", TOKENIZER_BYTE=True)
     old = prepare(cfg, tmp_path, **QUIET)
     before = {p.name: p.read_bytes() for p in old.path.iterdir()}
     with open(tmp_path / "c.txt", "a") as f:
@@ -200,9 +194,9 @@ def test_hugging_face_without_datasets_or_offline_names_the_symbol(tmp_path, mon
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(DataError, match="CONFIG_DATA_HF_NAME='someone/corpus': .*'datasets' library is not installed"
                                         ".*DATA_PATH="):
-        source_for(cfg_with(DATA_HF_NAME="someone/corpus", DATA_CACHE_DIR="cache"), tmp_path)
+        source_for(config_of(DATA_HF_NAME="someone/corpus", DATA_CACHE_DIR="cache"), tmp_path)
     with pytest.raises(DataError, match="CONFIG_DATASET_TINYSTORIES: .*TinyStoriesV2-GPT4-train.txt.*DATA_PATH="):
-        source_for(cfg_with(DATASET_TINYSTORIES="y", DATA_CACHE_DIR="cache"), tmp_path)
+        source_for(config_of(DATASET_TINYSTORIES=True, DATA_CACHE_DIR="cache"), tmp_path)
     offline = types.ModuleType("datasets")
 
     def load_dataset(*a, **kw):
@@ -211,7 +205,7 @@ def test_hugging_face_without_datasets_or_offline_names_the_symbol(tmp_path, mon
     offline.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", offline)
     with pytest.raises(DataError, match="CONFIG_DATASET_FINEWEB_EDU: could not stream .*Offline\\? .*000_00000.parquet"):
-        source_for(cfg_with(DATASET_FINEWEB_EDU="y", DATA_CACHE_DIR="cache"), tmp_path)
+        source_for(config_of(DATASET_FINEWEB_EDU=True, DATA_CACHE_DIR="cache"), tmp_path)
     assert not list((tmp_path / "cache" / "downloads").iterdir()), "no partial download left"
 
 
@@ -225,8 +219,8 @@ def test_hugging_face_stream_is_saved_once_and_capped(tmp_path, monkeypatch):
 
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    cfg = cfg_with(DATA_HF_NAME="me/stories", DATA_HF_CONFIG="small", DATA_JSONL_FIELD="story", DATA_HF_MAX_MB=1,
-                   DATA_CACHE_DIR="cache", TOKENIZER_BYTE="y")
+    cfg = config_of(DATA_HF_NAME="me/stories", DATA_HF_CONFIG="small", DATA_JSONL_FIELD="story", DATA_HF_MAX_MB=1,
+                   DATA_CACHE_DIR="cache", TOKENIZER_BYTE=True)
     data = prepare(cfg, tmp_path, **QUIET)
     assert calls == [("me/stories", "small", "train", True)]
     assert 1_000_000 <= data.manifest["source"]["bytes"] < 1_010_000

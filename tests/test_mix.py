@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from data.corpus import DataError
+from conftest import config_of
+from data.errors import DataError
 from data.loader import Batches
 from data.mix import PreparedMix, as_mix, parse_mix, parse_val_extra
 from data.prepare import prepare
-from kconfig.tree import parse_overrides, resolve
-from kconfig.values import values
 from train import checkpoint
 from train.trainer import Trainer, write_summary
 
@@ -37,8 +36,7 @@ def write_sources(root):
 
 def config(root, extra=""):
     write_sources(root)
-    kconf, _ = resolve([], parse_overrides(f"{MODEL} DATA_CACHE_DIR=cache"), parse_overrides(extra, "extra"))
-    return values(kconf)
+    return config_of(f"{MODEL} DATA_CACHE_DIR=cache", extra)
 
 
 def quiet(m):
