@@ -1,4 +1,4 @@
-"""Preparation throughput and memory: python -m data.bench
+"""Data preparation throughput and memory: python scripts/bench_data.py
 
 Generates a text corpus of DATA_BENCH_MB megabytes (default 1000) as 100 files in
 a temporary folder, prepares it with the byte tokenizer (or DATA_BENCH_TOKENIZER=
@@ -19,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data.prepare import prepare
-from kconfig.tree import parse_overrides, resolve
-from kconfig.values import values
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data.prepare import prepare  # noqa: E402
+from kconfig.tree import parse_overrides, resolve  # noqa: E402
+from kconfig.values import values  # noqa: E402
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or has "
          "had one their its new after who they have not two first been other also but more all when time")
