@@ -1,4 +1,4 @@
-"""Causal self-attention and its three interchangeable kernels (CONFIG_ATTN_SDPA/FLASH/REFERENCE).
+"""Causal self-attention and its three interchangeable kernels (CONFIG_ATTN: sdpa, flash, reference).
 
 Every backend computes the same function of (q, k, v): causal attention, optionally restricted
 to a sliding window of the last ``window`` tokens (the current one included) and with the scores
@@ -10,7 +10,9 @@ soft-capped as ``c * tanh(s / c)`` before the softmax (Gemma 2). They differ in 
   native window and soft-capping. Imported lazily so the module imports anywhere; building a model
   without it raises ``FlashAttentionUnavailable`` naming the option and the fix.
 - ``reference``: plain matmul + mask + softmax, written to be read and used by tests to check the
-  others. It keeps B x n_head x T x T scores and probabilities (plan/memory.py counts them).
+  others. It keeps B x n_head x T x T scores and probabilities.
+
+``saved_bytes`` and ``mask_bytes`` are what each kernel keeps for backward, for train/memory.py.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ class FlashAttentionUnavailable(RuntimeError):
 
 def check_flash_available() -> None:
     """Raise FlashAttentionUnavailable unless flash-attn imports and a CUDA GPU with sm80+ exists."""
-    fix = ("CONFIG_ATTN_FLASH needs the flash-attn package (`pip install flash-attn`) and a CUDA GPU "
-           "with compute capability 8.0+ (Ampere or newer); choose CONFIG_ATTN_SDPA=y otherwise")
+    fix = ("CONFIG_ATTN is flash: that kernel needs the flash-attn package (`pip install flash-attn`) and a CUDA "
+           "GPU with compute capability 8.0+ (Ampere or newer); choose the sdpa kernel otherwise")
     try:
         import flash_attn  # noqa: F401
     except ImportError as e:
@@ -91,43 +93,81 @@ def flash_attention(q, k, v, window: int, cap: float, dropout_p: float = 0.0) ->
     return y.transpose(1, 2)
 
 
+def mask_bytes(config, seq: int) -> int:
+    """The (T, T) bool mask GPT.forward builds once and keeps for backward: only where the kernel
+    takes one (reference attention, or SDPA with a window)."""
+    return seq * seq if config.attn == "reference" or (config.attn == "sdpa" and config.attn_window) else 0
+
+
+def saved_bytes(config, batch: int, seq: int, act_bytes: int) -> int:
+    """Bytes one attention kernel keeps for backward beyond c_attn's and c_proj's inputs, per block
+    (config: model/gpt.py's ModelConfig), measured on CPU; act_bytes: a matmul output's element size."""
+    c, B, T, N, a, f = config, batch, seq, batch * seq, act_bytes, 4
+    C, nh, kv = c.n_embd, c.n_head, c.n_kv_head * c.head_dim
+    scores = B * nh * T * T * a  # one B x n_head x T x T tensor in the matmul dtype
+    saved = 0
+    if c.dropout == 0:
+        # The fused attention kernel keeps q, k, v (views of c_attn's output) and the logsumexp.
+        saved += N * (C + 2 * kv) * a + N * nh * f
+        if c.pos == "rope" or c.qk_norm:
+            # Rotated or normalized q and k are new (B, n_head, T, hd) tensors; the attention output
+            # then comes out in that layout, and c_proj's input is a separate (B, T, C) copy of it.
+            saved += N * (C + kv) * a + N * C * a
+        if c.attn == "reference":
+            # Measured: the probabilities, k and v repeated to n_head under GQA, and with RoPE alone
+            # (no QK-norm) none of the rotated q/k and output copies the fused kernel keeps.
+            saved += scores + 2 * N * (C - kv) * a
+            saved -= N * (C + kv) * a + N * C * a if c.pos == "rope" and not c.qk_norm else 0
+        elif c.attn == "sdpa" and c.attn_window:
+            saved += T * T * a  # the boolean window mask, converted to an additive one and kept
+    else:
+        # No CPU fused kernel takes dropout: the math path keeps fp32 copies of scaled q and of k, v
+        # (repeated to n_head), and three B x n_head x T x T tensors: softmax, dropout mask, dropped.
+        saved += 3 * N * C * f + 3 * B * nh * T * T * f
+        saved += N * (C + 2 * kv) * a if c.qk_norm else 0  # qk-norm keeps c_attn's output as its input
+        saved += N * C * a  # the dropout mask after c_proj (CPU dropout keeps a scaled mask)
+    if c.attn == "reference" and c.attn_softcap:
+        saved += scores  # tanh's output, kept for its backward
+    return saved
+
+
 class CausalSelfAttention(nn.Module):
     """Projections, QK-norm and RoPE around the configured attention kernel."""
 
-    def __init__(self, cfg, make_norm, apply_rope):
+    def __init__(self, config, make_norm, apply_rope):
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         self.apply_rope = apply_rope
-        if cfg.attn == "flash":
+        if config.attn == "flash":
             check_flash_available()
-        kv_dim = cfg.n_kv_head * cfg.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        kv_dim = config.n_kv_head * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled = True
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-        if cfg.qk_norm:
-            self.q_norm = make_norm(cfg, cfg.head_dim)
-            self.k_norm = make_norm(cfg, cfg.head_dim)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = make_norm(config, config.head_dim)
+            self.k_norm = make_norm(config, config.head_dim)
 
     def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, C); rope (cos, sin) or None; mask the (T, T) causal/window mask, None when SDPA
         runs full causal attention or flash-attn applies the window itself."""
         B, T, C = x.shape
-        cfg = self.cfg
-        kv_dim = cfg.n_kv_head * cfg.head_dim
+        config = self.config
+        kv_dim = config.n_kv_head * config.head_dim
         q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
-        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if cfg.qk_norm:
+        q = q.view(B, T, config.n_head, config.head_dim).transpose(1, 2)
+        k = k.view(B, T, config.n_kv_head, config.head_dim).transpose(1, 2)
+        v = v.view(B, T, config.n_kv_head, config.head_dim).transpose(1, 2)
+        if config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = self.apply_rope(q, *rope), self.apply_rope(k, *rope)
-        p = cfg.dropout if self.training else 0.0
-        if cfg.attn == "reference":
-            y = reference_attention(q, k, v, mask, cfg.attn_softcap, p)
-        elif cfg.attn == "flash":
-            y = flash_attention(q, k, v, cfg.attn_window, cfg.attn_softcap, p)
+        p = config.dropout if self.training else 0.0
+        if config.attn == "reference":
+            y = reference_attention(q, k, v, mask, config.attn_softcap, p)
+        elif config.attn == "flash":
+            y = flash_attention(q, k, v, config.attn_window, config.attn_softcap, p)
         else:
             y = sdpa_attention(q, k, v, mask, p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)

@@ -5,7 +5,7 @@ embeddings) this is nanoGPT's architecture: pre-norm blocks, init std 0.02
 with residual projections scaled by 1/sqrt(2 * n_layer). The LLaMA options
 (RMSNorm, RoPE, SwiGLU, grouped-query attention) and QK-norm slot into the
 same blocks. Attention kernels, sliding windows and soft-capping live in model/attention.py;
-Mixture-of-Experts layers in model/moe.py. Optional extra heads predict tokens t+2..t+n
+the MLP and its activations in model/mlp.py; Mixture-of-Experts layers in model/moe.py. Optional extra heads predict tokens t+2..t+n
 (multi-token prediction) and activation checkpointing recomputes chosen blocks in backward.
 """
 
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.attention import BACKENDS, CausalSelfAttention, causal_mask, softcap
-from model.moe import MoE, MoEConfig, expert_width, is_moe_block
+from model.mlp import MLP, activation, hidden_width
+from model.moe import MoE, MoEConfig, is_moe_block
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ModelConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     pos: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
-    mlp: str = "gelu"  # gelu | swiglu | relu2
+    mlp: str = "gelu"  # a model/mlp.py ACTIVATIONS name (CONFIG_MLP)
     mlp_ratio: float = 4.0
     qk_norm: bool = False
     bias: bool = True
@@ -50,6 +51,7 @@ class ModelConfig:
     moe: MoEConfig | None = None  # None = dense MLPs everywhere
     moe_every: int = 1  # blocks K, K+N, K+2N, ... are MoE (N = moe_every, K = moe_first_dense)
     moe_first_dense: int = 0
+    checkpoint_every: int = 0  # activation checkpointing: 0 = off, N = blocks i with i % N == 0 recompute
 
     def __post_init__(self):
         # Cross-symbol rules Kconfig ranges cannot express; named by symbol.
@@ -59,14 +61,17 @@ class ModelConfig:
             raise ValueError(f"CONFIG_N_HEAD={self.n_head} is not divisible by CONFIG_N_KV_HEAD={self.n_kv_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head width; N_EMBD/N_HEAD = {self.n_embd // self.n_head}")
+        activation(self.mlp)  # UnknownActivation names the choices
         if self.attn not in BACKENDS:
             raise ValueError(f"unknown attention backend {self.attn!r}; expected one of {BACKENDS}")
         if self.attn == "sdpa" and self.attn_softcap:
             # Kconfig forbids this (ATTN_SOFTCAP depends on !ATTN_SDPA); this catches direct construction.
-            raise ValueError(f"CONFIG_ATTN_SOFTCAP={self.attn_softcap} needs CONFIG_ATTN_FLASH or CONFIG_ATTN_REFERENCE:"
-                             " scaled_dot_product_attention cannot soft-cap scores")
+            raise ValueError(f"CONFIG_ATTN_SOFTCAP={self.attn_softcap} needs the flash or reference attention kernel"
+                             " (choice ATTN), not sdpa: scaled_dot_product_attention cannot soft-cap scores")
         if self.attn_window < 0 or self.attn_softcap < 0 or self.final_logit_softcap < 0:
             raise ValueError("CONFIG_ATTN_WINDOW, CONFIG_ATTN_SOFTCAP and CONFIG_FINAL_LOGIT_SOFTCAP must be >= 0")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = off; CONFIG_ACT_CKPT_EVERY)")
         if self.moe is not None and not any(self.is_moe_layer(i) for i in range(self.n_layer)):
             raise ValueError(f"CONFIG_MOE=y but no block is MoE: CONFIG_MOE_FIRST_DENSE={self.moe_first_dense} and "
                              f"CONFIG_MOE_EVERY={self.moe_every} leave all {self.n_layer} blocks (CONFIG_N_LAYER) "
@@ -81,24 +86,21 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        hidden = int(self.mlp_ratio * self.n_embd)
-        if self.mlp == "swiglu":  # three matrices: 2/3 the width keeps parameters equal
-            hidden = 64 * math.ceil(2 * hidden / 3 / 64)
-        return hidden
+        return hidden_width(self.n_embd, self.mlp_ratio, self.mlp)
 
     @classmethod
     def from_dict(cls, saved: dict) -> "ModelConfig":
-        """Inverse of dataclasses.asdict, as a checkpoint stores it."""
+        """Inverse of dataclasses.asdict, as a checkpoint stores it; a field added since the checkpoint
+        was written (checkpoint_every) takes its default."""
         moe = saved.get("moe")
         return cls(**{**saved, "moe": MoEConfig(**moe) if moe is not None else None})
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int) -> "ModelConfig":
         """Build from resolved Kconfig values (kconfig.tree.Config)."""
-        mlp = "swiglu" if cfg.MLP_SWIGLU else "relu2" if cfg.MLP_RELU2 else "gelu"
         moe = None
         if cfg.MOE:
-            moe = MoEConfig.from_config(cfg, expert_hidden=expert_width(cfg.N_EMBD, cfg.MOE_EXPERT_RATIO, mlp))
+            moe = MoEConfig.from_config(cfg, expert_hidden=hidden_width(cfg.N_EMBD, cfg.MOE_EXPERT_RATIO, cfg.MLP))
         return cls(
             vocab_size=vocab_size,
             block_size=cfg.BLOCK_SIZE,
@@ -106,17 +108,17 @@ class ModelConfig:
             n_head=cfg.N_HEAD,
             n_kv_head=cfg.N_KV_HEAD or cfg.N_HEAD,
             n_embd=cfg.N_EMBD,
-            norm="rmsnorm" if cfg.NORM_RMSNORM else "layernorm",
-            pos="rope" if cfg.POS_ROPE else "learned",
+            norm=cfg.NORM,
+            pos=cfg.POS,
             rope_theta=cfg.ROPE_THETA or 10000.0,
-            mlp=mlp,
+            mlp=cfg.MLP,
             mlp_ratio=cfg.MLP_RATIO,
             qk_norm=cfg.QK_NORM,
             bias=cfg.BIAS,
             dropout=cfg.DROPOUT,
             tie_embeddings=cfg.TIE_EMBEDDINGS,
             init_std=cfg.INIT_STD,
-            attn="flash" if cfg.ATTN_FLASH else "reference" if cfg.ATTN_REFERENCE else "sdpa",
+            attn=cfg.ATTN,
             attn_window=cfg.ATTN_WINDOW,
             attn_softcap=cfg.ATTN_SOFTCAP or 0.0,  # None while ATTN_SDPA hides it
             final_logit_softcap=cfg.FINAL_LOGIT_SOFTCAP,
@@ -125,13 +127,14 @@ class ModelConfig:
             moe=moe,
             moe_every=cfg.MOE_EVERY or 1,
             moe_first_dense=cfg.MOE_FIRST_DENSE or 0,
+            checkpoint_every=cfg.ACT_CKPT_EVERY if cfg.ACT_CKPT else 0,
         )
 
 
-def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    if cfg.norm == "rmsnorm":
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=1e-6)
-    return nn.LayerNorm(dim, bias=cfg.bias)
+    return nn.LayerNorm(dim, bias=config.bias)
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,36 +152,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.kind = cfg.mlp
-        hidden = cfg.mlp_hidden
-        fan_out = 2 * hidden if cfg.mlp == "swiglu" else hidden  # gate and up in one matmul
-        self.c_fc = nn.Linear(cfg.n_embd, fan_out, bias=cfg.bias)
-        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual_scaled = True
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
-        if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            h = F.gelu(h)
-        return self.dropout(self.c_proj(h))
-
-
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool = False):
+    def __init__(self, config: ModelConfig, moe: bool = False):
         super().__init__()
-        self.ln_1 = make_norm(cfg, cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg, make_norm, apply_rope)
-        self.ln_2 = make_norm(cfg, cfg.n_embd)
-        self.mlp = MoE(cfg.n_embd, cfg.mlp, cfg.moe, cfg.dropout) if moe else MLP(cfg)
+        c = config
+        self.ln_1 = make_norm(c, c.n_embd)
+        self.attn = CausalSelfAttention(c, make_norm, apply_rope)
+        self.ln_2 = make_norm(c, c.n_embd)
+        if moe:
+            self.mlp = MoE(c.n_embd, c.mlp, c.moe, c.dropout)
+        else:
+            self.mlp = MLP(c.n_embd, c.mlp_hidden, c.mlp, bias=c.bias, dropout=c.dropout)
 
     def forward(self, x: torch.Tensor, rope, mask) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, mask)
@@ -186,35 +170,41 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layer))
+        c = self.config = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.block_size, c.n_embd) if c.pos == "learned" else None
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c, c.is_moe_layer(i)) for i in range(c.n_layer))
         self.moe_layers = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
         # Multi-token prediction: head j (1-based) is one more block predicting token t+1+j.
-        self.mtp_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.mtp_heads))
-        self.ln_f = make_norm(cfg, cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.mtp_blocks = nn.ModuleList(Block(c) for _ in range(c.mtp_heads))
+        self.ln_f = make_norm(c, c.n_embd)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        if c.pos == "rope":
+            cos, sin = rope_tables(c.head_dim, c.block_size, c.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.checkpoint_every = 0  # activation checkpointing: 0 = off, N = every Nth block
+        self.checkpoint_every = c.checkpoint_every  # activation checkpointing: 0 = off, N = every Nth block
         self.loss_parts: dict[str, torch.Tensor] = {}  # the last training forward's detached loss terms
         self.apply(self._init_weights)
         for moe in self.moe_layers:
-            moe.reset_parameters(cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+            moe.reset_parameters(c.init_std, c.init_std / math.sqrt(2 * c.n_layer))
+
+    @property
+    def cfg(self) -> ModelConfig:
+        """Transitional name of ``config`` for train/trainer.py and scripts/bench.py; remove once they
+        read ``model.config``."""
+        return self.config
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.cfg.init_std
+        std = self.config.init_std
         if isinstance(module, nn.Linear):
             if getattr(module, "residual_scaled", False):
-                std = std / math.sqrt(2 * self.cfg.n_layer)
+                std = std / math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -235,14 +225,14 @@ class GPT(nn.Module):
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM appendix B), N the active parameters,
         L counting the multi-token-prediction blocks."""
-        c = self.cfg
+        c = self.config
         layers = c.n_layer + c.mtp_heads
         return 6 * self.active_params() + 12 * layers * c.n_head * c.head_dim * c.block_size
 
     def _attention_mask(self, T: int, device) -> torch.Tensor | None:
         """The (T, T) bool mask shared by all layers, or None where the kernel needs none: SDPA with
         full causal attention uses is_causal, and flash-attn takes the window as an argument."""
-        c = self.cfg
+        c = self.config
         if c.attn == "flash" or (c.attn == "sdpa" and not c.attn_window):
             return None
         return causal_mask(T, c.attn_window, device)
@@ -253,13 +243,13 @@ class GPT(nn.Module):
         Without targets only the last position's logits are computed (generation).
         """
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds CONFIG_BLOCK_SIZE={self.cfg.block_size}")
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds CONFIG_BLOCK_SIZE={self.config.block_size}")
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
         x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rope" else None
+        rope = (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
         mask = self._attention_mask(T, idx.device)
         for i, block in enumerate(self.blocks):
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
@@ -275,7 +265,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return softcap(self.lm_head(self.ln_f(x)), self.cfg.final_logit_softcap)
+        return softcap(self.lm_head(self.ln_f(x)), self.config.final_logit_softcap)
 
     def _training_objective(self, lm_loss, x, targets, rope, mask) -> torch.Tensor:
         """Next-token loss plus the weighted extra terms; each term lands detached in loss_parts.
@@ -291,13 +281,13 @@ class GPT(nn.Module):
                 extra.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                              targets[:, j:].reshape(-1)))
             mtp = torch.stack(extra).mean()
-            loss = loss + self.cfg.mtp_weight * mtp
+            loss = loss + self.config.mtp_weight * mtp
             parts["mtp_loss"] = mtp.detach()
         if self.moe_layers:
             # Averaged over MoE layers, so a coefficient means the same at any depth.
             aux = torch.stack([m.last["aux_loss"] for m in self.moe_layers]).mean()
             z = torch.stack([m.last["z_loss"] for m in self.moe_layers]).mean()
-            moe = self.cfg.moe
+            moe = self.config.moe
             loss = loss + moe.aux_loss_coef * aux + moe.z_loss_coef * z
             parts.update(moe_aux_loss=aux.detach(), moe_z_loss=z.detach())
         self.loss_parts = parts
@@ -312,7 +302,7 @@ class GPT(nn.Module):
         vocab_limit excludes the padding ids above the tokenizer's vocabulary.
         """
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.block_size:])
+            logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :vocab_limit].float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)

@@ -16,9 +16,9 @@ for sigmoid the scores normalized per token to sum to 1), exactly 1.0 at perfect
 ST-MoE z-loss ``mean(logsumexp(l)^2)``.
 
 Experts. Routed experts are stored as 3-D parameters ``w_in`` (E, C, fan_out) and ``w_out``
-(E, H, C), fan_out = 2H for SwiGLU (gate | up fused, as in model/gpt.py's MLP). Experts have no
-biases. Shared experts (``n_shared`` > 0) are one dense MLP of width n_shared * H that every token
-passes through.
+(E, H, C), fan_out = 2H for a gated activation (gate | up fused, as in model/mlp.py's MLP), and
+apply model/mlp.py's activation. Experts have no biases. Shared experts (``n_shared`` > 0) are one
+bias-free model/mlp.py MLP of width n_shared * H that every token passes through.
 
 Dispatch (no loop over tokens). The (token, expert) assignments are flattened token-major, stably
 sorted by expert, so every expert's tokens form a contiguous slice in token order; with a capacity,
@@ -37,8 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.mlp import MLP, activation, fan_out
+
 SCORES = ("softmax", "sigmoid")
-ACTIVATIONS = ("gelu", "swiglu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,10 @@ class MoEConfig:
             problems.append(f"CONFIG_MOE_SHARED_EXPERTS={self.n_shared} must be >= 0")
         if self.expert_hidden <= 0:
             problems.append(f"expert_hidden={self.expert_hidden} must be > 0; derive it from CONFIG_MOE_EXPERT_RATIO"
-                            " and CONFIG_N_EMBD with model.moe.expert_width")
+                            " and CONFIG_N_EMBD with model.mlp.hidden_width")
         if self.score not in SCORES:
             problems.append(f"unknown router score {self.score!r}; expected one of {SCORES}"
-                            " (CONFIG_MOE_SCORE_SOFTMAX or CONFIG_MOE_SCORE_SIGMOID)")
+                            " (CONFIG_MOE_SCORE: softmax or sigmoid)")
         for name, value in (("AUX_LOSS_COEF", self.aux_loss_coef), ("Z_LOSS_COEF", self.z_loss_coef),
                             ("BIAS_RATE", self.bias_rate), ("CAPACITY_FACTOR", self.capacity_factor)):
             if value < 0:
@@ -87,7 +88,7 @@ class MoEConfig:
             top_k=cfg.MOE_TOP_K,
             n_shared=cfg.MOE_SHARED_EXPERTS,
             expert_hidden=expert_hidden,
-            score="sigmoid" if cfg.MOE_SCORE_SIGMOID else "softmax",
+            score=cfg.MOE_SCORE,
             aux_loss_coef=cfg.MOE_AUX_LOSS_COEF,
             z_loss_coef=cfg.MOE_Z_LOSS_COEF,
             bias_rate=cfg.MOE_BIAS_RATE,
@@ -96,28 +97,44 @@ class MoEConfig:
         )
 
 
-def expert_width(n_embd: int, ratio: float, mlp: str) -> int:
-    """Hidden width of one expert: ratio * n_embd, and for SwiGLU 2/3 of it rounded up to a multiple
-    of 64 (the dense MLP's rule, so CONFIG_MOE_EXPERT_RATIO compares with CONFIG_MLP_RATIO)."""
-    hidden = int(ratio * n_embd)
-    if mlp == "swiglu":
-        hidden = 64 * math.ceil(2 * hidden / 3 / 64)
-    return hidden
-
-
 def is_moe_block(index: int, every: int, first_dense: int) -> bool:
     """Whether block ``index`` (from 0) is MoE under CONFIG_MOE_EVERY and CONFIG_MOE_FIRST_DENSE."""
     return index >= first_dense and (index - first_dense) % every == 0
 
 
-def activate(h: torch.Tensor, kind: str) -> torch.Tensor:
-    """The hidden activation of model/gpt.py's MLP; SwiGLU splits the fused gate | up halves."""
-    if kind == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    if kind == "relu2":
-        return F.relu(h).square()
-    return F.gelu(h)
+def saved_bytes(moe: MoEConfig, mlp: str, tokens: int, n_embd: int, act_bytes: int) -> int:
+    """Bytes an MoE layer keeps for backward over ``tokens`` (train/memory.py; replaces the dense
+    MLP's): fp32 router terms, indices, the gathered rows and the experts' activations.
+
+    Assignments: tokens * top_k, or with a capacity at most n_experts * capacity (the tokens dropped
+    depend on the data and are not subtracted, so this is an upper bound).
+    """
+    E, k, He, N, C, a, f = moe.n_experts, moe.top_k, moe.expert_hidden, tokens, n_embd, act_bytes, 4
+    act = activation(mlp)
+    Nk = N * k
+    if moe.capacity_factor:
+        Nk = min(Nk, E * math.ceil(moe.capacity_factor * N * k / E))
+    saved = N * C * f  # the router's input: ln_2's fp32 output (the router runs in fp32)
+    saved += N * E * f  # softmax / sigmoid scores, fp32
+    saved += N * k * 8 + N * k * f + N * f  # top-k indices (gather's index), the gates, their sum
+    saved += 2 * Nk * 8  # sort order (index of the gates' gather) and token ids (index of x's gather, index_add_)
+    saved += Nk * a  # the gates gathered per assignment, in the compute dtype
+    saved += 3 * Nk * C * a  # gathered inputs, the w_out product and its gated copy (index_add_'s source)
+    saved += act.saved_bytes(Nk, He, a)  # the experts' hidden activations
+    if moe.n_shared:  # one dense MLP over all tokens: its input copy under autocast, its activations
+        saved += (N * C * a if a != f else 0) + act.saved_bytes(N, moe.n_shared * He, a)
+    if moe.z_loss_coef:
+        saved += N * E * f + N * f  # logsumexp's input (the logits) and output
+    if moe.score == "sigmoid" and moe.aux_loss_coef:
+        saved += N * f  # the per-token sum normalizing the scores for the balance loss
+    return saved
+
+
+def backward_bytes(moe: MoEConfig, mlp: str, tokens: int, n_embd: int, act_bytes: int) -> int:
+    """What an MoE layer's backward adds at its peak: w_out's fp32 grad and the activation's
+    gradient temporaries over the tokens * top_k assignments."""
+    He = moe.expert_hidden
+    return moe.n_experts * He * n_embd * 4 + activation(mlp).backward_temp_bytes(tokens * moe.top_k, He, act_bytes)
 
 
 def grouped_mm_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -157,20 +174,6 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, groupe
     return torch.cat(out) if out else x.new_zeros(0, w.size(-1))
 
 
-class SharedExperts(nn.Module):
-    """The always-active experts as one bias-free dense MLP of width n_shared * expert_hidden."""
-
-    def __init__(self, n_embd: int, hidden: int, mlp: str):
-        super().__init__()
-        self.kind = mlp
-        self.c_fc = nn.Linear(n_embd, 2 * hidden if mlp == "swiglu" else hidden, bias=False)
-        self.c_proj = nn.Linear(hidden, n_embd, bias=False)
-        self.c_proj.residual_scaled = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(activate(self.c_fc(x), self.kind))
-
-
 class MoE(nn.Module):
     """Routed (and optionally shared) experts replacing a block's MLP: (B, T, C) -> (B, T, C).
 
@@ -183,22 +186,25 @@ class MoE(nn.Module):
 
     def __init__(self, n_embd: int, mlp: str, moe: MoEConfig, dropout: float = 0.0):
         super().__init__()
-        if mlp not in ACTIVATIONS:
-            raise ValueError(f"unknown MLP type {mlp!r} for MoE experts; expected one of {ACTIVATIONS}")
-        self.cfg = moe
+        self.config = moe
         self.kind = mlp
+        self.activation = activation(mlp)
         E, H = moe.n_experts, moe.expert_hidden
-        fan_out = 2 * H if mlp == "swiglu" else H  # gate and up in one matmul
         self.router = nn.Linear(n_embd, E, bias=False)
-        self.w_in = nn.Parameter(torch.empty(E, n_embd, fan_out))
+        self.w_in = nn.Parameter(torch.empty(E, n_embd, fan_out(H, mlp)))
         self.w_out = nn.Parameter(torch.empty(E, H, n_embd))
         self.w_out.residual_scaled = True
-        self.shared = SharedExperts(n_embd, moe.n_shared * H, mlp) if moe.n_shared else None
+        self.shared = MLP(n_embd, moe.n_shared * H, mlp, bias=False) if moe.n_shared else None
         self.register_buffer("expert_bias", torch.zeros(E))  # persistent: resuming keeps the balance
         self.dropout = nn.Dropout(dropout)
         self.use_grouped_mm: bool | None = None
         self.last: dict = {}
         self.reset_parameters(0.02, 0.02)
+
+    @property
+    def cfg(self) -> MoEConfig:
+        """Transitional name of ``config`` for train/moe_stats.py; remove once it reads ``config``."""
+        return self.config
 
     @torch.no_grad()
     def reset_parameters(self, std: float, residual_std: float) -> None:
@@ -214,7 +220,7 @@ class MoE(nn.Module):
     def inactive_params(self) -> int:
         """Parameters of the (n_experts - top_k) routed experts a token does not use."""
         per_expert = self.w_in[0].numel() + self.w_out[0].numel()
-        return (self.cfg.n_experts - self.cfg.top_k) * per_expert
+        return (self.config.n_experts - self.config.top_k) * per_expert
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:
@@ -222,28 +228,28 @@ class MoE(nn.Module):
 
         Call once per optimizer step with the load summed over micro-batches (and ranks).
         """
-        if self.cfg.bias_rate:
+        if self.config.bias_rate:
             load = load.to(self.expert_bias)
-            self.expert_bias += self.cfg.bias_rate * torch.sign(load.mean() - load)
+            self.expert_bias += self.config.bias_rate * torch.sign(load.mean() - load)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (N, E) fp32 logits, autocast off; multiplicative jitter on the input in training."""
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
-            if self.training and self.cfg.jitter:
-                eps = self.cfg.jitter
+            if self.training and self.config.jitter:
+                eps = self.config.jitter
                 x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
             return F.linear(x, self.router.weight.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
+        config = self.config
         B, T, C = x.shape
-        E, k = cfg.n_experts, cfg.top_k
+        E, k = config.n_experts, config.top_k
         x = x.reshape(B * T, C)
         N = x.size(0)
 
         logits = self.router_logits(x)
-        scores = logits.softmax(dim=-1) if cfg.score == "softmax" else logits.sigmoid()
+        scores = logits.softmax(dim=-1) if config.score == "softmax" else logits.sigmoid()
         chosen = torch.topk(scores.detach() + self.expert_bias, k, dim=-1).indices  # (N, k); bias: selection only
         gates = scores.gather(1, chosen)
         if k > 1:
@@ -257,8 +263,8 @@ class MoE(nn.Module):
         counts = starts.diff()
         load = counts.float()
         dropped = torch.zeros((), device=x.device)
-        if cfg.capacity_factor:
-            capacity = math.ceil(cfg.capacity_factor * N * k / E)
+        if config.capacity_factor:
+            capacity = math.ceil(config.capacity_factor * N * k / E)
             rank = torch.arange(N * k, device=x.device) - starts[sorted_experts]  # position within its expert
             order = order[rank < capacity]
             counts = counts.clamp(max=capacity)
@@ -270,7 +276,7 @@ class MoE(nn.Module):
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         xs = x.to(dtype)[token]
         w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
-        h = activate(expert_matmul(xs, w_in, counts, self._grouped(xs, w_in)), self.kind)
+        h = self.activation(expert_matmul(xs, w_in, counts, self._grouped(xs, w_in)))
         y = expert_matmul(h, w_out, counts, self._grouped(h, w_out))
         y = y * gates.flatten()[order].unsqueeze(1).to(y.dtype)
         out = torch.zeros(N, C, dtype=y.dtype, device=x.device).index_add_(0, token, y)
@@ -284,13 +290,13 @@ class MoE(nn.Module):
         return grouped_mm_usable(a, w) if self.use_grouped_mm is None else self.use_grouped_mm
 
     def _statistics(self, logits, scores, load, dropped, assignments: int) -> dict:
-        cfg = self.cfg
-        probs = scores if cfg.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
-        aux = cfg.n_experts * (load / assignments * probs.mean(dim=0)).sum()
+        config = self.config
+        probs = scores if config.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+        aux = config.n_experts * (load / assignments * probs.mean(dim=0)).sum()
         z = torch.logsumexp(logits, dim=-1).square().mean()
         return {
-            "aux_loss": aux if cfg.aux_loss_coef else aux.detach(),
-            "z_loss": z if cfg.z_loss_coef else z.detach(),
+            "aux_loss": aux if config.aux_loss_coef else aux.detach(),
+            "z_loss": z if config.z_loss_coef else z.detach(),
             "load": load.detach(),
             "dropped": dropped.detach(),
             "assignments": assignments,

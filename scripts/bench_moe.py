@@ -1,6 +1,6 @@
 """MoE layer vs a dense MLP of equal active parameters: forward + backward tokens/s.
 
-The dense MLP (model/moe.py's SharedExperts module: bias-free, like the experts) is as wide as the
+The dense MLP (model/mlp.py's MLP, bias-free like the experts, as MoE's shared experts) is as wide as the
 top_k experts a token uses together (top_k * expert_hidden), with the same activation, so both
 layers do the same useful FLOPs per token; the ratio is the price of routing and dispatch. Called by scripts/bench.py when the config has CONFIG_MOE=y; run alone with
 ``python scripts/bench_moe.py [experts top_k n_embd expert_hidden tokens]`` (default 8 2 128 256 2048).
@@ -19,7 +19,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.moe import MoE, MoEConfig, SharedExperts  # noqa: E402
+from model.mlp import MLP  # noqa: E402
+from model.moe import MoE, MoEConfig  # noqa: E402
 
 
 def tokens_per_s(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, repeats: int = 20) -> float:
@@ -47,7 +48,7 @@ def moe_vs_dense(moe: MoEConfig, n_embd: int, mlp: str, batch: int, seq: int, de
                  dtype: torch.dtype | None = None) -> dict:
     torch.manual_seed(0)
     moe_layer = MoE(n_embd, mlp, dataclasses.replace(moe, jitter=0.0)).to(device)
-    dense = SharedExperts(n_embd, moe.top_k * moe.expert_hidden, mlp).to(device)  # one bias-free dense MLP
+    dense = MLP(n_embd, moe.top_k * moe.expert_hidden, mlp, bias=False).to(device)  # one bias-free dense MLP
     x = torch.randn(batch, seq, n_embd, device=device, requires_grad=True)
     active_moe = sum(p.numel() for p in moe_layer.parameters()) - moe_layer.inactive_params()
     active_dense = sum(p.numel() for p in dense.parameters())

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import config_of
 from model.gpt import GPT, ModelConfig
 from model.moe import MoE, MoEConfig
 
@@ -19,16 +20,16 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-def batch(cfg: ModelConfig, b: int = 3, seed: int = 0):
+def batch(config: ModelConfig, b: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, cfg.vocab_size, (b, cfg.block_size), generator=g)
+    x = torch.randint(0, config.vocab_size, (b, config.block_size), generator=g)
     return x, torch.roll(x, -1, dims=1)
 
 
 def test_mtp_heads_add_their_weighted_loss_in_training_only():
     torch.manual_seed(0)
     model = GPT(tiny(mtp_heads=2, mtp_weight=0.5))
-    x, y = batch(model.cfg)
+    x, y = batch(model.config)
     _, objective = model(x, y)
     parts = model.loss_parts
     assert set(parts) == {"lm_loss", "mtp_loss"}
@@ -52,7 +53,7 @@ def test_mtp_heads_add_their_weighted_loss_in_training_only():
 def test_mtp_blocks_get_gradients_and_sampling_ignores_them():
     torch.manual_seed(0)
     model = GPT(tiny(mtp_heads=1, mtp_weight=0.3))
-    x, y = batch(model.cfg)
+    x, y = batch(model.config)
     model(x, y)[1].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mtp_blocks.parameters())
     base = GPT(tiny())
@@ -64,14 +65,14 @@ def test_mtp_blocks_get_gradients_and_sampling_ignores_them():
 
 @pytest.mark.parametrize("every", [1, 2])
 def test_activation_checkpointing_gives_the_same_gradients(every):
-    cfg = tiny(n_layer=3, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32, jitter=0.1), mtp_heads=1,
-               mtp_weight=0.3)
+    config = tiny(n_layer=3, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32, jitter=0.1), mtp_heads=1,
+                  mtp_weight=0.3)
     grads = []
     for ckpt in (0, every):
         torch.manual_seed(0)
-        model = GPT(cfg)
-        model.checkpoint_every = ckpt
-        x, y = batch(cfg)
+        model = GPT(dataclasses.replace(config, checkpoint_every=ckpt))
+        assert model.checkpoint_every == ckpt
+        x, y = batch(config)
         torch.manual_seed(1)  # the same jitter noise; checkpointing replays the RNG state
         model(x, y)[1].backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -93,7 +94,7 @@ def test_moe_active_params_flops_and_loss_terms():
     model = GPT(tiny(moe=moe))
     per_expert = 32 * 32 * 3  # swiglu: gate|up (C x 2H) and down (H x C)
     assert model.num_params() - model.active_params() == 2 * 6 * per_expert  # 2 layers x 6 idle experts
-    c = model.cfg
+    c = model.config
     assert model.flops_per_token() == 6 * model.active_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
     x, y = batch(c)
     _, objective = model(x, y)
@@ -106,6 +107,23 @@ def test_moe_active_params_flops_and_loss_terms():
 
 
 def test_model_config_round_trips_through_a_checkpoint_dict():
-    cfg = tiny(moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32), mtp_heads=1, mtp_weight=0.3)
-    assert ModelConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    config = tiny(moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32), mtp_heads=1, mtp_weight=0.3)
+    assert ModelConfig.from_dict(dataclasses.asdict(config)) == config
     assert ModelConfig.from_dict(dataclasses.asdict(tiny())) == tiny()
+
+
+def test_a_checkpoint_written_before_checkpoint_every_existed_still_loads():
+    saved = dataclasses.asdict(tiny(moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32)))
+    del saved["checkpoint_every"]
+    loaded = ModelConfig.from_dict(saved)
+    assert loaded.checkpoint_every == 0 and loaded == tiny(moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32))
+    assert GPT(loaded).checkpoint_every == 0
+
+
+@pytest.mark.parametrize("sets, every", [("", 0), ("ACT_CKPT=y", 1), ("ACT_CKPT=y ACT_CKPT_EVERY=3", 3)])
+def test_activation_checkpointing_comes_from_the_config(sets, every):
+    config = ModelConfig.from_config(config_of(sets), 64)
+    assert config.checkpoint_every == every
+    assert GPT(config).checkpoint_every == every
+    with pytest.raises(ValueError, match="checkpoint_every=-1 must be >= 0"):
+        tiny(checkpoint_every=-1)

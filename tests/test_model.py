@@ -19,9 +19,9 @@ def tiny(**kw) -> ModelConfig:
 def test_gpt2_small_parameter_count_matches_nanogpt():
     # nanoGPT's GPT-2 124M (vocab 50257, block 1024, bias, tied): 124,439,808 parameters,
     # reported as 123.65M non-embedding (position embeddings excluded).
-    cfg = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_kv_head=12, n_embd=768)
+    config = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_kv_head=12, n_embd=768)
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = GPT(config)
     assert model.num_params(non_embedding=False) == 124_439_808
     assert model.num_params() == 124_439_808 - 1024 * 768
 
@@ -46,10 +46,10 @@ OPTIONS = list(itertools.product(["layernorm", "rmsnorm"], ["learned", "rope"], 
 def test_every_option_combination_trains(norm, pos, mlp, qk_norm, attention):
     attn, window, attn_softcap, final_softcap = attention
     torch.manual_seed(0)
-    cfg = tiny(norm=norm, pos=pos, mlp=mlp, qk_norm=qk_norm, bias=(norm == "layernorm"),
+    config = tiny(norm=norm, pos=pos, mlp=mlp, qk_norm=qk_norm, bias=(norm == "layernorm"),
                tie_embeddings=(mlp != "relu2"), n_kv_head=2 if qk_norm else 4, dropout=0.1,
                attn=attn, attn_window=window, attn_softcap=attn_softcap, final_logit_softcap=final_softcap)
-    model = GPT(cfg)
+    model = GPT(config)
     x = torch.randint(0, 64, (3, 16))
     logits, loss = model(x, torch.roll(x, -1, 1))
     assert logits.shape == (3, 16, 64)
@@ -58,7 +58,7 @@ def test_every_option_combination_trains(norm, pos, mlp, qk_norm, attention):
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert (model.wpe is None) == (pos == "rope")
-    assert (model.lm_head.weight is model.wte.weight) == cfg.tie_embeddings
+    assert (model.lm_head.weight is model.wte.weight) == config.tie_embeddings
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
@@ -94,10 +94,10 @@ def test_gqa_shrinks_key_value_projection():
 
 
 def test_swiglu_width_keeps_parameters_comparable():
-    cfg = tiny(n_embd=128, mlp="swiglu")
-    assert cfg.mlp_hidden == 384  # 2/3 * 4 * 128 = 341.3, rounded up to a multiple of 64
+    config = tiny(n_embd=128, mlp="swiglu")
+    assert config.mlp_hidden == 384  # 2/3 * 4 * 128 = 341.3, rounded up to a multiple of 64
     gelu = GPT(tiny(n_embd=128)).blocks[0].mlp
-    swiglu = GPT(cfg).blocks[0].mlp
+    swiglu = GPT(config).blocks[0].mlp
     ratio = sum(p.numel() for p in swiglu.parameters()) / sum(p.numel() for p in gelu.parameters())
     assert 1.0 <= ratio < 1.15
 
@@ -131,5 +131,5 @@ def test_generate_appends_tokens_and_greedy_is_deterministic():
 
 def test_flops_per_token_formula():
     model = GPT(tiny())
-    c = model.cfg
+    c = model.config
     assert model.flops_per_token() == 6 * model.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size

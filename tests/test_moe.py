@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kconfig.tree import parse_overrides, resolve
-
-from kconfig.values import values
-from model.moe import MoE, MoEConfig, expert_matmul, expert_width, grouped_mm_usable, is_moe_block
+from conftest import config_of
+from model.mlp import hidden_width
+from model.moe import MoE, MoEConfig, expert_matmul, grouped_mm_usable, is_moe_block
 
 C, H, E = 16, 8, 4  # fp32 rows of 16 and 8 floats keep torch._grouped_mm's 16-byte alignment
 GROUPED_MM_ON_CPU = grouped_mm_usable(torch.zeros(4, C), torch.zeros(E, C, H))
@@ -37,15 +36,15 @@ def act(h, kind):
 
 def reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
     """The layer written one token at a time: the definition the vectorized dispatch must match."""
-    cfg = m.cfg
+    config = m.config
     xf = x.reshape(-1, C)
     out = torch.zeros_like(xf)
     for t in range(xf.size(0)):
         logits = m.router.weight @ xf[t]
-        scores = logits.softmax(-1) if cfg.score == "softmax" else logits.sigmoid()
-        chosen = torch.argsort(scores + m.expert_bias, descending=True)[:cfg.top_k]
+        scores = logits.softmax(-1) if config.score == "softmax" else logits.sigmoid()
+        chosen = torch.argsort(scores + m.expert_bias, descending=True)[:config.top_k]
         gates = scores[chosen]
-        if cfg.top_k > 1:
+        if config.top_k > 1:
             gates = gates / gates.sum()
         for e, g in zip(chosen, gates):
             out[t] += g * (act(xf[t] @ m.w_in[e], m.kind) @ m.w_out[e])
@@ -178,7 +177,7 @@ def test_capacity_on_mixed_routing_and_top2():
         shared_only = m.shared(x)
     assert m.last["dropped"].item() == 2 * 8
     torch.testing.assert_close(y[0, 8:], shared_only[0, 8:], atol=1e-6, rtol=0)  # shared experts still run
-    m.cfg = MoEConfig(n_experts=E, top_k=2, expert_hidden=H, n_shared=1, capacity_factor=2.0)
+    m.config = MoEConfig(n_experts=E, top_k=2, expert_hidden=H, n_shared=1, capacity_factor=2.0)
     with torch.no_grad():
         torch.testing.assert_close(m(x), reference(m, x), atol=1e-5, rtol=0)  # capacity 16: nothing dropped
     assert m.last["dropped"].item() == 0
@@ -318,7 +317,7 @@ def test_inactive_params(mlp, per_expert):
     ({"n_experts": 0, "top_k": 1}, "CONFIG_MOE_EXPERTS=0"),
     ({"n_shared": -1}, "CONFIG_MOE_SHARED_EXPERTS"),
     ({"expert_hidden": 0}, "CONFIG_MOE_EXPERT_RATIO"),
-    ({"score": "tanh"}, "CONFIG_MOE_SCORE_SIGMOID"),
+    ({"score": "tanh"}, "CONFIG_MOE_SCORE"),
     ({"aux_loss_coef": -1.0}, "CONFIG_MOE_AUX_LOSS_COEF"),
     ({"z_loss_coef": -1.0}, "CONFIG_MOE_Z_LOSS_COEF"),
     ({"bias_rate": -0.1}, "CONFIG_MOE_BIAS_RATE"),
@@ -336,23 +335,20 @@ def test_unknown_activation_is_named():
 
 
 def test_from_config_reads_the_kconfig_symbols():
-    kconf, problems = resolve([], parse_overrides(
-        "MOE=y MOE_EXPERTS=16 MOE_TOP_K=4 MOE_SHARED_EXPERTS=1 MOE_SCORE_SIGMOID=y MOE_BIAS_RATE=0.001 "
-        "MOE_CAPACITY_FACTOR=1.25 MOE_JITTER=0.01"))
-    assert problems == []
-    cfg = values(kconf)
-    got = MoEConfig.from_config(cfg, expert_hidden=expert_width(cfg.N_EMBD, cfg.MOE_EXPERT_RATIO, "gelu"))
+    cfg = config_of("MOE=y MOE_EXPERTS=16 MOE_TOP_K=4 MOE_SHARED_EXPERTS=1 MOE_SCORE_SIGMOID=y MOE_BIAS_RATE=0.001 "
+                    "MOE_CAPACITY_FACTOR=1.25 MOE_JITTER=0.01")
+    got = MoEConfig.from_config(cfg, expert_hidden=hidden_width(cfg.N_EMBD, cfg.MOE_EXPERT_RATIO, "gelu"))
     assert got == MoEConfig(n_experts=16, top_k=4, n_shared=1, expert_hidden=2 * cfg.N_EMBD, score="sigmoid",
                             aux_loss_coef=0.01, z_loss_coef=0.001, bias_rate=0.001, capacity_factor=1.25,
                             jitter=0.01)
-    defaults = MoEConfig.from_config(values(resolve([], parse_overrides("MOE=y"))[0]), expert_hidden=64)
+    defaults = MoEConfig.from_config(config_of("MOE=y"), expert_hidden=64)
     assert (defaults.n_experts, defaults.top_k, defaults.score, defaults.capacity_factor) == (8, 2, "softmax", 0.0)
     with pytest.raises(ValueError, match="CONFIG_MOE=y"):
-        MoEConfig.from_config(values(resolve([])[0]), expert_hidden=64)
+        MoEConfig.from_config(config_of(), expert_hidden=64)
 
 
 def test_expert_width_and_block_placement():
-    assert expert_width(768, 2.0, "gelu") == 1536
-    assert expert_width(768, 2.0, "swiglu") == 64 * math.ceil(1024 / 64)  # 2/3 of 1536
+    assert hidden_width(768, 2.0, "gelu") == 1536
+    assert hidden_width(768, 2.0, "swiglu") == 64 * math.ceil(1024 / 64)  # 2/3 of 1536
     assert [is_moe_block(i, every=2, first_dense=1) for i in range(6)] == [False, True, False, True, False, True]
     assert [is_moe_block(i, every=1, first_dense=0) for i in range(3)] == [True, True, True]
