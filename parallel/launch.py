@@ -9,20 +9,10 @@ MASTER_PORT, as cluster scripts set them, override the configuration at launch.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
-
-
-def engine(cfg) -> str:
-    """"none", "ddp", "fsdp2" or "deepspeed"."""
-    if cfg.get("PARALLEL_DDP"):
-        return "ddp"
-    if cfg.get("PARALLEL_FSDP2"):
-        return "fsdp2"
-    if cfg.get("PARALLEL_DEEPSPEED"):
-        return "deepspeed"
-    return "none"
 
 
 def gpu_count() -> int:
@@ -36,7 +26,7 @@ def gpu_count() -> int:
 
 def procs_per_node(cfg, gpus: int | None = None) -> int:
     """NPROC_PER_NODE, with 0 meaning one process per visible GPU."""
-    if engine(cfg) == "none":
+    if cfg.PARALLEL == "none":
         return 1
     if cfg.NPROC_PER_NODE:
         return cfg.NPROC_PER_NODE
@@ -50,7 +40,7 @@ def procs_per_node(cfg, gpus: int | None = None) -> int:
 def train_command(cfg, run_dir: Path, resume: bool) -> list[str]:
     """argv that trains the run in ``run_dir`` on this node."""
     train = ["-m", "train", str(run_dir)] + (["--resume"] if resume else [])
-    if engine(cfg) == "none":
+    if cfg.PARALLEL == "none":
         return [sys.executable, *train]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs_per_node(cfg)}"]
     if cfg.NNODES == 1:
@@ -69,9 +59,9 @@ def train_command(cfg, run_dir: Path, resume: bool) -> list[str]:
 def launch_env(cfg) -> dict[str, str]:
     """Extra environment for the training processes."""
     env = {}
-    if engine(cfg) == "deepspeed" and not gpu_count():
+    if cfg.PARALLEL == "deepspeed" and not gpu_count():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU backend (gloo); it cannot detect this itself
-    if engine(cfg) != "none" and not gpu_count():
+    if cfg.PARALLEL != "none" and not gpu_count():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs_per_node(cfg))))
     return env
 
@@ -82,10 +72,7 @@ CHECK_GPUS_PER_NODE = 8  # what 'make check' assumes for NPROC_PER_NODE=0 on a m
 def check_layout(cfg, grad_accum_varies: bool = False) -> tuple[int, str, list[str]]:
     """For 'make check': (world size, what plan/memory.py shards, notes); RuntimeError for a layout
     that cannot run."""
-    import importlib.util
-
-    kind = engine(cfg)
-    if kind == "none":
+    if cfg.PARALLEL == "none":
         return 1, "none", []
     notes = []
     per_node = cfg.NPROC_PER_NODE or gpu_count()
@@ -94,14 +81,14 @@ def check_layout(cfg, grad_accum_varies: bool = False) -> tuple[int, str, list[s
         notes.append(f"NPROC_PER_NODE=0: {per_node} GPUs per node assumed")
     if cfg.NODE_RANK >= cfg.NNODES:
         raise RuntimeError(f"CONFIG_NODE_RANK={cfg.NODE_RANK} must be below CONFIG_NNODES={cfg.NNODES}")
-    if kind == "deepspeed":
+    if cfg.PARALLEL == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
             raise RuntimeError("CONFIG_PARALLEL_DEEPSPEED=y needs DeepSpeed: pip install deepspeed")
         deepspeed_batch_check(grad_accum_varies)
     world = per_node * cfg.NNODES
     notes.append(f"world size {world} = {per_node} x {cfg.NNODES} node(s), "
                  f"{cfg.MICRO_BATCH * cfg.GRAD_ACCUM * world} sequences per step")
-    shard = {"ddp": "ddp", "fsdp2": "fsdp"}.get(kind) or f"zero{cfg.DEEPSPEED_ZERO_STAGE}"
+    shard = {"ddp": "ddp", "fsdp2": "fsdp", "deepspeed": f"zero{cfg.DEEPSPEED_ZERO_STAGE}"}[cfg.PARALLEL]
     return world, shard, notes
 
 

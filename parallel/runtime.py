@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from parallel.launch import engine
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,14 @@ class Dist:
 
 def init(cfg) -> Dist:
     """Join the process group torchrun set up (nothing for a single process)."""
-    kind = engine(cfg)
+    kind = cfg.PARALLEL
     if kind == "none":
         return Dist("none")
     if "RANK" not in os.environ:
         raise RuntimeError(f"CONFIG_PARALLEL_{kind.upper()}=y: this process was not started by torchrun; "
                            "train through 'make' (or torchrun --nproc-per-node=N -m train RUN_DIR)")
     rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    cuda = torch.cuda.is_available() and not cfg.DEVICE_CPU
+    cuda = torch.cuda.is_available() and cfg.DEVICE != "cpu"
     if cuda:
         torch.cuda.set_device(local)
     if kind == "deepspeed":
@@ -144,8 +144,6 @@ def deepspeed_engine(model, optimizer, cfg, dtype: str):
 
 def save_sharded(d: Dist, folder, model, optimizer, ds) -> None:
     """Every rank writes its shards of weights and optimizer state into ``folder`` (a fresh one)."""
-    import shutil
-
     if d.main:
         shutil.rmtree(folder, ignore_errors=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -188,8 +186,6 @@ def full_weights(folder, engine_name: str) -> dict:
     """The whole model's weights from a sharded checkpoint folder, in one process without a process
     group (for 'make sample'): DCP's single-process read of the "model" entries, or DeepSpeed's
     zero_to_fp32; the folder's pickles checked first, as in load_sharded."""
-    from pathlib import Path
-
     from train import untrusted
 
     folder = Path(folder)

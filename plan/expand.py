@@ -15,7 +15,6 @@ from pathlib import Path
 import kconfiglib
 
 from kconfig.errors import ConfigError
-
 from kconfig.tree import ROOT, Assignment, new_kconfig, parse_file, resolve
 from kconfig.values import Config, option_value, values
 from plan.plan import run_name
@@ -207,13 +206,13 @@ def differences(base: Config, run: Config, kconf: kconfiglib.Kconfig) -> dict:
     out = {}
     for sym in kconf.unique_defined_syms:
         name = sym.name
-        if base.get(name) == run[name] or sym.nodes[0].filename == PLAN_KCONFIG:
+        if base[name] == run[name] or sym.nodes[0].filename == PLAN_KCONFIG:
             continue
         if sym.visibility == 0:
             continue  # derived (e.g. N_LAYER from a size preset); its cause is listed instead
         if sym.choice is not None and run[name] is not True:
             continue
-        if base.get(name) is None and sym.user_value is None:
+        if base[name] is None and sym.user_value is None:
             continue  # newly applicable at its default (ROPE_THETA once RoPE is on): follows its cause
         out[name] = run[name]
     return out

@@ -2,7 +2,7 @@
 
 Runs go one after another on a CPU machine; on a machine with N GPUs, N
 single-process runs at once, one per GPU, while runs with data parallelism
-(PARALLEL_DDP/FSDP2/DEEPSPEED) go one after another, each across the GPUs
+(PARALLEL ddp, fsdp2 or deepspeed) go one after another, each across the GPUs
 through torchrun (parallel/launch.py). A failed run is recorded in plan.json
 and the plan goes on.
 """
@@ -18,13 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-from kconfig.errors import NamedError
-from kconfig.errors import ConfigError
-from kconfig.tree import (ROOT, completeness_problem, load, parse_file, parse_overrides, predates_marker, resolve, unrecorded, write_outputs)
+from data.prepare import prepare
+from kconfig.errors import ConfigError, NamedError
+from kconfig.tree import (ROOT, completeness_problem, load, parse_file, parse_overrides, predates_marker, resolve,
+                          unrecorded, write_outputs)
 from kconfig.values import Config, values
-from parallel.launch import engine, launch_env, train_command
+from parallel.launch import launch_env, train_command
 from plan.expand import RunSpec
 from plan.plan import PLAN_FILE, Plan, now
+from plan.preflight import data_problems, problems
 from plan.provenance import record_attempt
 from train.checkpoint import newest_intact_step
 
@@ -58,8 +60,6 @@ def prepare_to_continue(plan: Plan, names: list[str], overrides: str = "") -> No
     (plan/preflight.py). Every run is validated before any file is written, so a refusal changes nothing.
     A run configured by an older kbuild, before symbols the tree has now, gets their defaults, as
     'make olddefconfig' would give them, and says so."""
-    from plan.preflight import problems
-
     resolved, found, rewrite = {}, [], set()
     for name in names:
         path = plan.run_dir(name) / ".config"
@@ -82,9 +82,6 @@ def prepare_to_continue(plan: Plan, names: list[str], overrides: str = "") -> No
 
 def execute(plan: Plan) -> Plan:
     """Train every unfinished run of ``plan`` (interrupted ones resume from their checkpoint)."""
-    from data.prepare import prepare
-    from plan.preflight import data_problems
-
     todo, parallel = [], False
     for name in [r["name"] for r in plan.runs if r["status"] in UNFINISHED]:
         try:  # prepare data up front: data errors show before hours of training
@@ -97,7 +94,7 @@ def execute(plan: Plan) -> Plan:
             print(f"run {name}: " + "; ".join(found), file=sys.stderr, flush=True)
             continue
         todo.append(name)
-        parallel |= engine(cfg) != "none"
+        parallel |= cfg.PARALLEL != "none"
     print(f"plan: {plan.path} ({len(plan.runs)} run{'s' if len(plan.runs) != 1 else ''}, {len(todo)} to train)", flush=True)
     slots = [None] if parallel else _device_slots()  # a data-parallel run takes every GPU
     active: dict[str, tuple[subprocess.Popen, str | None]] = {}
@@ -109,10 +106,10 @@ def execute(plan: Plan) -> Plan:
             while queue and len(active) < len(slots):
                 name = queue.pop(0)
                 free = [s for s in slots if s not in {slot for _, slot in active.values()}][0]
-                active[name] = (_start(plan, name, free), free)
+                active[name] = (start_run(plan, name, free), free)
             for name, (proc, _) in list(active.items()):
                 if proc.poll() is not None:
-                    _finish(plan, name, proc.returncode)
+                    finish_run(plan, name, proc.returncode)
                     del active[name]
             time.sleep(0.2)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: let every run checkpoint, record it, stop
@@ -123,7 +120,7 @@ def execute(plan: Plan) -> Plan:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for name, (proc, _) in active.items():
-            _finish(plan, name, proc.wait())
+            finish_run(plan, name, proc.wait())
         print(f"interrupted; 'make continue' resumes {plan.path.name}", flush=True)
         raise SystemExit(130) from None
     finally:
@@ -150,7 +147,7 @@ def _device_slots() -> list[str | None]:
     return ids if n > 1 else [None]
 
 
-def _start(plan: Plan, name: str, gpu: str | None) -> subprocess.Popen:
+def start_run(plan: Plan, name: str, gpu: str | None) -> subprocess.Popen:
     """Start (or resume) one run's training. A run whose directory holds an intact step checkpoint
     resumes from its newest one, whatever its status (failed, killed, interrupted, time limit); one
     without starts over, and the files of its previous attempt move to attempt-N/, never deleted."""
@@ -187,7 +184,8 @@ def set_aside(run_dir: Path) -> Path | None:
     return aside
 
 
-def _finish(plan: Plan, name: str, code: int) -> None:
+def finish_run(plan: Plan, name: str, code: int) -> None:
+    """Record in plan.json how run ``name``'s training process ended (exit ``code``): status, error, attempt."""
     run_dir = plan.run_dir(name)
     status, error = outcome(code, read_summary(run_dir), run_dir)
     plan.update(name, status=status, end=now(), error=error)

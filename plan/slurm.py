@@ -3,7 +3,7 @@
 'make slurm' creates the plan exactly as 'make' does, prepares its data on the
 submitting machine, and writes runs/<plan>/slurm.sbatch instead of training.
 Each array task runs 'python -m kbuild run-one PLAN_DIR RUN', which trains that
-one run and records it in plan.json through the runner's own _start/_finish, so
+one run and records it in plan.json through the runner's own start_run/finish_run, so
 'make continue' and 'make report' work on the results as on a local plan.
 
 A run on NNODES > 1 nodes: the task's batch script (on the first node) starts
@@ -25,13 +25,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kconfig.errors import NamedError
+from data.prepare import prepare
 from kconfig.atomic import write_text_if_changed
-from kconfig.errors import ConfigError
+from kconfig.errors import ConfigError, NamedError
 from kconfig.tree import ROOT, control_char, load
 from kconfig.values import Config
 from parallel.launch import launch_env, train_command
+from plan.expand import expand
 from plan.plan import Plan
+from plan.preflight import config_problems, data_problems
+from plan.runner import create_plan, finish_run, runs_dir, start_run
 from train.checkpoint import has_checkpoint
 
 SCRIPT = "slurm.sbatch"
@@ -100,11 +103,6 @@ def output_path_problem(folder: Path) -> str | None:
 
 def slurm_plan(layers: list, cfg: Config, overrides: str = "") -> tuple[Plan, Path]:
     """Create the plan as 'make' does, prepare its data, and write its sbatch script; nothing trains."""
-    from data.prepare import prepare
-    from plan.expand import expand
-    from plan.preflight import config_problems, data_problems
-    from plan.runner import create_plan, runs_dir
-
     if cfg.DRY_RUN:
         raise ConfigError(["CONFIG_DRY_RUN=y: 'make slurm' submits training; use 'make check' for the dry run "
                            "or set DRY_RUN=n"])
@@ -112,7 +110,7 @@ def slurm_plan(layers: list, cfg: Config, overrides: str = "") -> tuple[Plan, Pa
     if problem := output_path_problem(runs_dir(cfg)):
         raise ConfigError([problem])
     specs = expand(layers, cfg)
-    nodes = {s.cfg.get("NNODES") or 1 for s in specs if not s.rejected}
+    nodes = {s.cfg.NNODES or 1 for s in specs if not s.rejected}  # None: a single process, one node
     if len(nodes) > 1:
         raise ConfigError([f"CONFIG_NNODES differs between the runs of this plan ({sorted(nodes)}); one sbatch "
                            f"array asks for one node count: make a plan per node count"])
@@ -198,8 +196,6 @@ def script_text(plan: Plan, names: list[str], s: SlurmSettings, nnodes: int, pyt
 
 def run_one(plan_dir: Path, name: str) -> int:
     """Train run ``name`` of the plan in ``plan_dir`` and record it in plan.json; the training exit code."""
-    from plan.runner import _finish, _start
-
     plan = Plan.load(plan_dir)
     try:
         status = plan.run_by_name(name)["status"]
@@ -211,7 +207,7 @@ def run_one(plan_dir: Path, name: str) -> int:
                          f"(a new 'make slurm' or 'make' trains it again in a new plan)")
     if int(os.environ.get("NODE_RANK") or 0) > 0:
         return _follow(plan, name)
-    proc = _start(plan, name, None)  # no GPU pinning: the task uses the GPUs Slurm gave it
+    proc = start_run(plan, name, None)  # no GPU pinning: the task uses the GPUs Slurm gave it
     if os.environ.get("SLURM_JOB_ID"):
         plan.update(name, slurm_job=os.environ["SLURM_JOB_ID"])
 
@@ -225,7 +221,7 @@ def run_one(plan_dir: Path, name: str) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    _finish(plan, name, code)
+    finish_run(plan, name, code)
     return code if code >= 0 else 128 - code
 
 

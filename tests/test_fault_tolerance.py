@@ -108,7 +108,7 @@ def test_continuing_a_run_with_a_checkpoint_resumes_whatever_its_status(stopped_
     plan, run_dir, started = stopped_run
     plan.update("base", status=status, error="boom")
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    runner._start(plan, "base", None)
+    runner.start_run(plan, "base", None)
     assert started[-1][-1] == "--resume"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
     assert (run_dir / "metrics.jsonl").exists() and not list(run_dir.glob("attempt-*"))
@@ -121,12 +121,12 @@ def test_a_run_without_a_checkpoint_starts_over_and_keeps_each_attempt_aside(sto
         p.unlink() if p.name == "best.pt" else p.write_bytes(p.read_bytes()[:500])  # truncated: not usable
     log = (run_dir / "train.log").read_bytes() if (run_dir / "train.log").exists() else None
     plan.update("base", status="failed", error="boom")
-    runner._start(plan, "base", None)
+    runner.start_run(plan, "base", None)
     assert started[-1][-1] != "--resume"
     assert sorted(p.name for p in run_dir.iterdir()) == [".config", "attempt-1", "config.py", "provenance.json"]
     assert (run_dir / "attempt-1" / "metrics.jsonl").exists() and len(list((run_dir / "attempt-1" / "checkpoints").iterdir())) == 2
     (run_dir / "train.log").write_text("second attempt\n")
-    runner._start(plan, "base", None)
+    runner.start_run(plan, "base", None)
     assert sorted(p.name for p in run_dir.iterdir()) == [".config", "attempt-1", "attempt-2", "config.py",
                                                          "provenance.json"]
     assert [a["resumed"] for a in json.loads((run_dir / "provenance.json").read_text())["attempts"]] == [False, False]
