@@ -16,10 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import config_of
 from kconfig.errors import ConfigError
-
 from kconfig.tree import load, new_kconfig, parse_file, parse_overrides, resolve, write_outputs
-
 from kconfig.values import values
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -132,10 +131,6 @@ def test_examples_the_properties_start_from(text):
 # --------------------------------------------------------------------------- up front: plan/preflight.py
 
 
-def cfg_of(text: str):
-    return values(resolve([], parse_overrides(text))[0])
-
-
 @pytest.mark.parametrize("text, problem", [
     ("MODEL_SIZE_CUSTOM=y N_EMBD=30 N_HEAD=4", "CONFIG_N_EMBD=30 is not divisible by CONFIG_N_HEAD=4"),
     ("MODEL_SIZE_CUSTOM=y N_HEAD=4 N_KV_HEAD=3", "CONFIG_N_HEAD=4 is not divisible by CONFIG_N_KV_HEAD=3"),
@@ -145,7 +140,7 @@ def cfg_of(text: str):
 def test_preflight_finds_what_setup_would_find(text, problem):
     from plan.preflight import problems
 
-    found = problems(cfg_of(text), here=False)
+    found = problems(config_of(text), here=False)
     assert len(found) == 1 and problem in found[0], found
 
 
@@ -154,18 +149,18 @@ def test_preflight_finds_a_device_this_machine_lacks():
 
     from plan.preflight import problems
 
-    assert problems(cfg_of("")) == [] and problems(cfg_of("DEVICE_CPU=y")) == []
+    assert problems(config_of("")) == [] and problems(config_of("DEVICE_CPU=y")) == []
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
-    assert problems(cfg_of("DEVICE_CUDA=y"), here=False) == []
-    [cuda] = problems(cfg_of("DEVICE_CUDA=y"))
+    assert problems(config_of("DEVICE_CUDA=y"), here=False) == []
+    [cuda] = problems(config_of("DEVICE_CUDA=y"))
     assert cuda.startswith("CONFIG_DEVICE_CUDA=y but torch sees no CUDA GPU on this machine")
-    [fp16] = problems(cfg_of("DTYPE_FP16=y"))
+    [fp16] = problems(config_of("DTYPE_FP16=y"))
     assert fp16.startswith("CONFIG_DTYPE_FP16=y needs a CUDA GPU")
-    [fp8] = problems(cfg_of("FP8_TORCHAO=y"))
+    [fp8] = problems(config_of("FP8_TORCHAO=y"))
     assert fp8.startswith("CONFIG_FP8_TORCHAO=y needs an NVIDIA GPU")
-    assert problems(cfg_of("FP8_TORCHAO=y FP8_EMULATE=y")) == []
-    [procs] = problems(cfg_of("PARALLEL_DDP=y NPROC_PER_NODE=0"))
+    assert problems(config_of("FP8_TORCHAO=y FP8_EMULATE=y")) == []
+    [procs] = problems(config_of("PARALLEL_DDP=y NPROC_PER_NODE=0"))
     assert procs.startswith("CONFIG_NPROC_PER_NODE=0 starts one process per GPU")
 
 
@@ -176,16 +171,16 @@ def test_data_problems_find_a_short_corpus_and_a_prompt_the_tokenizer_cannot_enc
     (tmp_path / "tiny.txt").write_text("abcdefgh\n" * 40)  # 360 characters: 324 train, 36 val
     (tmp_path / "line.txt").write_text("abcdefgh " * 40)  # the same without a newline
     files = f"DATA_CACHE_DIR={tmp_path / 'cache'} DATA_PATH={tmp_path}/"
-    cfg = cfg_of(f"{files}tiny.txt BLOCK_SIZE=64 SAMPLE_PROMPT='abc'")
+    cfg = config_of(f"{files}tiny.txt BLOCK_SIZE=64 SAMPLE_PROMPT='abc'")
     data = prepare(cfg, tmp_path, log=lambda m: None)
     [short] = data_problems(cfg, data)
     assert short.startswith("CONFIG_BLOCK_SIZE=64: the val split of ") and "has 36 tokens, fewer than the 66" in short
-    assert data_problems(cfg_of(f"{files}tiny.txt BLOCK_SIZE=16"), data) == []
-    [prompt] = data_problems(cfg_of(f"{files}tiny.txt BLOCK_SIZE=16 SAMPLE_PROMPT='€uro'"), data)
+    assert data_problems(config_of(f"{files}tiny.txt BLOCK_SIZE=16"), data) == []
+    [prompt] = data_problems(config_of(f"{files}tiny.txt BLOCK_SIZE=16 SAMPLE_PROMPT='€uro'"), data)
     assert prompt.startswith("CONFIG_SAMPLE_PROMPT='€uro': the run's char tokenizer cannot encode it") and "€" in prompt
-    cfg = cfg_of(f"{files}line.txt BLOCK_SIZE=16")
+    cfg = config_of(f"{files}line.txt BLOCK_SIZE=16")
     [empty] = data_problems(cfg, prepare(cfg, tmp_path, log=lambda m: None))
     assert empty.startswith("CONFIG_SAMPLE_PROMPT is empty, so samples start from a newline, but the run's char "
                             "tokenizer cannot encode it")
-    cfg = cfg_of(f"{files}line.txt BLOCK_SIZE=16 TOKENIZER_BYTE=y SAMPLE_PROMPT='€uro'")
+    cfg = config_of(f"{files}line.txt BLOCK_SIZE=16 TOKENIZER_BYTE=y SAMPLE_PROMPT='€uro'")
     assert data_problems(cfg, prepare(cfg, tmp_path, log=lambda m: None)) == []

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
+from conftest import config_of
 from kconfig.tree import ROOT, parse_overrides, resolve, write_outputs
+from kconfig.values import values
 from parallel.launch import train_command
 
 # A tiny model; GRAD_ACCUM=2 exercises the skipped all-reduce of the first micro-batch.
@@ -31,8 +33,6 @@ def configure(tmp_path, name: str, extra: str):
     run_dir = tmp_path / name
     run_dir.mkdir(parents=True, exist_ok=True)
     write_outputs(kconf, run_dir / ".config", run_dir / "config.py")
-    from kconfig.values import values
-
     return run_dir, values(kconf)
 
 
@@ -96,8 +96,6 @@ def test_fsdp2_resumes_at_another_world_size(tmp_path, single):
         f'DATA_PATH="{tmp_path / "corpus.txt"}" DATA_CACHE_DIR="{tmp_path / "cache"}" MICRO_BATCH=8 '
         'PARALLEL_FSDP2=y NPROC_PER_NODE=1', "continue"))
     write_outputs(kconf, run_dir / ".config", run_dir / "config.py")
-    from kconfig.values import values
-
     train(run_dir, values(kconf), resume=True)
     assert_close(losses(run_dir), single)
     log = (run_dir / "train.log").read_text()
@@ -117,10 +115,8 @@ def test_deepspeed_resumes_from_its_checkpoint(tmp_path, single):
 
 
 def test_launch_commands():
-    from kconfig.values import values
-
     def command(s):
-        return train_command(values(resolve(parse_overrides(s))[0]), ROOT / "runs" / "r", False)
+        return train_command(config_of(s), ROOT / "runs" / "r", False)
 
     assert command("")[1:] == ["-m", "train", str(ROOT / "runs" / "r")]
     assert command("PARALLEL_DDP=y NPROC_PER_NODE=2")[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node=2",

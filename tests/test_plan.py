@@ -225,7 +225,7 @@ def test_continue_overrides_rewrite_the_unfinished_runs_configs(tmp_path):
     plan = create_plan(values(base), specs)
     prepare_to_continue(plan, ["base"], "NPROC_PER_NODE=1 MICRO_BATCH=16")
     cfg = load(plan.run_dir("base") / ".config")[1]
-    assert (cfg.NPROC_PER_NODE, cfg.MICRO_BATCH, cfg.PARALLEL_FSDP2) == (1, 16, True)
+    assert (cfg.NPROC_PER_NODE, cfg.MICRO_BATCH, cfg.PARALLEL) == (1, 16, "fsdp2")
     with pytest.raises(ConfigError, match="CONFIG_NPROC_PER_NODE"):
         prepare_to_continue(plan, ["base"], "NPROC_PER_NODE=-1")
     assert load(plan.run_dir("base") / ".config")[1].NPROC_PER_NODE == 1, "a bad override writes nothing"

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 import plan.slurm as slurm
+from conftest import config_of
 from kconfig.errors import ConfigError
 from kconfig.tree import ROOT, parse_file, parse_overrides, resolve
 from kconfig.values import values
@@ -132,7 +133,7 @@ def test_multi_node_task_starts_one_run_one_per_node_with_rank_and_rendezvous(tm
                            'echo "rank=$NODE_RANK rdzv=$RDZV_ENDPOINT master=$MASTER_ADDR:$MASTER_PORT $*"\n')
     for f in bin_.iterdir():
         f.chmod(0o755)
-    script = slurm.write_script(plan, slurm.SlurmSettings.from_config(values(resolve([])[0])), 2, str(fake_python))
+    script = slurm.write_script(plan, slurm.SlurmSettings.from_config(config_of()), 2, str(fake_python))
     subprocess.run(["bash", "-n", str(script)], check=True)
     env = dict(os.environ, PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="0",
                SLURM_JOB_NODELIST="node-[a-b]")
