@@ -55,18 +55,20 @@ class Activation:
 
     def saved_bytes(self, rows: int, hidden: int, act_bytes: int) -> int:
         """Bytes the MLP keeps for backward over ``rows`` tokens at hidden width ``hidden``."""
-        return self._factor("saved", self.saved) * rows * hidden * act_bytes
+        self._require_memory_factors()
+        return self.saved * rows * hidden * act_bytes
 
     def backward_temp_bytes(self, rows: int, hidden: int, act_bytes: int) -> int:
         """Bytes of the gradient temporaries of the MLP's backward."""
-        return self._factor("backward_temps", self.backward_temps) * rows * hidden * act_bytes
+        self._require_memory_factors()
+        return self.backward_temps * rows * hidden * act_bytes
 
-    def _factor(self, field: str, value: int | None) -> int:
-        if value is None:
+    def _require_memory_factors(self) -> None:
+        missing = [name for name in ("saved", "backward_temps") if getattr(self, name) is None]
+        if missing:
             raise MissingMemoryFactors(
-                f"CONFIG_MLP={self.name!r}: the memory predictor has no {field!r} factor for this activation;"
-                f" measure it (tests/test_memory.py) and set it in model/mlp.py ACTIVATIONS")
-        return value
+                f"CONFIG_MLP={self.name!r}: the memory predictor has no {' or '.join(map(repr, missing))} factor"
+                f" for this activation; measure it (tests/test_memory.py) and set it in model/mlp.py ACTIVATIONS")
 
 
 def relu_squared(h: torch.Tensor) -> torch.Tensor:

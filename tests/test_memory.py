@@ -1,4 +1,4 @@
-"""plan/memory.py: the closed-form peak-memory prediction against peaks measured on CPU.
+"""train/memory.py: the closed-form peak-memory prediction against peaks measured on CPU.
 
 Measurements track every live tensor storage over two real training steps with a fused AdamW
 (what optim/optimizers.py builds on CPU and CUDA), so the second step runs with optimizer state.
@@ -6,13 +6,21 @@ Measurements track every live tensor storage over two real training steps with a
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from conftest import config_of
+from kconfig.errors import NamedError
 from model.gpt import GPT, ModelConfig
+from model.mlp import ACTIVATIONS, Activation, MissingMemoryFactors
 from model.moe import MoEConfig
-from optim.optimizers import Composite, build_optimizer
-from plan.memory import measure_peak_memory, param_counts, predict_memory
+from optim.optimizers import Composite, OptimizerConfig, build_optimizer
+from optim.state_size import UnknownOptimizer
+from train.curriculum import Curriculum
+from train.memory import param_counts, predict_memory, predict_run_memory
+from train.memory_measure import measure_peak_memory
 
 TOLERANCE = 0.05  # on |predicted - measured| / measured; seen: < 0.1% here, < 3.5% over 100 random configs
 VOCAB = 256
@@ -85,9 +93,7 @@ def _optimizer(model, name: str):
     """What the trainer builds: fused AdamW, or Muon + AdamW as optim/optimizers.py's Composite."""
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    from tests.test_optimizers import cfg_with
-
-    return build_optimizer(model, cfg_with("OPT_MUON=y"), torch.device("cpu"))
+    return build_optimizer(model, OptimizerConfig.from_config(config_of("OPT_MUON=y")), torch.device("cpu"))
 
 
 @pytest.fixture(autouse=True)
@@ -99,10 +105,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _model(options: dict) -> tuple[ModelConfig, GPT]:
-    mcfg = ModelConfig(vocab_size=VOCAB, **options)
+def _model(options: dict, checkpoint_every: int = 0) -> tuple[ModelConfig, GPT]:
+    config = ModelConfig(vocab_size=VOCAB, checkpoint_every=checkpoint_every, **options)
     torch.manual_seed(0)
-    return mcfg, GPT(mcfg)
+    return config, GPT(config)
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # RMSNorm under CPU autocast
@@ -110,11 +116,11 @@ def _model(options: dict) -> tuple[ModelConfig, GPT]:
 def test_prediction_matches_measured_peak(name):
     """The predicted peak is within TOLERANCE (5%) of the peak measured over two CPU training steps."""
     options, batch, seq, dtype = CONFIGS[name]
-    mcfg, model = _model(options)
+    config, model = _model(options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     make_batch = lambda: (torch.randint(0, VOCAB, (batch, seq)), torch.randint(0, VOCAB, (batch, seq)))  # noqa: E731
     measured = measure_peak_memory(model, optimizer, make_batch, dtype)
-    predicted = predict_memory(mcfg, batch, seq, dtype)
+    predicted = predict_memory(config, batch, seq, dtype)
     error = (predicted.total - measured) / measured
     assert abs(error) <= TOLERANCE, (f"{name}: predicted {predicted.total:,} B, measured {measured:,} B "
                                      f"({error:+.1%}, tolerance ±{TOLERANCE:.0%}); {predicted.describe()}")
@@ -123,18 +129,18 @@ def test_prediction_matches_measured_peak(name):
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 @pytest.mark.parametrize("name", FEATURE_CONFIGS)
 def test_prediction_matches_measured_peak_moe_mtp_checkpointing(name):
-    """MoE layers, multi-token-prediction heads and activation checkpointing (set on the model, as the
-    trainer does, and passed to predict_memory), under AdamW or Muon + AdamW (a Composite)."""
+    """MoE layers, multi-token-prediction heads and activation checkpointing (in the ModelConfig, as
+    from_config sets it, and passed to predict_memory), under AdamW or Muon + AdamW (a Composite)."""
     options, batch, seq, dtype, every, opt, tolerance = FEATURE_CONFIGS[name]
-    mcfg, model = _model(options)
-    model.checkpoint_every = every
+    config, model = _model(options, checkpoint_every=every)
+    assert model.checkpoint_every == every
     optimizer = _optimizer(model, opt)
     assert isinstance(optimizer, Composite) == (opt == "muon")
     gen = torch.Generator().manual_seed(1)
     make_batch = lambda: (torch.randint(0, VOCAB, (batch, seq), generator=gen),  # noqa: E731
                           torch.randint(0, VOCAB, (batch, seq), generator=gen))
     measured = measure_peak_memory(model, optimizer, make_batch, dtype)
-    predicted = predict_memory(mcfg, batch, seq, dtype, optimizer=opt, checkpoint_every=every)
+    predicted = predict_memory(config, batch, seq, dtype, optimizer=opt, checkpoint_every=config.checkpoint_every)
     error = (predicted.total - measured) / measured
     assert abs(error) <= tolerance, (f"{name}: predicted {predicted.total:,} B, measured {measured:,} B "
                                      f"({error:+.1%}, tolerance ±{tolerance:.0%}); {predicted.describe()}")
@@ -142,8 +148,8 @@ def test_prediction_matches_measured_peak_moe_mtp_checkpointing(name):
 
 @pytest.mark.parametrize("name", ["moe", "moe-shared", "moe-llama-every2", "mtp-2-llama", "moe-mtp-ckpt"])
 def test_param_counts_include_experts_routers_and_mtp_blocks(name):
-    mcfg, model = _model(FEATURE_CONFIGS[name][0])
-    counts = param_counts(mcfg)
+    config, model = _model(FEATURE_CONFIGS[name][0])
+    counts = param_counts(config)
     assert counts.total == sum(p.numel() for p in model.parameters())
     assert counts.blocks == tuple(sum(p.numel() for p in b.parameters()) for b in model.blocks)
     hidden = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wte.", "wpe.", "lm_head."))]
@@ -153,20 +159,20 @@ def test_param_counts_include_experts_routers_and_mtp_blocks(name):
 @pytest.mark.parametrize("name", ["moe-muon", "moe-mtp-ckpt"])
 def test_muon_state_is_one_buffer_for_matrices_and_experts_two_for_the_rest(name):
     """The state the real Muon + AdamW Composite holds after a step, against the prediction."""
-    mcfg, model = _model(FEATURE_CONFIGS[name][0])
+    config, model = _model(FEATURE_CONFIGS[name][0])
     optimizer = _optimizer(model, "muon")
     _, loss = model(torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16)))
     loss.backward()
     optimizer.step()
     held = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                if isinstance(t, torch.Tensor) and t.dim() > 0)  # not AdamW's step counters
-    assert predict_memory(mcfg, 2, 16, "fp32", optimizer="muon").optimizer_state == held
+    assert predict_memory(config, 2, 16, "fp32", optimizer="muon").optimizer_state == held
 
 
 def test_checkpointing_trades_activations_for_recompute():
     options = dict(SMALL, n_layer=8)
-    mcfg = ModelConfig(vocab_size=VOCAB, **options)
-    off, every2, every1 = (predict_memory(mcfg, 8, 128, "fp32", checkpoint_every=n).activations for n in (0, 2, 1))
+    config = ModelConfig(vocab_size=VOCAB, **options)
+    off, every2, every1 = (predict_memory(config, 8, 128, "fp32", checkpoint_every=n).activations for n in (0, 2, 1))
     assert every1 < every2 < off
 
 
@@ -176,9 +182,9 @@ def test_state_terms_are_parameter_count_times_bytes(name, optimizer, states):
     """Weights and grads are one fp32 copy of the parameters and the optimizer keeps `states` more,
     whatever the autocast dtype."""
     options, batch, seq, dtype = CONFIGS[name]
-    mcfg, model = _model(options)
+    config, model = _model(options)
     n = sum(p.numel() for p in model.parameters())
-    e = predict_memory(mcfg, batch, seq, dtype, optimizer=optimizer)
+    e = predict_memory(config, batch, seq, dtype, optimizer=optimizer)
     assert (e.weights, e.grads, e.optimizer_state) == (4 * n, 4 * n, 4 * states * n)
 
 
@@ -187,8 +193,8 @@ def test_activations_scale_with_micro_batch(name):
     """Doubling the micro-batch doubles the activation term (to within 10%: autocast's weight
     copies and the few weight grads alive at the peak do not scale), and leaves the rest alone."""
     options, batch, seq, dtype = CONFIGS[name]
-    mcfg, _ = _model(options)
-    one, two = predict_memory(mcfg, batch, seq, dtype), predict_memory(mcfg, 2 * batch, seq, dtype)
+    config, _ = _model(options)
+    one, two = predict_memory(config, batch, seq, dtype), predict_memory(config, 2 * batch, seq, dtype)
     assert two.activations / one.activations == pytest.approx(2.0, rel=0.10)
     assert (two.weights, two.grads, two.optimizer_state) == (one.weights, one.grads, one.optimizer_state)
 
@@ -206,16 +212,16 @@ def test_peak_is_not_the_plain_sum():
 
 
 def test_unknown_names_are_rejected():
-    mcfg = ModelConfig(vocab_size=VOCAB)
-    with pytest.raises(ValueError, match="unknown optimizer 'adafactor'"):
-        predict_memory(mcfg, 4, 64, "fp32", optimizer="adafactor")
+    config = ModelConfig(vocab_size=VOCAB)
+    with pytest.raises(UnknownOptimizer, match="unknown optimizer 'adafactor' \\(CONFIG_OPTIMIZER\\)"):
+        predict_memory(config, 4, 64, "fp32", optimizer="adafactor")
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
-        predict_memory(mcfg, 4, 64, "fp8")
+        predict_memory(config, 4, 64, "fp8")
     with pytest.raises(ValueError, match="world_size must be >= 1"):
-        predict_memory(mcfg, 4, 64, "fp32", world_size=0)
+        predict_memory(config, 4, 64, "fp32", world_size=0)
     with pytest.raises(ValueError, match="checkpoint_every must be >= 0"):
-        predict_memory(mcfg, 4, 64, "fp32", checkpoint_every=-1)
-    assert predict_memory(mcfg, 4, 64, "fp32", world_size=8) == predict_memory(mcfg, 4, 64, "fp32")  # not sharded yet
+        predict_memory(config, 4, 64, "fp32", checkpoint_every=-1)
+    assert predict_memory(config, 4, 64, "fp32", world_size=8) == predict_memory(config, 4, 64, "fp32")  # not sharded yet
 
 
 def test_measurement_counts_what_is_alive_at_once():
@@ -242,3 +248,48 @@ def test_data_parallel_sharding_divides_what_each_rank_keeps():
     assert fsdp.weights == one.weights // 4 and fsdp.total < zero2.total <= zero1.total < one.total
     with pytest.raises(ValueError, match="unknown shard"):
         predict_memory(cfg, 4, 64, "fp32", world_size=2, shard="zero4")
+
+
+@pytest.mark.parametrize("moe", [None, MoEConfig(n_experts=4, top_k=2, n_shared=1, expert_hidden=32)])
+def test_an_activation_without_memory_factors_is_a_named_error(monkeypatch, moe):
+    monkeypatch.setitem(ACTIVATIONS, "tanh", Activation("tanh", gated=False, fn=torch.tanh))
+    config = ModelConfig(vocab_size=VOCAB, mlp="tanh", moe=moe)
+    GPT(config)  # the model builds and trains without factors; only the prediction needs them
+    with pytest.raises(MissingMemoryFactors, match="CONFIG_MLP='tanh': .* no 'saved' or 'backward_temps' factor.*model/mlp.py") as e:
+        predict_memory(config, 4, 64, "fp32")
+    assert isinstance(e.value, NamedError)
+
+
+# Totals of the closed form, pinned: a refactoring of train/memory.py or of a feature's factors must
+# keep them (a deliberate change of a factor updates them, with the measurements above as the judge).
+PINNED = {
+    ("gpt2", "fp32", "adamw", 0, "none"): 61_347_072,
+    ("llama", "fp32", "muon", 0, "none"): 68_467_712,
+    ("llama-qknorm-bf16", "bf16", "lion", 1, "ddp"): 11_058_944,
+    ("reference-rope-window-dropout", "fp32", "sgd", 2, "zero2"): 26_322_432,
+    ("moe-mtp-ckpt", "bf16", "muon", 1, "fsdp"): 22_433_920,
+    ("moe-sigmoid-top1-zloss", "fp16", "adamw", 0, "zero3"): 22_693_632,
+}
+
+
+@pytest.mark.parametrize("key", PINNED)
+def test_prediction_is_pinned(key):
+    name, dtype, optimizer, every, shard = key
+    options, batch, seq = (CONFIGS.get(name) or FEATURE_CONFIGS[name])[:3]
+    config = ModelConfig(vocab_size=VOCAB, **options)
+    assert predict_memory(config, batch, seq, dtype, optimizer, world_size=4, checkpoint_every=every,
+                          shard=shard).total == PINNED[key]
+
+
+def test_run_prediction_is_the_largest_over_the_curriculum_for_the_configured_optimizer():
+    cfg = config_of("MODEL_SIZE_CUSTOM=y CURRICULUM=y OPT_MUON=y ACT_CKPT=y", N_LAYER=2, N_HEAD=4, N_EMBD=64,
+                    BLOCK_SIZE=128, MICRO_BATCH=4, CURRICULUM_STAGES="32:0 64:0.3 128:0.6")
+    config, curriculum = ModelConfig.from_config(cfg, VOCAB), Curriculum.from_config(cfg)
+    assert config.checkpoint_every == 1 and len(curriculum.shapes()) == 3
+    run = predict_run_memory(cfg, curriculum, config, "bf16", world_size=2, shard="zero1")
+    each = [predict_memory(config, b, s, "bf16", "muon", world_size=2, checkpoint_every=1, shard="zero1")
+            for b, s in curriculum.shapes()]
+    assert run == max(each, key=lambda m: m.total) == each[0].__class__(**dataclasses.asdict(
+        predict_memory(config, 4, 128, "bf16", "muon", world_size=2, checkpoint_every=1, shard="zero1")))
+    assert run != predict_run_memory(cfg, curriculum, dataclasses.replace(config, checkpoint_every=0), "bf16",
+                                     world_size=2, shard="zero1")

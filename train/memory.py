@@ -1,0 +1,364 @@
+"""Peak training memory per device for model/gpt.py's GPT, predicted in closed form.
+
+``predict_memory`` counts the bytes one training step keeps alive, term by term, so a plan can be
+checked against a device before anything is allocated; ``predict_run_memory`` is its largest value
+over a run's curriculum. train/memory_measure.py measures the same peak on CPU (tests compare).
+
+When the peak happens: with ``zero_grad(set_to_none=True)`` no gradients exist during the forward,
+so the early candidate is the start of backward: weights + optimizer state + everything saved for
+backward + the cross-entropy gradients (or, for a small vocabulary, the last block's MLP backward).
+Backward then frees activations while it allocates gradients, roughly one for one per block, so
+the late candidate is the end of backward and the optimizer step: weights + grads + optimizer
+state. The peak is the larger of the two; a training step never holds all four terms at once.
+
+Each feature's factors live next to the feature: the MLP activations' in model/mlp.py, the
+attention kernels' in model/attention.py, the MoE layer's in model/moe.py, the optimizers' state
+in optim/state_size.py. This module composes them: saved activations per block, the backward
+peak, optimizer state, and data-parallel sharding.
+
+The counts follow the kernels torch picks on CPU, where they are measured, and a fused AdamW (as
+optim/optimizers.py builds); torch's foreach AdamW, the CUDA default, adds up to one more fp32
+copy of the parameters at the step. On CUDA, known differences: dropout keeps 1-byte masks
+instead of activation-sized ones, the flash/efficient attention kernels handle dropout without
+keeping T x T probabilities, and RMSNorm may use a fused kernel that keeps only input and rstd.
+The flash kernel is predicted as SDPA's fused kernel (both keep q, k, v, the output and a
+logsumexp). The reference attention keeps B x n_head x T x T probabilities, and under
+ATTN_SOFTCAP the tanh output as well; its terms were fitted to measurements.
+
+Parameters include every routed expert, router, shared expert and multi-token-prediction block;
+Muon's step adds Newton-Schulz temporaries for its largest matrix at the late moment. With an MoE
+capacity the dropped assignments are data-dependent and not subtracted (an upper bound). Each MTP
+head keeps a full dense block and its own ln_f / lm_head / log-softmax over B x (T - j) rows, and
+its backward runs first, so its cross-entropy gradients set the early moment. A checkpointed block
+keeps only its input; its backward reruns the forward, a third candidate moment: its full saved
+set next to what earlier blocks keep and the grads of everything after it. When the last block is
+MoE and the batch is small, its backward moment is approximate (measured up to +3%).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from model import attention
+from model import moe as moe_layer
+from model.gpt import ModelConfig
+from model.mlp import activation, fan_out
+from optim.state_size import newton_schulz_bytes, state_size
+
+if TYPE_CHECKING:
+    from kconfig.values import Config
+    from train.curriculum import Curriculum
+
+GIB = 2**30
+FP32 = 4  # weights, grads, optimizer state and the residual stream
+ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of matmul outputs under autocast
+SHARDING = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device. ``total`` is the predicted peak, not the sum: activations and grads are
+    never all alive at once (see the module docstring)."""
+
+    weights: int
+    grads: int
+    optimizer_state: int
+    activations: int
+    total: int
+
+    def gib(self) -> float:
+        return self.total / GIB
+
+    def describe(self) -> str:
+        unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
+        g = lambda n: f"{n / scale:.2f}"  # noqa: E731
+        return (f"peak {g(self.total)} {unit} = weights {g(self.weights)} + optimizer {g(self.optimizer_state)}"
+                f" + max(activations {g(self.activations)}, grads {g(self.grads)}) ({unit})")
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of GPT(config) by what the memory terms need, in closed form."""
+
+    total: int  # every parameter once (a tied head shares wte's)
+    matrices: int  # hidden matrices: attention, MLPs, routers, expert stacks, MTP blocks (Muon's share)
+    cast: int  # weights autocast (or MoE's explicit cast) copies each forward: the matrices but routers, + lm_head
+    blocks: tuple[int, ...]  # each trunk block's parameters
+    blocks_cast: tuple[int, ...]  # each trunk block's share of ``cast``
+
+
+@dataclass(frozen=True)
+class Step:
+    """The shape of one micro-batch: rows, sequence length and a matmul output's element size."""
+
+    batch: int
+    seq: int
+    act_bytes: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def autocast(self) -> bool:
+        """Whether matmuls run in a lower precision than the fp32 weights (then weights are copied)."""
+        return self.act_bytes != FP32
+
+
+def _norm_params(config: ModelConfig, dim: int) -> int:
+    return dim * (2 if config.norm == "layernorm" and config.bias else 1)
+
+
+def block_params(config: ModelConfig, moe: bool) -> tuple[int, int, int]:
+    """(parameters, matrices, cast weights) of one Block."""
+    c, C = config, config.n_embd
+    kv = c.n_kv_head * c.head_dim
+    attn = C * (C + 2 * kv) + C**2
+    rest = (C + 2 * kv) + C if c.bias else 0
+    rest += 2 * _norm_params(c, C) + (2 * _norm_params(c, c.head_dim) if c.qk_norm else 0)
+    if not moe:
+        H = c.mlp_hidden
+        mlp = C * fan_out(H, c.mlp) + H * C
+        rest += fan_out(H, c.mlp) + C if c.bias else 0
+        return attn + mlp + rest, attn + mlp, attn + mlp
+    m, He = c.moe, c.moe.expert_hidden
+    experts = m.n_experts * (C * fan_out(He, c.mlp) + He * C)  # w_in (E, C, fan_out), w_out (E, H, C)
+    shared = C * fan_out(m.n_shared * He, c.mlp) + m.n_shared * He * C  # one dense MLP, no bias
+    router = C * m.n_experts  # fp32, never cast
+    mats = attn + experts + shared + router
+    return mats + rest, mats, mats - router
+
+
+def param_counts(config: ModelConfig) -> ParamCounts:
+    """Every parameter of GPT(config), experts, routers, shared experts and MTP blocks included."""
+    c = config
+    per_block = [block_params(c, c.is_moe_layer(i)) for i in range(c.n_layer)]
+    mtp = block_params(c, False)
+    embed = c.vocab_size * c.n_embd + (c.block_size * c.n_embd if c.pos == "learned" else 0)
+    head = 0 if c.tie_embeddings else c.vocab_size * c.n_embd
+    total = sum(b[0] for b in per_block) + c.mtp_heads * mtp[0] + embed + _norm_params(c, c.n_embd) + head
+    matrices = sum(b[1] for b in per_block) + c.mtp_heads * mtp[1]
+    cast = sum(b[2] for b in per_block) + c.mtp_heads * mtp[2] + c.vocab_size * c.n_embd
+    return ParamCounts(total, matrices, cast, tuple(b[0] for b in per_block), tuple(b[2] for b in per_block))
+
+
+# -- saved activations ---------------------------------------------------------------------------
+
+def norm_saved(config: ModelConfig, rows: int, width: int, in_bytes: int) -> int:
+    """What a norm saves besides its input: LayerNorm mean and rstd; RMSNorm (decomposed on
+    CPU) rstd, the fp32 normalized tensor and an fp32 copy of a low-precision input."""
+    if config.norm == "layernorm":
+        return 2 * rows * FP32
+    return rows * FP32 + rows * width * FP32 * (1 + (in_bytes != FP32))
+
+
+def block_saved(config: ModelConfig, step: Step, moe: bool) -> int:
+    """What one (not recomputed) block keeps for backward: its norms, attention and MLP or MoE layer."""
+    c, T, N, a, f = config, step.seq, step.tokens, step.act_bytes, FP32
+    C = c.n_embd
+    # The residual stream is fp32 (fp32 embeddings; adding a low-precision branch promotes), so the
+    # norm inputs are fp32, while autocast saves low-precision copies of what enters each Linear.
+    saved = 2 * N * C * f + 2 * norm_saved(c, N, C, f)  # residual stream into ln_1 and ln_2
+    saved += 2 * N * C * a  # inputs of attn.c_attn and attn.c_proj (= attention output)
+    if c.pos == "rope" and step.autocast:
+        saved += 2 * T * c.head_dim * a  # cos and sin cast for q and for k, saved by the rotation
+    if c.qk_norm:
+        saved += norm_saved(c, N * c.n_head, c.head_dim, a) + norm_saved(c, N * c.n_kv_head, c.head_dim, a)
+    saved += attention.saved_bytes(c, step.batch, T, a)
+    saved += N * C * a if c.dropout else 0  # the dropout mask after the MLP (CPU dropout keeps a scaled mask)
+    if moe:
+        return saved + moe_layer.saved_bytes(c.moe, c.mlp, N, C, a)
+    return saved + N * C * a + activation(c.mlp).saved_bytes(N, c.mlp_hidden, a)  # + mlp.c_fc's input
+
+
+def head_saved(config: ModelConfig, step: Step, rows: int) -> int:
+    """ln_f's input (the last block's whole output), ln_f's statistics, lm_head's input and the
+    log-softmax, over the rows one head predicts; the logit soft-cap keeps tanh's output."""
+    c, N, a, f = config, step.tokens, step.act_bytes, FP32
+    C, V = c.n_embd, c.vocab_size
+    return N * C * f + norm_saved(c, rows, C, f) + rows * C * a + rows * V * f + (rows * V * a if c.final_logit_softcap else 0)
+
+
+def checkpointed_blocks(config: ModelConfig, checkpoint_every: int) -> list[int]:
+    return [i for i in range(config.n_layer) if checkpoint_every and i % checkpoint_every == 0]
+
+
+def saved_by_block(config: ModelConfig, step: Step, checkpoint_every: int, i: int) -> int:
+    """What trunk block i keeps for backward; a checkpointed block only its input."""
+    if checkpoint_every and i % checkpoint_every == 0:
+        return step.tokens * config.n_embd * FP32
+    return block_saved(config, step, config.is_moe_layer(i))
+
+
+def recast_bytes(config: ModelConfig, step: Step, counts: ParamCounts, checkpoint_every: int) -> int:
+    """Autocast's weight copies of the checkpointed blocks: they live in its cache until the forward
+    ends, but backward does not keep them (a recomputed block casts its weights again)."""
+    if not step.autocast:
+        return 0
+    return sum(counts.blocks_cast[i] for i in checkpointed_blocks(config, checkpoint_every)) * step.act_bytes
+
+
+def saved_activations(config: ModelConfig, step: Step, counts: ParamCounts, checkpoint_every: int) -> int:
+    """Everything the forward keeps for backward: blocks, masks, ids, weight copies, the heads."""
+    c, B, T, N, a, f = config, step.batch, step.seq, step.tokens, step.act_bytes, FP32
+    saved = sum(saved_by_block(c, step, checkpoint_every, i) for i in range(c.n_layer))
+    saved += attention.mask_bytes(c, T)
+    saved += N * c.n_embd * f if c.dropout else 0  # embedding dropout mask
+    saved += 2 * N * 8 + (T * 8 if c.pos == "learned" else 0)  # token ids x, y and position ids
+    if step.autocast:  # autocast's low-precision weight copies
+        saved += counts.cast * a - recast_bytes(c, step, counts, checkpoint_every)
+    saved += head_saved(c, step, N)
+    # Multi-token prediction: head j is one more dense block on the trunk's output (already kept as
+    # ln_f's input) and the shared ln_f + lm_head over the B * (T - j) positions that have a target,
+    # whose shifted targets are a copy.
+    for j in range(1, c.mtp_heads + 1):
+        saved += block_saved(c, step, False) - N * c.n_embd * f + head_saved(c, step, B * (T - j)) + B * (T - j) * 8
+    return saved
+
+
+# -- the backward peak ---------------------------------------------------------------------------
+
+def last_mlp_backward(config: ModelConfig, step: Step) -> int:
+    """lm_head's and the last MLP's weight grads, the residual-stream gradient and the MLP's
+    gradient temporaries: the last block in backward order (the last MTP block with MTP, which is
+    dense) during its MLP backward."""
+    c, N, a, f = config, step.tokens, step.act_bytes, FP32
+    C, H = c.n_embd, c.mlp_hidden
+    if c.mtp_heads or not c.is_moe_layer(c.n_layer - 1):
+        mlp = H * C * f + activation(c.mlp).backward_temp_bytes(N, H, a)
+    else:
+        mlp = moe_layer.backward_bytes(c.moe, c.mlp, N, C, a)
+    return (c.vocab_size * C + N * C) * f + mlp
+
+
+def recompute_peak(config: ModelConfig, step: Step, counts: ParamCounts, checkpoint_every: int, i: int) -> int:
+    """Backward of checkpointed block i reruns its forward: its full saved set (and weight copies)
+    comes back next to what earlier blocks keep and the grads of everything after it."""
+    c, N, a, f = config, step.tokens, step.act_bytes, FP32
+    C, H = c.n_embd, c.mlp_hidden
+    after = sum(counts.blocks[i + 1:]) + counts.total - sum(counts.blocks)  # grads so far
+    before = sum(saved_by_block(c, step, checkpoint_every, j) for j in range(i))
+    again = block_saved(c, step, c.is_moe_layer(i)) + (counts.blocks_cast[i] * a if step.autocast else 0)
+    temps = N * C * f + activation(c.mlp).backward_temp_bytes(N, H, a) + H * C * f
+    return after * f + before + again + temps + logits_held(c, step) + 2 * N * 8
+
+
+def logits_held(config: ModelConfig, step: Step) -> int:
+    """lm_head's output, still referenced by the caller through the step."""
+    return step.tokens * config.vocab_size * step.act_bytes
+
+
+def activation_peak(config: ModelConfig, step: Step, counts: ParamCounts, checkpoint_every: int) -> int:
+    """The activation term of the early moments: the start of backward, the last MLP's backward,
+    the forward's end under autocast, and each checkpointed block's recompute."""
+    c, N, a, f = config, step.tokens, step.act_bytes, FP32
+    C, V = c.n_embd, c.vocab_size
+    last = step.batch * (step.seq - c.mtp_heads)  # rows of the head whose backward runs first (the last MTP head's)
+    # Two moments in backward before most grads exist: its first op, where the log-softmax's and the
+    # logits' fp32 gradients join everything saved; and the last block's MLP backward, where the
+    # head's tensors are gone but the grads of last_mlp_backward and the freed c_proj input are not.
+    at_mlp = last_mlp_backward(c, step) - head_saved(c, step, last) + N * C * f - (V * C * a if step.autocast else 0)
+    # Under autocast the forward's end can be higher still: the last logits' fp32 copy and ln_f's
+    # fp32 output are alive next to the log-softmax, and the cache still holds every weight copy.
+    at_forward_end = (last * V + N * C) * f + recast_bytes(c, step, counts, checkpoint_every) if step.autocast else 0
+    peak = saved_activations(c, step, counts, checkpoint_every) + logits_held(c, step)
+    peak += max(2 * last * V * f, at_mlp, at_forward_end)
+    for i in checkpointed_blocks(c, checkpoint_every):
+        peak = max(peak, recompute_peak(c, step, counts, checkpoint_every, i))
+    return peak
+
+
+# -- optimizer state and the late moment ---------------------------------------------------------
+
+def optimizer_state_bytes(optimizer: str, counts: ParamCounts) -> int:
+    size = state_size(optimizer)
+    return (size.matrices * counts.matrices + size.others * (counts.total - counts.matrices)) * FP32
+
+
+def muon_matrix_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:
+    """(stack, rows, cols) of every matrix Muon orthogonalizes: attention, dense MLPs, expert stacks,
+    routers and shared experts."""
+    c = config
+    kv = c.n_kv_head * c.head_dim
+    shapes = [(1, c.n_embd + 2 * kv, c.n_embd), (1, c.n_embd, c.n_embd)]
+    if c.moe is None or c.mtp_heads or not all(c.is_moe_layer(i) for i in range(c.n_layer)):
+        shapes += [(1, fan_out(c.mlp_hidden, c.mlp), c.n_embd), (1, c.n_embd, c.mlp_hidden)]
+    if c.moe is not None:
+        m, He = c.moe, c.moe.expert_hidden
+        shapes += [(m.n_experts, c.n_embd, fan_out(He, c.mlp)), (m.n_experts, He, c.n_embd), (1, m.n_experts, c.n_embd)]
+        if m.n_shared:
+            shapes += [(1, fan_out(m.n_shared * He, c.mlp), c.n_embd), (1, c.n_embd, m.n_shared * He)]
+    return shapes
+
+
+def step_end(config: ModelConfig, step: Step, counts: ParamCounts, optimizer: str) -> int:
+    """Bytes besides weights and state at the end of backward and the optimizer step."""
+    c = config
+    late = counts.total * FP32 + logits_held(c, step) + 2 * step.tokens * 8  # grads, logits, token ids
+    late += newton_schulz_bytes(muon_matrix_shapes(c)) if state_size(optimizer).newton_schulz else 0
+    late += 2 * c.vocab_size * c.n_embd * FP32 if c.tie_embeddings else 0  # wte's embedding grad and its sum with lm_head's
+    return late
+
+
+def apply_sharding(estimate: MemoryEstimate, late: int, counts: ParamCounts, shard: str,
+                   world_size: int) -> MemoryEstimate:
+    """What each of ``world_size`` data-parallel ranks keeps (parallel/runtime.py): "ddp" splits
+    nothing and its gradient buckets hold a second copy of the grads; "zero1" splits the optimizer
+    state, "zero2" also the grads, "zero3" and "fsdp" also the weights, plus one gathered block's
+    weights while it runs."""
+    weights, grads, state, activations = estimate.weights, estimate.grads, estimate.optimizer_state, estimate.activations
+    if shard != "none" and world_size > 1:
+        W = world_size
+        gathered = max(counts.blocks) * FP32 if shard in ("zero3", "fsdp") else 0  # the running block, unsharded
+        if shard == "ddp":
+            late += grads  # the reducer's buckets
+        state //= W if shard != "ddp" else 1
+        if shard in ("zero2", "zero3", "fsdp"):
+            late -= grads - grads // W
+            grads //= W
+        if shard in ("zero3", "fsdp"):
+            weights //= W
+            activations += gathered
+            late += gathered
+    return MemoryEstimate(weights, grads, state, activations, weights + state + max(activations, late))
+
+
+# -- the prediction ------------------------------------------------------------------------------
+
+def predict_memory(config: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
+                   optimizer: str = "adamw", world_size: int = 1, checkpoint_every: int = 0,
+                   shard: str = "none") -> MemoryEstimate:
+    """Predicted peak bytes per device of one training step (forward, backward, optimizer step).
+
+    Weights, grads and optimizer state are fp32 (autocast keeps parameters fp32). The caller is
+    assumed to hold the returned logits through backward and the optimizer step, as
+    train/trainer.py's ``_, loss = ...`` does. ``optimizer`` is a CONFIG_OPTIMIZER value.
+    ``shard`` says what data parallelism over ``world_size`` ranks splits (``apply_sharding``); the
+    activations are per rank already: micro_batch is per rank. ``checkpoint_every`` is
+    GPT.checkpoint_every: 0 = off, N = blocks i with i % N == 0 are recomputed in backward.
+    """
+    if dtype not in ACT_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(ACT_BYTES)}")
+    state_size(optimizer)  # UnknownOptimizer names the known ones
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if shard not in SHARDING:
+        raise ValueError(f"unknown shard {shard!r}; expected one of {SHARDING}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0 = off), got {checkpoint_every}")
+    step = Step(micro_batch, seq_len, ACT_BYTES[dtype])
+    counts = param_counts(config)
+    weights = grads = counts.total * FP32
+    unsharded = MemoryEstimate(weights, grads, optimizer_state_bytes(optimizer, counts),
+                               activation_peak(config, step, counts, checkpoint_every), total=0)
+    return apply_sharding(unsharded, step_end(config, step, counts, optimizer), counts, shard, world_size)
+
+
+def predict_run_memory(cfg: Config, curriculum: Curriculum, config: ModelConfig, dtype: str, world_size: int = 1,
+                       shard: str = "none") -> MemoryEstimate:
+    """A run's predicted peak per device: the largest over its curriculum stages' batch shapes, for
+    the optimizer cfg.OPTIMIZER and the model's activation checkpointing."""
+    return max((predict_memory(config, batch, seq, dtype, cfg.OPTIMIZER, world_size=world_size,
+                               checkpoint_every=config.checkpoint_every, shard=shard)
+                for batch, seq in curriculum.shapes()), key=lambda m: m.total)
