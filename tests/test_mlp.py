@@ -14,6 +14,8 @@ from kconfig.values import option_values
 from model.gpt import GPT, ModelConfig
 from model.mlp import ACTIVATIONS, MLP, Activation, UnknownActivation, activation, fan_out, hidden_width
 from model.moe import MoE, MoEConfig
+from train.memory import predict_memory
+from train.memory_measure import measure_peak_memory
 
 # The formula each activation computes, written out from its definition (h: c_fc's output).
 REFERENCE = {
@@ -98,3 +100,28 @@ def test_from_config_reads_each_choice_as_its_value():
     assert (default.mlp, default.norm, default.pos, default.attn, default.moe) == (
         "gelu", "layernorm", "learned", "sdpa", None)
 
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # RMSNorm under CPU autocast
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("moe", [None, MoEConfig(n_experts=4, top_k=2, n_shared=1, expert_hidden=128)],
+                         ids=["dense", "moe-shared"])
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_memory_prediction_matches_the_measured_peak_for_every_activation(name, moe, dtype):
+    """Each activation's memory factors (model/mlp.py) against two CPU training steps, within the 5%
+    tests/test_memory.py holds every configuration to."""
+    config = ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=128, mlp=name,
+                         norm="rmsnorm", pos="rope", bias=False, moe=moe)
+    torch.manual_seed(0)
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    make_batch = lambda: (torch.randint(0, 256, (8, 64), generator=gen),) * 2  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        measured = measure_peak_memory(model, optimizer, make_batch, dtype)
+    finally:
+        torch.set_num_threads(threads)
+    predicted = predict_memory(config, 8, 64, dtype).total
+    assert abs(predicted - measured) / measured <= 0.05, f"{name}: predicted {predicted:,} B, measured {measured:,} B"

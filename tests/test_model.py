@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model.gpt import GPT, ModelConfig, apply_rope, rope_tables
+from model.mlp import ACTIVATIONS
 
 
 def tiny(**kw) -> ModelConfig:
@@ -38,7 +39,7 @@ def test_init_follows_gpt2():
 # Attention: (backend, window, attention soft-cap, final-logit soft-cap). Each runs with every
 # norm/position/MLP/QK-norm combination; flash is covered by tests/test_attention.py (needs CUDA).
 ATTENTION = [("sdpa", 0, 0.0, 0.0), ("sdpa", 5, 0.0, 30.0), ("reference", 0, 0.0, 0.0), ("reference", 5, 20.0, 30.0)]
-OPTIONS = list(itertools.product(["layernorm", "rmsnorm"], ["learned", "rope"], ["gelu", "swiglu", "relu2"],
+OPTIONS = list(itertools.product(["layernorm", "rmsnorm"], ["learned", "rope"], sorted(ACTIVATIONS),
                                  [False, True], ATTENTION))
 
 
