@@ -2,7 +2,7 @@
 
 One ``MLP`` module serves dense blocks (bias and dropout as configured) and MoE shared experts
 (bias-free, no dropout of their own); MoE's routed experts apply the same ``Activation`` to their
-stacked weights (model/moe.py). A gated activation (SwiGLU) has two input matrices, gate
+stacked weights (model/moe.py). A gated activation (SwiGLU, GEGLU) has two input matrices, gate
 and up, fused into one ``c_fc`` of twice the hidden width and split in half (gate first); the
 others have one. ``hidden_width`` and ``fan_out`` are the one place those rules live.
 
@@ -75,12 +75,17 @@ def relu_squared(h: torch.Tensor) -> torch.Tensor:
     return F.relu(h).square()
 
 
+def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")
+
+
 # gelu/relu2 keep the activation's input and output; gated ones gate|up, fn(gate) and the product.
 # Backward temporaries: gelu's grad; pow-backward's three; the grads of fn(gate) and of up.
 ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("gelu", gated=False, fn=F.gelu, saved=2, backward_temps=1),  # exact (erf) GELU, GPT-2
     Activation("swiglu", gated=True, fn=F.silu, saved=4, backward_temps=2),  # LLaMA
     Activation("relu2", gated=False, fn=relu_squared, saved=2, backward_temps=3),  # Primer
+    Activation("geglu", gated=True, fn=gelu_tanh, saved=4, backward_temps=2),  # T5 v1.1, Gemma: tanh GELU
 )}
 
 

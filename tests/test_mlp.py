@@ -3,7 +3,9 @@ shared by dense blocks and MoE experts; the Kconfig choice MLP and the registry 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,9 @@ REFERENCE = {
     "gelu": lambda h: 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),
     "relu2": lambda h: torch.clamp(h, min=0) ** 2,
     "swiglu": lambda h: h[..., :h.size(-1) // 2] * torch.sigmoid(h[..., :h.size(-1) // 2]) * h[..., h.size(-1) // 2:],
+    # GEGLU (Shazeer 2020) with the tanh GELU of T5 v1.1 and Gemma: gelu(gate) * up
+    "geglu": lambda h: (0.5 * h[..., :h.size(-1) // 2] * (1 + torch.tanh(math.sqrt(2 / math.pi) * (
+        h[..., :h.size(-1) // 2] + 0.044715 * h[..., :h.size(-1) // 2] ** 3)))) * h[..., h.size(-1) // 2:],
 }
 
 
@@ -125,3 +130,21 @@ def test_memory_prediction_matches_the_measured_peak_for_every_activation(name, 
         torch.set_num_threads(threads)
     predicted = predict_memory(config, 8, 64, dtype).total
     assert abs(predicted - measured) / measured <= 0.05, f"{name}: predicted {predicted:,} B, measured {measured:,} B"
+
+
+def test_geglu_is_swiglu_shaped_with_a_gelu_gate():
+    """CONFIG_MLP_GEGLU: the fragment selects it, and it has SwiGLU's shapes and parameter count."""
+    fragment = (Path(__file__).parent.parent / "defconfigs" / "fragments" / "geglu").read_text().splitlines()
+    assert fragment[0].startswith("# ") and fragment[1:] == ["CONFIG_MLP_GEGLU=y"]
+    config = ModelConfig.from_config(config_of(fragment[1].removeprefix("CONFIG_")), 64)
+    assert config.mlp == "geglu" and activation("geglu").gated
+    torch.manual_seed(0)
+    geglu, swiglu = GPT(config), GPT(dataclasses.replace(config, mlp="swiglu"))
+    assert geglu.num_params() == swiglu.num_params()
+    assert geglu.blocks[0].mlp.c_fc.weight.shape == swiglu.blocks[0].mlp.c_fc.weight.shape
+    x = torch.randint(0, 64, (2, 32))
+    logits, loss = geglu(x, x)
+    assert logits.shape == (2, 32, 64)
+    loss.backward()
+    h = torch.randn(4, 2 * 24)
+    assert not torch.allclose(ACTIVATIONS["geglu"](h), ACTIVATIONS["swiglu"](h))
