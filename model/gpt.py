@@ -5,8 +5,9 @@ embeddings) this is nanoGPT's architecture: pre-norm blocks, init std 0.02
 with residual projections scaled by 1/sqrt(2 * n_layer). The LLaMA options
 (RMSNorm, RoPE, SwiGLU, grouped-query attention) and QK-norm slot into the
 same blocks. Attention kernels, sliding windows and soft-capping live in model/attention.py;
-the MLP and its activations in model/mlp.py; Mixture-of-Experts layers in model/moe.py. Optional extra heads predict tokens t+2..t+n
-(multi-token prediction) and activation checkpointing recomputes chosen blocks in backward.
+the MLP and its activations in model/mlp.py; Mixture-of-Experts layers in model/moe.py.
+Optional extra heads predict tokens t+2..t+n (multi-token prediction) and activation
+checkpointing (ModelConfig.checkpoint_every) recomputes chosen blocks in backward.
 """
 
 from __future__ import annotations
