@@ -195,12 +195,6 @@ class GPT(nn.Module):
         for moe in self.moe_layers:
             moe.reset_parameters(c.init_std, c.init_std / math.sqrt(2 * c.n_layer))
 
-    @property
-    def cfg(self) -> ModelConfig:
-        """Transitional name of ``config`` for train/trainer.py and scripts/bench.py; remove once they
-        read ``model.config``."""
-        return self.config
-
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
         if isinstance(module, nn.Linear):
