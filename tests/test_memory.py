@@ -255,7 +255,8 @@ def test_an_activation_without_memory_factors_is_a_named_error(monkeypatch, moe)
     monkeypatch.setitem(ACTIVATIONS, "tanh", Activation("tanh", gated=False, fn=torch.tanh))
     config = ModelConfig(vocab_size=VOCAB, mlp="tanh", moe=moe)
     GPT(config)  # the model builds and trains without factors; only the prediction needs them
-    with pytest.raises(MissingMemoryFactors, match="CONFIG_MLP='tanh': .* no 'saved' or 'backward_temps' factor.*model/mlp.py") as e:
+    missing = "CONFIG_MLP='tanh': .* no 'saved' or 'backward_temps' factor.*model/mlp.py"
+    with pytest.raises(MissingMemoryFactors, match=missing) as e:
         predict_memory(config, 4, 64, "fp32")
     assert isinstance(e.value, NamedError)
 

@@ -177,7 +177,8 @@ def head_saved(config: ModelConfig, step: Step, rows: int) -> int:
     log-softmax, over the rows one head predicts; the logit soft-cap keeps tanh's output."""
     c, N, a, f = config, step.tokens, step.act_bytes, FP32
     C, V = c.n_embd, c.vocab_size
-    return N * C * f + norm_saved(c, rows, C, f) + rows * C * a + rows * V * f + (rows * V * a if c.final_logit_softcap else 0)
+    capped = rows * V * a if c.final_logit_softcap else 0
+    return N * C * f + norm_saved(c, rows, C, f) + rows * C * a + rows * V * f + capped
 
 
 def checkpointed_blocks(config: ModelConfig, checkpoint_every: int) -> list[int]:
@@ -297,7 +298,8 @@ def step_end(config: ModelConfig, step: Step, counts: ParamCounts, optimizer: st
     c = config
     late = counts.total * FP32 + logits_held(c, step) + 2 * step.tokens * 8  # grads, logits, token ids
     late += newton_schulz_bytes(muon_matrix_shapes(c)) if state_size(optimizer).newton_schulz else 0
-    late += 2 * c.vocab_size * c.n_embd * FP32 if c.tie_embeddings else 0  # wte's embedding grad and its sum with lm_head's
+    if c.tie_embeddings:  # wte's embedding grad and its sum with lm_head's
+        late += 2 * c.vocab_size * c.n_embd * FP32
     return late
 
 
@@ -307,7 +309,8 @@ def apply_sharding(estimate: MemoryEstimate, late: int, counts: ParamCounts, sha
     nothing and its gradient buckets hold a second copy of the grads; "zero1" splits the optimizer
     state, "zero2" also the grads, "zero3" and "fsdp" also the weights, plus one gathered block's
     weights while it runs."""
-    weights, grads, state, activations = estimate.weights, estimate.grads, estimate.optimizer_state, estimate.activations
+    weights, grads, activations = estimate.weights, estimate.grads, estimate.activations
+    state = estimate.optimizer_state
     if shard != "none" and world_size > 1:
         W = world_size
         gathered = max(counts.blocks) * FP32 if shard in ("zero3", "fsdp") else 0  # the running block, unsharded
