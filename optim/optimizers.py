@@ -8,21 +8,63 @@ carries an ``lr_scale`` that set_lr applies on top of the schedule.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from optim.lion import Lion
 from optim.muon import Muon
+from optim.schedule import ScheduleConfig
+
+MUON_IMPLS = ("torch", "compact")  # the values of CONFIG_MUON_IMPL
 
 
-def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The Optimizer and LR schedule menus. Defaults for direct construction (tests); a run builds it
+    with from_config."""
+
+    name: str = "adamw"  # adamw | lion | muon | sgd (CONFIG_OPTIMIZER)
+    lr: float = 6e-4  # AdamW-equivalent peak; the schedule's peak too
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW and Lion
+    adam_eps: float = 1e-8
+    embedding_lr_scale: float = 1.0
+    head_lr_scale: float = 1.0  # an untied output head
+    lion_lr_scale: float = 0.3
+    sgd_lr_scale: float = 50.0
+    sgd_momentum: float = 0.9
+    muon_lr_scale: float = 1.0
+    muon_momentum: float = 0.95
+    muon_impl: str | None = None  # muon: torch | compact (CONFIG_MUON_IMPL); None for the others
+    grad_clip: float = 1.0  # max gradient norm, 0 = off
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self):
+        if self.name not in BUILDERS:
+            raise ValueError(f"unknown optimizer {self.name!r}; expected one of {tuple(BUILDERS)} (CONFIG_OPTIMIZER)")
+        if self.name == "muon" and self.muon_impl not in MUON_IMPLS:
+            raise ValueError(f"Muon needs muon_impl, one of {MUON_IMPLS} (CONFIG_MUON_IMPL), not {self.muon_impl!r}")
+
+    @classmethod
+    def from_config(cls, cfg) -> OptimizerConfig:
+        return cls(name=cfg.OPTIMIZER, lr=cfg.LR, weight_decay=cfg.WEIGHT_DECAY, betas=(cfg.BETA1, cfg.BETA2),
+                   adam_eps=cfg.ADAM_EPS, embedding_lr_scale=cfg.EMBEDDING_LR_SCALE,
+                   head_lr_scale=cfg.HEAD_LR_SCALE, lion_lr_scale=cfg.LION_LR_SCALE,
+                   sgd_lr_scale=cfg.SGD_LR_SCALE, sgd_momentum=cfg.SGD_MOMENTUM, muon_lr_scale=cfg.MUON_LR_SCALE,
+                   muon_momentum=cfg.MUON_MOMENTUM, muon_impl=cfg.MUON_IMPL, grad_clip=cfg.GRAD_CLIP,
+                   schedule=ScheduleConfig.from_config(cfg))
+
+
+def param_groups(model: torch.nn.Module, config: OptimizerConfig) -> list[dict]:
     """Groups by rule: hidden matrices, embeddings, an untied output head (weight decay, LR multipliers);
     vectors (norm gains, biases: no weight decay)."""
     embeddings = {id(p) for name, p in model.named_parameters() if name.startswith(("wte.", "wpe."))}
     head = {id(p) for name, p in model.named_parameters() if name.startswith("lm_head.")} - embeddings
     rules = {
-        "matrices": dict(weight_decay=cfg.WEIGHT_DECAY, lr_scale=1.0),
-        "embeddings": dict(weight_decay=cfg.WEIGHT_DECAY, lr_scale=cfg.EMBEDDING_LR_SCALE),
-        "head": dict(weight_decay=cfg.WEIGHT_DECAY, lr_scale=cfg.HEAD_LR_SCALE),
+        "matrices": dict(weight_decay=config.weight_decay, lr_scale=1.0),
+        "embeddings": dict(weight_decay=config.weight_decay, lr_scale=config.embedding_lr_scale),
+        "head": dict(weight_decay=config.weight_decay, lr_scale=config.head_lr_scale),
         "vectors": dict(weight_decay=0.0, lr_scale=1.0),
     }
     members: dict[str, list] = {name: [] for name in rules}
@@ -35,31 +77,35 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     return [{"name": name, "params": members[name], **rule} for name, rule in rules.items() if members[name]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
-    if cfg.OPT_ADAMW:
-        # The fused kernel exists for CUDA and CPU in current torch.
-        return torch.optim.AdamW(groups, lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2), eps=cfg.ADAM_EPS,
-                                 fused=device.type in ("cuda", "cpu"))
-    if cfg.OPT_LION:
-        for g in groups:
-            g["lr_scale"] *= cfg.LION_LR_SCALE
-        return Lion(groups, lr=cfg.LR * cfg.LION_LR_SCALE, betas=(cfg.BETA1, cfg.BETA2))
-    if cfg.OPT_MUON:
-        return muon_with_adamw(groups, cfg, device)
-    if cfg.OPT_SGD:
-        for g in groups:
-            g["lr_scale"] *= cfg.SGD_LR_SCALE
-        return torch.optim.SGD(groups, lr=cfg.LR * cfg.SGD_LR_SCALE, momentum=cfg.SGD_MOMENTUM,
-                               nesterov=cfg.SGD_MOMENTUM > 0)
-    raise ValueError("no optimizer selected in the Optimizer menu")
+def build_optimizer(model: torch.nn.Module, config: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s parameter groups."""
+    return BUILDERS[config.name](param_groups(model, config), config, device)
 
 
-def muon_with_adamw(groups: list[dict], cfg, device: torch.device) -> "Composite":
+def adamw(groups: list[dict], config: OptimizerConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused kernel exists for CUDA and CPU in current torch.
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps,
+                             fused=device.type in ("cuda", "cpu"))
+
+
+def lion(groups: list[dict], config: OptimizerConfig, device: torch.device) -> Lion:
+    for g in groups:
+        g["lr_scale"] *= config.lion_lr_scale
+    return Lion(groups, lr=config.lr * config.lion_lr_scale, betas=config.betas)
+
+
+def sgd(groups: list[dict], config: OptimizerConfig, device: torch.device) -> torch.optim.SGD:
+    for g in groups:
+        g["lr_scale"] *= config.sgd_lr_scale
+    return torch.optim.SGD(groups, lr=config.lr * config.sgd_lr_scale, momentum=config.sgd_momentum,
+                           nesterov=config.sgd_momentum > 0)
+
+
+def muon_with_adamw(groups: list[dict], config: OptimizerConfig, device: torch.device) -> "Composite":
     """Muon on the hidden matrices; AdamW on embeddings, the head and vectors (as Muon's authors do).
 
     Both Muons scale each matrix's update to AdamW's RMS (adjust_lr_fn="match_rms_adamw"), so Muon
-    runs at the same LR (times MUON_LR_SCALE) as the AdamW part. MUON_IMPL_TORCH picks
+    runs at the same LR (times MUON_LR_SCALE) as the AdamW part. MUON_IMPL "torch" picks
     torch.optim.Muon for the 2-D matrices (the compact optim/muon.py Muon where this torch lacks it);
     stacks of matrices (dim > 2: MoE experts, group "experts") always go to the compact Muon, which
     orthogonalizes each matrix of the stack; torch's takes 2-D only.
@@ -67,25 +113,27 @@ def muon_with_adamw(groups: list[dict], cfg, device: torch.device) -> "Composite
     matrices = [g for g in groups if g["name"] == "matrices"]
     rest = [g for g in groups if g["name"] != "matrices"]
     for g in matrices:
-        g["lr_scale"] *= cfg.MUON_LR_SCALE
+        g["lr_scale"] *= config.muon_lr_scale
     # MoE expert stacks (dim > 2) get their own group "experts": torch's Muon takes 2-D only.
     flat = [dict(g, params=[p for p in g["params"] if p.dim() == 2]) for g in matrices]
     stacks = [dict(g, name="experts", params=[p for p in g["params"] if p.dim() > 2]) for g in matrices]
     flat, stacks = [g for g in flat if g["params"]], [g for g in stacks if g["params"]]
-    settings = dict(lr=cfg.LR * cfg.MUON_LR_SCALE, weight_decay=cfg.WEIGHT_DECAY, momentum=cfg.MUON_MOMENTUM,
-                    nesterov=True, adjust_lr_fn="match_rms_adamw")
+    settings = dict(lr=config.lr * config.muon_lr_scale, weight_decay=config.weight_decay,
+                    momentum=config.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
     compact = dict(settings, ns_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+    torch_muon = config.muon_impl == "torch"
     notes = []
-    if cfg.MUON_IMPL_TORCH and not hasattr(torch.optim, "Muon"):
+    if torch_muon and not hasattr(torch.optim, "Muon"):
         notes.append(f"MUON_IMPL_TORCH: torch {torch.__version__} has no torch.optim.Muon (2.9 or newer); "
                      f"the compact Muon (optim/muon.py) runs instead")
-    if cfg.MUON_IMPL_TORCH and not notes:
+    if torch_muon and not notes:
         muons = ([torch.optim.Muon(flat, **settings)] if flat else []) + ([Muon(stacks, **compact)] if stacks else [])
     else:
         muons = [Muon(flat + stacks, **compact)] if flat + stacks else []
-    adamw = torch.optim.AdamW(rest, lr=cfg.LR, betas=(cfg.BETA1, cfg.BETA2), eps=cfg.ADAM_EPS,
-                              fused=device.type in ("cuda", "cpu"))
-    return Composite(*muons, adamw, notes=notes)
+    return Composite(*muons, adamw(rest, config, device), notes=notes)
+
+
+BUILDERS = {"adamw": adamw, "lion": lion, "muon": muon_with_adamw, "sgd": sgd}  # by CONFIG_OPTIMIZER
 
 
 class Composite:
@@ -120,11 +168,6 @@ class Composite:
 
     def __repr__(self) -> str:
         return " + ".join(type(o).__name__ for o in self.optimizers)
-
-
-def optimizer_name(cfg) -> str:
-    """The selected optimizer, as plan/memory.py names it."""
-    return "lion" if cfg.OPT_LION else "sgd" if cfg.OPT_SGD else "muon" if cfg.OPT_MUON else "adamw"
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -28,37 +28,33 @@ from kconfig.tree import ROOT, Assignment, drift
 
 from kconfig.values import Config
 from model.gpt import GPT, ModelConfig
-from optim.optimizers import build_optimizer, optimizer_name, set_lr
+from optim.optimizers import OptimizerConfig, set_lr
 from optim.schedule import lr_at
 from plan.expand import FRAGMENTS, RunSpec, cell_pairs, expand
-from plan.memory import predict_memory
 from plan.preflight import check_vocab, config_problems, device_problems
 from parallel.launch import check_layout
+from train.build import build_model_and_optimizer
 from train.curriculum import Curriculum
+from train.device import DeviceConfig, target_dtype
+from train.memory import predict_run_memory
 from train.moe_stats import MoEStats
-from train.precision import apply_fp8, fp8_backend, te_shape_problems, te_token_problem
+from train.precision import Fp8Config, te_shape_problems, te_token_problem
 from train.trackers import tracker_problems
 
 CPU_PARAM_BUDGET = 30_000_000  # larger models are checked as a reduced twin
 GIB = 1024 ** 3
 
 
-def target_dtype(cfg: Config) -> str:
-    """The dtype the run will use on its target device (a GPU unless DEVICE_CPU)."""
-    if cfg.DTYPE_FP32 or (cfg.DEVICE_CPU and cfg.DTYPE_AUTO):
-        return "fp32"
-    return "fp16" if cfg.DTYPE_FP16 else "bf16"
-
-
 def step_twice(cfg: Config) -> dict:
     """Build the run's model (or its twin), take two steps; raise with a reason if anything is off."""
     curriculum = Curriculum.from_config(cfg)  # CurriculumError names the symbols
-    mcfg = ModelConfig.from_config(cfg, check_vocab(cfg))
+    device_config, optimizer_config = DeviceConfig.from_config(cfg), OptimizerConfig.from_config(cfg)
+    full_config = ModelConfig.from_config(cfg, check_vocab(cfg))
     with torch.device("meta"):
-        full = GPT(mcfg)
+        full = GPT(full_config)
     params, active, flops = full.num_params(non_embedding=False), full.active_params(), full.flops_per_token()
-    backend, notes = fp8_backend(cfg), []
-    if backend == "te":  # TransformerEngine needs a GPU; its GEMM shape rules are checked on the full model
+    fp8, notes = device_config.fp8, []
+    if fp8.backend == "te":  # TransformerEngine needs a GPU; its GEMM shape rules are checked on the full model
         tokens = [s.micro_batch * s.seq_len for s in curriculum.stages]
         problems = [p for p in map(te_token_problem, tokens) if p]
         if problems:
@@ -66,26 +62,25 @@ def step_twice(cfg: Config) -> dict:
         kept = te_shape_problems(full)  # layers that stay in higher precision: worth knowing, not fatal
         notes.append(f"TE: {len(kept)} linear layer(s) stay out of FP8 (dims not multiples of 16)" if kept
                      else "TE shapes ok (runs on GPU only)")
-    twin = params > CPU_PARAM_BUDGET
+    model_config, twin = full_config, params > CPU_PARAM_BUDGET
     if twin:  # same options, fewer layers, narrower heads, shorter sequences, narrower experts
-        moe = mcfg.moe and dataclasses.replace(mcfg.moe, expert_hidden=32)
-        mcfg = dataclasses.replace(mcfg, n_layer=max(min(mcfg.n_layer, 2), mcfg.moe_first_dense + 1),
-                                   n_embd=16 * mcfg.n_head, block_size=min(mcfg.block_size, 64), moe=moe)
-    torch.manual_seed(cfg.SEED)
-    model = GPT(mcfg)
-    model.checkpoint_every = cfg.ACT_CKPT_EVERY if cfg.ACT_CKPT else 0
-    if backend == "torchao":  # emulated: the same Float8Linear layers and casts, on CPU
-        apply_fp8(model, Config({**cfg, "FP8_EMULATE": True}), torch.device("cpu"))
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+        c = full_config
+        moe = c.moe and dataclasses.replace(c.moe, expert_hidden=32)
+        model_config = dataclasses.replace(c, n_layer=max(min(c.n_layer, 2), c.moe_first_dense + 1),
+                                           n_embd=16 * c.n_head, block_size=min(c.block_size, 64), moe=moe)
+    # torchao's FP8 runs emulated (the same Float8Linear layers and casts, on CPU); TE's not at all.
+    cpu_fp8 = dataclasses.replace(fp8, emulate=True) if fp8.backend == "torchao" else Fp8Config()
+    built = build_model_and_optimizer(model_config, optimizer_config, cpu_fp8, cfg.SEED, torch.device("cpu"))
+    model, optimizer = built.model, built.optimizer
     moe_stats = MoEStats(model.moe_layers, torch.device("cpu"))
-    dtype = target_dtype(cfg)  # bf16 stands in for fp16 on CPU
+    dtype = target_dtype(device_config)  # bf16 stands in for fp16 on CPU
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype != "fp32" else contextlib.nullcontext()
     first, last = curriculum.stages[0], curriculum.stages[-1]  # the shortest and the longest sequences
     losses = []
     for step, stage in enumerate((first, last)):  # the second step runs on optimizer state made by the first
-        set_lr(optimizer, lr_at(step, cfg))
-        batch, seq = min(stage.micro_batch, 4), min(stage.seq_len, mcfg.block_size, 64)
-        x = torch.randint(0, mcfg.vocab_size, (batch, seq))
+        set_lr(optimizer, lr_at(step, optimizer_config.schedule))
+        batch, seq = min(stage.micro_batch, 4), min(stage.seq_len, model_config.block_size, 64)
+        x = torch.randint(0, model_config.vocab_size, (batch, seq))
         with autocast:
             _, loss = model(x, torch.roll(x, -1, dims=1))
         if not torch.isfinite(loss):
@@ -103,20 +98,9 @@ def step_twice(cfg: Config) -> dict:
         losses.append(loss.item())
     world, shard, layout = check_layout(cfg, curriculum.grad_accum_at(0) != cfg.GRAD_ACCUM)
     notes += layout + tracker_problems(cfg)
-    memory = predict_run_memory(cfg, curriculum, world_size=world, shard=shard)
+    memory = predict_run_memory(cfg, curriculum, full_config, dtype, world_size=world, shard=shard)
     return {"params": params, "active_params": active, "flops_per_token": flops, "twin": twin,
             "losses": losses, "memory": memory, "notes": notes}
-
-
-def predict_run_memory(cfg: Config, curriculum: Curriculum, mcfg: ModelConfig | None = None,
-                       dtype: str | None = None, world_size: int = 1, shard: str = "none"):
-    """The run's predicted peak per device, the largest over its curriculum stages' batch shapes; by
-    default for the check's vocabulary bound and the target device's dtype."""
-    mcfg = mcfg or ModelConfig.from_config(cfg, check_vocab(cfg))
-    every = cfg.ACT_CKPT_EVERY if cfg.ACT_CKPT else 0
-    return max((predict_memory(mcfg, batch, seq, dtype or target_dtype(cfg), optimizer_name(cfg),
-                               world_size=world_size, checkpoint_every=every, shard=shard)
-                for batch, seq in curriculum.shapes()), key=lambda m: m.total)
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@ tokens/s of the logging intervals after the first, which holds warmup and
 torch.compile time, and the time to save (atomically, with fsync) and load a
 checkpoint of the full training state. Peak memory: the CUDA allocator's peak on
 a GPU, the process's peak resident set on CPU (which includes Python and torch
-themselves), next to plan/memory.py's prediction for the same step. With
+themselves), next to train/memory.py's prediction for the same step. With
 CONFIG_MOE=y it also times an MoE layer against a dense MLP of equal active
 parameters (scripts/bench_moe.py). BENCH_JSON=path also writes the figures as JSON.
 A measured run that does not finish (NaN/Inf stop, interrupt, time limit) is
@@ -35,10 +35,10 @@ from kconfig.tree import load, parse_overrides, resolve, parse_file  # noqa: E40
 from kconfig.values import values  # noqa: E402
 import torch  # noqa: E402
 
-from plan.check import predict_run_memory  # noqa: E402
 from scripts.bench_moe import describe as describe_moe, moe_vs_dense  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.device import DTYPES  # noqa: E402
+from train.memory import predict_run_memory  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def main() -> int:
                   f"LOG_INTERVAL={interval} EVAL_INTERVAL={steps} EVAL_BATCHES=1 CHECKPOINT_INTERVAL=0 "
                   "SAMPLE_TOKENS=1 PARALLEL_NONE=y TRACK_WANDB=n TRACK_TRACKIO=n TRACK_TENSORBOARD=n "
                   f"WARMUP_ITERS={min(configured.WARMUP_ITERS, steps - 1)}")  # the steps measured fit the schedule
-    if not configured.PARALLEL_NONE:
+    if configured.PARALLEL != "none":
         print("bench runs one process; for the data-parallel throughput run 'make' and read its summary")
     kconf, _ = resolve(parse_file(ROOT / ".config", snapshot=True), parse_overrides(os.environ.get("SET", "")),
                        parse_overrides(bench_sets, "bench"))
@@ -120,19 +120,20 @@ def bench(cfg, data) -> dict:
         "params": summary["params"], "tokens_per_step": trainer.tokens_per_step,
         "tokens_per_s": tps, "tokens_per_s_intervals": speeds, "flops_per_s": flops, "mfu": summary["mfu"],
     })
-    print(f"bench {cfg.PLAN_NAME}: {summary['params']:,} params, vocab {trainer.model.cfg.vocab_size}, "
+    print(f"bench {cfg.PLAN_NAME}: {summary['params']:,} params, vocab {trainer.model.config.vocab_size}, "
           f"{trainer.tokens_per_step:,} tokens/step, "
           f"{summary['device']}, {summary['dtype']}, compile {'on' if cfg.COMPILE else 'off'}")
     print(f"  {tps:,.0f} tokens/s (median of {len(speeds)} intervals of {cfg.LOG_INTERVAL} steps), "
           f"{flops / 1e9:.1f} GFLOP/s" + (f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] else ""))
-    predicted = predict_run_memory(cfg, trainer.curriculum, trainer.model.cfg, summary["dtype"]).total
+    predicted = predict_run_memory(cfg, trainer.curriculum, trainer.model.config, summary["dtype"]).total
     print(f"  peak memory: {peak / 2**20:,.0f} MiB ({peak_kind}); predicted for the training step: "
           f"{predicted / 2**20:,.0f} MiB")
     result.update(peak_memory_bytes=peak, peak_memory_kind=peak_kind, predicted_memory_bytes=predicted)
     if cfg.MOE:
-        mcfg = trainer.model.cfg
+        model_config = trainer.model.config
         dtype = DTYPES[summary["dtype"]] if summary["dtype"] != "fp32" else None
-        moe = moe_vs_dense(mcfg.moe, mcfg.n_embd, mcfg.mlp, cfg.MICRO_BATCH, cfg.BLOCK_SIZE, trainer.device, dtype)
+        moe = moe_vs_dense(model_config.moe, model_config.n_embd, model_config.mlp, cfg.MICRO_BATCH, cfg.BLOCK_SIZE,
+                           trainer.device, dtype)
         print(describe_moe(moe))
         result["moe_vs_dense"] = moe
     if done:

@@ -6,9 +6,7 @@ import math
 
 import pytest
 
-from kconfig.tree import parse_overrides, resolve
-
-from kconfig.values import values
+from conftest import config_of
 from train.curriculum import Curriculum, CurriculumError, Stage, parse_stages
 
 BASE = "MICRO_BATCH=16 BLOCK_SIZE=256 GRAD_ACCUM=4 MAX_ITERS=1000"
@@ -16,9 +14,7 @@ CURRICULUM = 'CURRICULUM=y CURRICULUM_STAGES="64:0 128:0.25 256:0.5"'
 
 
 def cfg(text: str = "", base: str = BASE):
-    kconf, problems = resolve([], parse_overrides("WARMUP_ITERS=1 " + base), parse_overrides(text))
-    assert problems == []
-    return values(kconf)
+    return config_of("WARMUP_ITERS=1 " + base, text)
 
 
 def curriculum(text: str = "", base: str = BASE) -> Curriculum:

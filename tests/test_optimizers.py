@@ -6,17 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kconfig.tree import parse_overrides, resolve
-
-from kconfig.values import values
+from conftest import config_of
 from model.gpt import GPT, ModelConfig
 from optim.lion import Lion
-from optim.optimizers import build_optimizer, describe, param_groups, set_lr
+from optim.optimizers import OptimizerConfig, build_optimizer, describe, param_groups, set_lr
 
 
-def cfg_with(text=""):
-    kconf, _ = resolve(parse_overrides(text))
-    return values(kconf)
+def optimizer(text: str = "") -> OptimizerConfig:
+    return OptimizerConfig.from_config(config_of(text))
 
 
 def lion_reference(p, g, m, lr, beta1, beta2, wd):
@@ -54,15 +51,15 @@ def test_lion_moves_every_element_by_exactly_lr():
 def test_groups_by_rule_cover_every_parameter_once(tied):
     model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
                             tie_embeddings=tied))
-    cfg = cfg_with('EMBEDDING_LR_SCALE="5" HEAD_LR_SCALE="2" WEIGHT_DECAY="0.1"')
-    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    config = optimizer('EMBEDDING_LR_SCALE="5" HEAD_LR_SCALE="2" WEIGHT_DECAY="0.1"')
+    groups = {g["name"]: g for g in param_groups(model, config)}
     assert set(groups) == ({"matrices", "embeddings", "vectors"} | (set() if tied else {"head"}))
     ids = [id(p) for g in groups.values() for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert groups["vectors"]["weight_decay"] == 0 and groups["matrices"]["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in groups["vectors"]["params"])
     assert any(p is model.wte.weight for p in groups["embeddings"]["params"])
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=1.0)
+    opt = torch.optim.AdamW(param_groups(model, config), lr=1.0)
     set_lr(opt, 1e-3)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["embeddings"] == pytest.approx(5e-3) and lrs["matrices"] == pytest.approx(1e-3)
@@ -73,10 +70,27 @@ def test_groups_by_rule_cover_every_parameter_once(tied):
                                                   ("OPT_SGD", torch.optim.SGD, 50.0)])
 def test_each_optimizer_is_built_at_its_scale(choice, kind, scale):
     model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    opt = build_optimizer(model, cfg_with(f"{choice}=y LR=1e-3"), torch.device("cpu"))
+    opt = build_optimizer(model, optimizer(f"{choice}=y LR=1e-3"), torch.device("cpu"))
     assert isinstance(opt, kind)
     set_lr(opt, 1e-3)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * scale] * len(opt.param_groups))
+
+
+def test_the_config_reads_the_choice_and_builds_without_kconfig():
+    config = optimizer('OPT_MUON=y LR=2e-3 MUON_LR_SCALE="0.5" GRAD_CLIP="0"')
+    assert (config.name, config.muon_impl, config.lr, config.muon_lr_scale, config.grad_clip) == \
+        ("muon", "torch", 2e-3, 0.5, 0.0)
+    assert config.schedule.lr == 2e-3 and config.schedule.shape == "cosine"
+    assert optimizer("OPT_LION=y").muon_impl is None
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    direct = OptimizerConfig(name="lion", lr=1e-3, betas=(0.9, 0.99))
+    opt = build_optimizer(model, direct, torch.device("cpu"))
+    assert isinstance(opt, Lion) and opt.defaults["lr"] == pytest.approx(3e-4)  # LION_LR_SCALE's default 0.3
+    assert opt.defaults["betas"] == (0.9, 0.99)
+    with pytest.raises(ValueError, match=r"unknown optimizer 'adam'.*CONFIG_OPTIMIZER"):
+        OptimizerConfig(name="adam")
+    with pytest.raises(ValueError, match=r"Muon needs muon_impl.*CONFIG_MUON_IMPL"):
+        OptimizerConfig(name="muon")
 
 
 @pytest.mark.parametrize("choice", ["OPT_LION", "OPT_SGD"])
@@ -91,7 +105,7 @@ def test_every_optimizer_trains(tmp_path, choice):
 def test_muon_updates_are_nearly_orthogonal_and_adamw_takes_the_rest():
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
-    opt = build_optimizer(model, cfg_with('OPT_MUON=y WEIGHT_DECAY="0"'), torch.device("cpu"))
+    opt = build_optimizer(model, optimizer('OPT_MUON=y WEIGHT_DECAY="0"'), torch.device("cpu"))
     assert repr(opt) == "Muon + AdamW"
     muon, adamw = opt.optimizers
     assert all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
@@ -123,14 +137,15 @@ def test_muon_trains(tmp_path):
 
 
 def test_memory_prediction_counts_each_optimizers_state():
-    from plan.memory import measure_peak_memory, predict_memory
+    from train.memory import predict_memory
+    from train.memory_measure import measure_peak_memory
 
     torch.manual_seed(0)
     mcfg = ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=128)
     states = {}
     for choice, name in (("OPT_ADAMW", "adamw"), ("OPT_LION", "lion"), ("OPT_MUON", "muon")):
         model = GPT(mcfg)
-        opt = build_optimizer(model, cfg_with(f"{choice}=y"), torch.device("cpu"))
+        opt = build_optimizer(model, optimizer(f"{choice}=y"), torch.device("cpu"))
         batch = lambda: (torch.randint(0, 256, (4, 64)), torch.randint(0, 256, (4, 64)))  # noqa: E731
         measured = measure_peak_memory(model, opt, batch)
         predicted = predict_memory(mcfg, 4, 64, "fp32", name)
@@ -165,7 +180,7 @@ def muon_groups(opt):
 def test_muon_sends_expert_stacks_to_the_compact_muon_and_names_each_implementation():
     torch.manual_seed(0)
     model = TinyMoE()
-    opt = build_optimizer(model, cfg_with("OPT_MUON=y"), torch.device("cpu"))
+    opt = build_optimizer(model, optimizer("OPT_MUON=y"), torch.device("cpu"))
     assert muon_groups(opt) == [("torch.Muon", "matrices", [(32, 32), (4, 32)]),
                                 ("optim.Muon", "experts", [(4, 32, 64), (4, 64, 32)]),
                                 ("torch.AdamW", "embeddings", [(64, 32)]),
@@ -189,7 +204,7 @@ def test_muon_sends_expert_stacks_to_the_compact_muon_and_names_each_implementat
 
 
 def test_compact_muon_takes_every_hidden_matrix():
-    opt = build_optimizer(TinyMoE(), cfg_with("OPT_MUON=y MUON_IMPL_COMPACT=y"), torch.device("cpu"))
+    opt = build_optimizer(TinyMoE(), optimizer("OPT_MUON=y MUON_IMPL_COMPACT=y"), torch.device("cpu"))
     assert [(m, name) for m, name, _ in muon_groups(opt)] == [
         ("optim.Muon", "matrices"), ("optim.Muon", "experts"),
         ("torch.AdamW", "embeddings"), ("torch.AdamW", "vectors")]
@@ -199,6 +214,6 @@ def test_compact_muon_takes_every_hidden_matrix():
 def test_torch_without_muon_falls_back_to_the_compact_one_and_says_so(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon", raising=False)
     model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    opt = build_optimizer(model, cfg_with("OPT_MUON=y"), torch.device("cpu"))
+    opt = build_optimizer(model, optimizer("OPT_MUON=y"), torch.device("cpu"))
     assert muon_groups(opt)[0][:2] == ("optim.Muon", "matrices")
     assert f"note: MUON_IMPL_TORCH: torch {torch.__version__} has no torch.optim.Muon" in describe(opt)

@@ -3,6 +3,7 @@ trains, device and package errors, TransformerEngine wiring (through a stand-in 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import types
@@ -12,15 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import config_of
 from kconfig.errors import ConfigError
-
-from kconfig.tree import parse_overrides, resolve
-
-from kconfig.values import values
 from model.gpt import GPT, ModelConfig
 from train import precision
-from train.precision import (apply_fp8, fp8_autocast, fp8_backend, fp8_eligible, require_fp8_device,
-                             te_shape_problems, te_token_problem, torchao_recipe)
+from train.precision import (Fp8Config, apply_fp8, fp8_autocast, fp8_eligible, require_fp8_device,
+                             te_shape_problems, te_token_problem)
 
 Float8Linear = pytest.importorskip("torchao.float8.float8_linear").Float8Linear
 CPU = torch.device("cpu")
@@ -36,14 +34,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def fake_cfg(backend: str | None = "torchao", recipe: str = "tensorwise", emulate: bool = True,
-             te_current: bool = False) -> types.SimpleNamespace:
-    return types.SimpleNamespace(
-        FP8_NONE=backend is None, FP8_TORCHAO=backend == "torchao", FP8_TE=backend == "te",
-        FP8_RECIPE_TENSORWISE=backend == "torchao" and recipe == "tensorwise",
-        FP8_RECIPE_ROWWISE=backend == "torchao" and recipe == "rowwise",
-        FP8_EMULATE=backend == "torchao" and emulate,
-        TE_RECIPE_DELAYED=backend == "te" and not te_current, TE_RECIPE_CURRENT=backend == "te" and te_current)
+def fp8(text: str = "") -> Fp8Config:
+    """The FP8 settings of a configuration (SET syntax), through the real Kconfig."""
+    return Fp8Config.from_config(config_of(text))
+
+
+NONE = fp8()
+TORCHAO = fp8("DEVICE_CPU=y FP8_TORCHAO=y")  # emulated: FP8_EMULATE defaults to y on a CPU config
+TE = fp8("DEVICE_CUDA=y FP8_TE=y")
 
 
 def small_gpt(n_embd: int = 64, seed: int = 0, **kw) -> GPT:
@@ -55,23 +53,25 @@ def small_gpt(n_embd: int = 64, seed: int = 0, **kw) -> GPT:
 # --------------------------------------------------------------------------- configuration
 
 
-def test_backend_and_recipe_follow_the_symbols():
-    assert fp8_backend(fake_cfg(None)) is None
-    assert fp8_backend(fake_cfg("torchao")) == "torchao"
-    assert fp8_backend(fake_cfg("te")) == "te"
-    assert torchao_recipe(fake_cfg("torchao", "tensorwise")) == "tensorwise"
-    assert torchao_recipe(fake_cfg("torchao", "rowwise")) == "rowwise"
-    assert apply_fp8(small_gpt(), fake_cfg(None), CPU) == {"backend": None, "converted": [], "kept": [], "fused": []}
+def test_backend_and_recipes_follow_the_choices():
+    assert NONE == Fp8Config(backend="none", recipe=None, emulate=False, te_recipe=None) == Fp8Config()
+    assert TORCHAO == Fp8Config(backend="torchao", recipe="tensorwise", emulate=True)
+    assert fp8("DEVICE_CPU=y FP8_TORCHAO=y FP8_RECIPE_ROWWISE=y").recipe == "rowwise"
+    assert TE == Fp8Config(backend="te", te_recipe="delayed")
+    assert fp8("DEVICE_CUDA=y FP8_TE=y TE_RECIPE_CURRENT=y").te_recipe == "current"
+    assert not fp8("DEVICE_CUDA=y FP8_TORCHAO=y").emulate, "FP8_EMULATE defaults to n off CPU"
+    assert [c.needs_fp8_gpu for c in (NONE, TORCHAO, fp8("FP8_TORCHAO=y FP8_EMULATE=n"), TE)] == \
+        [False, False, True, True]
+    assert apply_fp8(small_gpt(), NONE, CPU) == {"backend": None, "converted": [], "kept": [], "fused": []}
 
 
-def test_kconfig_defaults_and_cpu_emulation():
-    cfg = values(resolve([])[0])
-    assert fp8_backend(cfg) is None and cfg.FP8_NONE and not cfg.FP8_EMULATE
-    cfg = values(resolve([], parse_overrides("DEVICE_CPU=y FP8_TORCHAO=y FP8_RECIPE_ROWWISE=y"))[0])
-    assert fp8_backend(cfg) == "torchao" and torchao_recipe(cfg) == "rowwise"
-    assert cfg.FP8_EMULATE, "FP8_EMULATE defaults to y on a CPU config"
-    cfg = values(resolve([], parse_overrides("DEVICE_CUDA=y FP8_TE=y TE_RECIPE_CURRENT=y"))[0])
-    assert fp8_backend(cfg) == "te" and cfg.TE_RECIPE_CURRENT and not cfg.FP8_EMULATE
+def test_the_config_refuses_what_kconfig_would():
+    with pytest.raises(ValueError, match=r"unknown FP8 backend 'fp8'.*CONFIG_FP8"):
+        Fp8Config(backend="fp8")
+    with pytest.raises(ValueError, match=r"torchao FP8 needs a recipe.*CONFIG_FP8_RECIPE"):
+        Fp8Config(backend="torchao")
+    with pytest.raises(ValueError, match=r"TransformerEngine FP8 needs a recipe.*CONFIG_TE_RECIPE"):
+        Fp8Config(backend="te", te_recipe="later")
 
 
 @pytest.mark.parametrize("overrides, symbol, dependency", [
@@ -83,7 +83,7 @@ def test_kconfig_defaults_and_cpu_emulation():
 ])
 def test_kconfig_rejects_fp8_where_it_cannot_run(overrides, symbol, dependency):
     with pytest.raises(ConfigError) as e:
-        resolve([], parse_overrides(overrides))
+        config_of(overrides)
     [problem] = e.value.problems
     assert f"CONFIG_{symbol}=y: did not take: unmet dependency" in problem and dependency in problem
 
@@ -104,7 +104,7 @@ def test_eligible_means_linear_with_dims_multiple_of_16_and_not_the_head():
 def test_torchao_converts_exactly_the_eligible_linears_and_keeps_parameters():
     model = small_gpt()
     params = {id(p) for p in model.parameters()}
-    report = apply_fp8(model, fake_cfg("torchao"), CPU)
+    report = apply_fp8(model, TORCHAO, CPU)
     expected = [f"blocks.{i}.{name}" for i in range(2) for name in BLOCK_LINEARS]
     assert report["backend"] == "torchao" and report["converted"] == expected
     assert report["kept"] == ["lm_head: output head: logits stay in the compute dtype"]
@@ -116,7 +116,7 @@ def test_torchao_converts_exactly_the_eligible_linears_and_keeps_parameters():
 
 def test_odd_shaped_layers_stay_in_nn_linear():
     model = small_gpt(mlp_ratio=2.125)  # MLP hidden 136: c_fc (64 -> 136) and c_proj (136 -> 64) are odd
-    report = apply_fp8(model, fake_cfg("torchao"), CPU)
+    report = apply_fp8(model, TORCHAO, CPU)
     assert report["converted"] == [f"blocks.{i}.attn.{n}" for i in range(2) for n in ("c_attn", "c_proj")]
     assert report["kept"] == ["blocks.0.mlp.c_fc: out_features=136 not a multiple of 16",
                               "blocks.0.mlp.c_proj: in_features=136 not a multiple of 16",
@@ -125,7 +125,7 @@ def test_odd_shaped_layers_stay_in_nn_linear():
                               "lm_head: output head: logits stay in the compute dtype"]
     assert type(model.blocks[0].mlp.c_fc) is nn.Linear and isinstance(model.blocks[0].attn.c_attn, Float8Linear)
     narrow = small_gpt(n_embd=40)  # every block Linear has a 40-wide side
-    assert apply_fp8(narrow, fake_cfg("torchao"), CPU)["converted"] == []
+    assert apply_fp8(narrow, TORCHAO, CPU)["converted"] == []
 
 
 # --------------------------------------------------------------------------- numerics
@@ -136,7 +136,7 @@ def test_converted_layer_is_close_to_fp32_but_quantized(recipe):
     torch.manual_seed(0)
     linear = nn.Linear(64, 256)
     fp8 = nn.Sequential(copy.deepcopy(linear))
-    apply_fp8(fp8, fake_cfg("torchao", recipe), CPU)
+    apply_fp8(fp8, Fp8Config("torchao", recipe, emulate=True), CPU)
     x = torch.randn(8, 32, 64, requires_grad=True)
 
     def rel(a, b):
@@ -175,7 +175,7 @@ def fp32_losses():
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_emulated_fp8_training_learns_like_fp32(recipe, fp32_losses):
     model = small_gpt()
-    apply_fp8(model, fake_cfg("torchao", recipe), CPU)
+    apply_fp8(model, fp8(f"DEVICE_CPU=y FP8_TORCHAO=y FP8_RECIPE_{recipe.upper()}=y"), CPU)
     losses = train_losses(model)
     # Measured: 4.872 -> 0.080 (tensorwise), 4.871 -> 0.079 (rowwise); fp32 4.871 -> 0.081.
     assert losses[0] == pytest.approx(fp32_losses[0], abs=0.01)
@@ -185,7 +185,7 @@ def test_emulated_fp8_training_learns_like_fp32(recipe, fp32_losses):
 
 def test_emulated_fp8_runs_under_cpu_bf16_autocast():
     model = small_gpt()
-    apply_fp8(model, fake_cfg("torchao"), CPU)
+    apply_fp8(model, TORCHAO, CPU)
     x = torch.randint(0, 128, (2, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, loss = model(x, x)
@@ -198,7 +198,7 @@ def test_emulated_fp8_runs_under_cpu_bf16_autocast():
 def test_torch_compile_of_emulated_fp8_matches_eager():
     """~10 s with a warm inductor cache, ~60 s cold on 2 busy cores."""
     model = small_gpt(n_embd=32, n_layer=1, vocab_size=64, block_size=16)
-    apply_fp8(model, fake_cfg("torchao"), CPU)
+    apply_fp8(model, TORCHAO, CPU)
     x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
     eager = model(x, y)[1].item()
     _, loss = torch.compile(model)(x, y)
@@ -212,7 +212,7 @@ def test_torch_compile_of_emulated_fp8_matches_eager():
 
 def test_fp8_on_cpu_without_emulation_names_capability_and_the_fix():
     with pytest.raises(RuntimeError, match=r"compute capability 8\.9.*FP8_EMULATE"):
-        apply_fp8(small_gpt(), fake_cfg("torchao", emulate=False), CPU)
+        apply_fp8(small_gpt(), fp8("DEVICE_CPU=y FP8_TORCHAO=y FP8_EMULATE=n"), CPU)
     with pytest.raises(RuntimeError, match=r"CONFIG_FP8_TE=y needs .*8\.9.*FP8_NONE"):
         require_fp8_device(CPU, "te")
 
@@ -233,18 +233,28 @@ def test_missing_packages_name_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_engine", None)
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
     with pytest.raises(RuntimeError, match=r"pip install transformer-engine\[pytorch\]"):
-        apply_fp8(small_gpt(), fake_cfg("te"), CPU)
+        apply_fp8(small_gpt(), TE, CPU)
     with pytest.raises(RuntimeError, match=r"pip install transformer-engine\[pytorch\]"):
-        fp8_autocast(fake_cfg("te"))
+        fp8_autocast(TE)
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     with pytest.raises(RuntimeError, match="`pip install torchao`"):
-        apply_fp8(small_gpt(), fake_cfg("torchao"), CPU)
+        apply_fp8(small_gpt(), TORCHAO, CPU)
 
 
-def test_autocast_is_a_no_op_without_te():
-    for cfg in (fake_cfg(None), fake_cfg("torchao")):
-        with fp8_autocast(cfg):
-            pass
+def test_autocast_is_a_no_op_without_te(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # importing TE would raise: it must not be
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
+    model = small_gpt()
+    x = torch.randint(0, 128, (2, 32))
+    outside = model(x, x)[1]
+    for config in (NONE, TORCHAO):
+        context = fp8_autocast(config)
+        assert isinstance(context, contextlib.nullcontext), config.backend
+        with context:
+            inside = model(x, x)[1]
+        assert torch.equal(inside, outside), "the forward is unchanged inside the context"
+    with pytest.raises(RuntimeError, match="pip install transformer-engine"):
+        fp8_autocast(TE)  # the same blocked import, reached only for te
 
 
 def test_te_shape_problems_without_te_installed():
@@ -326,7 +336,7 @@ def stand_in_te(monkeypatch):
 def test_te_swap_fuses_pre_norms_and_keeps_the_function(stand_in_te, kw):
     model = small_gpt(**kw)
     reference = copy.deepcopy(model)
-    report = apply_fp8(model, fake_cfg("te"), CPU)
+    report = apply_fp8(model, TE, CPU)
     assert report["converted"] == [f"blocks.{i}.{name}" for i in range(2) for name in BLOCK_LINEARS]
     assert report["fused"] == ["blocks.0.ln_1", "blocks.0.ln_2", "blocks.1.ln_1", "blocks.1.ln_2"]
     block = model.blocks[0]
@@ -342,13 +352,13 @@ def test_te_swap_fuses_pre_norms_and_keeps_the_function(stand_in_te, kw):
 
 def test_te_odd_linear_is_neither_swapped_nor_fused(stand_in_te):
     model = small_gpt(mlp_ratio=2.125)
-    report = apply_fp8(model, fake_cfg("te"), CPU)
+    report = apply_fp8(model, TE, CPU)
     assert report["fused"] == ["blocks.0.ln_1", "blocks.1.ln_1"]
     assert type(model.blocks[0].ln_2) is nn.LayerNorm and type(model.blocks[0].mlp.c_fc) is nn.Linear
 
 
 @pytest.mark.parametrize("current, name", [(False, "DelayedScaling"), (True, "Float8CurrentScaling")])
 def test_te_autocast_uses_the_configured_recipe_with_hybrid_format(stand_in_te, current, name):
-    with fp8_autocast(fake_cfg("te", te_current=current)):
+    with fp8_autocast(fp8("DEVICE_CUDA=y FP8_TE=y" + (" TE_RECIPE_CURRENT=y" if current else ""))):
         pass
     assert stand_in_te == [(True, (name, "HYBRID"))]

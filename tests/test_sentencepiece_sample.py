@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 
+from conftest import config_of
 from data.prepare import prepare
 from data.sentencepiece_tokenizer import MAX_SENTENCE, sample_lines
-from kconfig.tree import parse_overrides, resolve
-from kconfig.values import values
 
 
 def test_long_lines_are_cut_not_dropped():
@@ -26,9 +25,8 @@ def test_one_line_documents_train_a_tokenizer(tmp_path):
     words = ["alpha", "beta", "gamma", "delta", "kappa", "omega", "sigma", "theta"]
     docs = [" ".join(rng.choice(words, 50)) + "." for _ in range(2000)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    kconf, _ = resolve(parse_overrides('DATA_PATH=docs.jsonl DATA_CACHE_DIR=cache TOKENIZER_SENTENCEPIECE=y '
-                                       'SENTENCEPIECE_VOCAB_SIZE=300'))
-    data = prepare(values(kconf), tmp_path, log=lambda m: None)
+    cfg = config_of("DATA_PATH=docs.jsonl DATA_CACHE_DIR=cache TOKENIZER_SENTENCEPIECE=y SENTENCEPIECE_VOCAB_SIZE=300")
+    data = prepare(cfg, tmp_path, log=lambda m: None)
     tok = data.tokenizer
     assert 280 <= tok.vocab_size <= 300
     assert tok.decode(tok.encode(docs[0])) == docs[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import sqlite3
 import struct
 import sys
@@ -13,8 +14,8 @@ import sys
 import pytest
 import torch
 
+from conftest import config_of
 from data.progress import Progress
-from kconfig.values import Config
 from train import trackers as trackers_mod
 from train.progress import TrainProgress
 from train.system_metrics import sample_system
@@ -26,13 +27,6 @@ RECORDS = [
     {"step": 20, "train_loss": 2.0, "lr": 1e-3, "grad_norm": float("nan")},
     {"step": 20, "val_loss": 2.25, "val_losses": {"val": 2.25, "code": 3.0}},
 ]
-
-
-def cfg_with(**symbols) -> Config:
-    base = {"PLAN_NAME": "myplan", "SEED": 1337, "TRACK_WANDB": False, "TRACK_TRACKIO": False,
-            "TRACK_TENSORBOARD": False, "WANDB_MODE_OFFLINE": True, "WANDB_MODE_ONLINE": False,
-            "WANDB_PROJECT": "", "WANDB_ENTITY": "", "PROGRESS_BAR": True}
-    return Config({**base, **symbols})
 
 
 def log_all(t: Trackers) -> None:
@@ -88,8 +82,8 @@ def test_wandb_offline_and_tensorboard_write_metrics_and_config_but_never_the_ke
     run_dir = tmp_path / "runs" / "myplan" / "run-a"
     run_dir.mkdir(parents=True)
     messages = []
-    t = Trackers.from_config(cfg_with(TRACK_WANDB=True, TRACK_TENSORBOARD=True), run_dir, "myplan", "run-a",
-                             log=messages.append)
+    t = Trackers.from_config(config_of(PLAN_NAME="myplan", SEED=1337, TRACK_WANDB=True, TRACK_TENSORBOARD=True),
+                             run_dir, "myplan", "run-a", log=messages.append)
     assert t.names == ["wandb", "tensorboard"], messages
     log_all(t)
     t.finish({"status": "done", "steps": 20, "final_val_loss": 2.25, "sample": "text"})
@@ -137,7 +131,8 @@ def test_trackio_logs_to_its_project_database(monkeypatch, tmp_path):
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # trackio reads it when first imported
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    t = Trackers.from_config(cfg_with(TRACK_TRACKIO=True), run_dir, "myplan", "run-a", log=lambda m: None)
+    t = Trackers.from_config(config_of(PLAN_NAME="myplan", TRACK_TRACKIO=True), run_dir, "myplan", "run-a",
+                             log=lambda m: None)
     assert t.names == ["trackio"]
     log_all(t)
     t.finish({"status": "done"})
@@ -155,7 +150,7 @@ def test_trackio_logs_to_its_project_database(monkeypatch, tmp_path):
 def test_missing_packages_are_reported_with_pip_command_and_skipped(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     monkeypatch.setitem(sys.modules, "tensorboard", None)
-    cfg = cfg_with(TRACK_WANDB=True, TRACK_TENSORBOARD=True)
+    cfg = config_of(TRACK_WANDB=True, TRACK_TENSORBOARD=True)
     problems = tracker_problems(cfg)
     assert len(problems) == 2
     assert "CONFIG_TRACK_WANDB=y" in problems[0] and "-m pip install wandb" in problems[0]
@@ -166,15 +161,16 @@ def test_missing_packages_are_reported_with_pip_command_and_skipped(monkeypatch,
     log_all(t)
     t.finish({"status": "done"})
     assert not (tmp_path / "trackers.json").exists()
-    assert tracker_problems(cfg_with()) == []
+    assert tracker_problems(config_of()) == []
 
 
 def test_online_wandb_without_a_key_is_a_problem(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from 'wandb login'
     monkeypatch.setattr(trackers_mod, "_installed", lambda module: True)
-    cfg = cfg_with(TRACK_WANDB=True, WANDB_MODE_ONLINE=True, WANDB_MODE_OFFLINE=False)
+    cfg = config_of(TRACK_WANDB=True, WANDB_MODE_ONLINE=True)
     assert any("WANDB_API_KEY" in p for p in tracker_problems(cfg))
+    assert not any("WANDB_API_KEY" in p for p in tracker_problems(config_of(TRACK_WANDB=True))), "offline"
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     assert tracker_problems(cfg) == []
 
@@ -188,7 +184,7 @@ def test_a_tracker_that_fails_to_start_is_skipped(monkeypatch, tmp_path):
     monkeypatch.setattr(trackers_mod, "_installed", lambda module: True)
     monkeypatch.setattr(trackers_mod, "WandbTracker", Down)
     messages = []
-    t = Trackers.from_config(cfg_with(TRACK_WANDB=True), tmp_path, "myplan", "run-a", log=messages.append)
+    t = Trackers.from_config(config_of(TRACK_WANDB=True), tmp_path, "myplan", "run-a", log=messages.append)
     assert t.names == [] and "could not start (ConnectionError" in messages[0]
     assert FAKE_KEY not in messages[0] and "***" in messages[0]  # scrubbed
 
@@ -242,20 +238,24 @@ def test_train_progress_draws_a_bar_only_on_a_terminal():
     assert not p.enabled and plain.getvalue() == ""
 
     tty, lines = FakeTTY(), []
-    p = TrainProgress(total=100, initial=20, stream=tty)
+    p = TrainProgress(total=100, stream=tty)
     log = p.wrap_log(lines.append)
+    log("before the first step")  # no bar yet: nothing to clear
+    assert p.enabled and tty.getvalue() == ""
+    p.update(20)  # a resumed run: the bar starts at its first step
     p.update(50, loss=2.123456, lr=1e-3)
     log("step 50 | loss 2.1235")
     p.close()
     out = tty.getvalue()
-    assert p.enabled is False and lines == ["step 50 | loss 2.1235"]  # closed
+    assert p.enabled is False and lines == ["before the first step", "step 50 | loss 2.1235"]  # closed
     assert "train:" in out and "50/100" in out and "loss=2.123" in out
+    assert re.findall(r"(\d+)/100", out)[0] == "20", "the bar starts at step 20, not 0"
 
     off = FakeTTY()
-    p = TrainProgress.from_config(cfg_with(PROGRESS_BAR=False), total=100, stream=off)
+    p = TrainProgress.from_config(config_of(PROGRESS_BAR=False), total=100, stream=off)
     p.update(10)
     assert not p.enabled and off.getvalue() == ""
-    assert TrainProgress.from_config(cfg_with(), total=100, stream=FakeTTY()).enabled
+    assert TrainProgress.from_config(config_of(), total=100, stream=FakeTTY()).enabled
 
 
 def test_data_progress_bar_on_a_terminal_plain_lines_otherwise():

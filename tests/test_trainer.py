@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
+from conftest import config_of
 from data.prepare import prepare
-from kconfig.tree import parse_overrides, resolve
-from kconfig.values import values
 from train import checkpoint
+from train.build import padded_vocab
 from train.sample import sample_from
-from train.trainer import Trainer, padded_vocab, write_summary
+from train.trainer import Trainer, write_summary
 
 SETTINGS = ("DATA_PATH=corpus.txt DATA_CACHE_DIR=cache MODEL_SIZE_CUSTOM=y N_LAYER=2 N_HEAD=2 N_EMBD=64 "
             "BLOCK_SIZE=32 MICRO_BATCH=16 MAX_ITERS=60 WARMUP_ITERS=5 LR=3e-3 MIN_LR=3e-4 EVAL_INTERVAL=30 "
@@ -28,8 +28,7 @@ def make_corpus(path):
 def run(tmp_path, extra=""):
     tmp_path.mkdir(parents=True, exist_ok=True)
     make_corpus(tmp_path / "corpus.txt")
-    kconf, _ = resolve([], parse_overrides(SETTINGS), parse_overrides(extra, "extra"))
-    cfg = values(kconf)
+    cfg = config_of(SETTINGS, extra)
     data = prepare(cfg, tmp_path, log=lambda m: None)
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
@@ -94,8 +93,7 @@ def test_padded_vocab():
 
 def trainer_for(tmp_path, extra):
     make_corpus(tmp_path / "corpus.txt")
-    kconf, _ = resolve([], parse_overrides(SETTINGS), parse_overrides(extra, "extra"))
-    cfg = values(kconf)
+    cfg = config_of(SETTINGS, extra)
     (tmp_path / "run").mkdir(exist_ok=True)
     return Trainer(cfg, prepare(cfg, tmp_path, log=lambda m: None), tmp_path / "run", log=lambda m: None)
 

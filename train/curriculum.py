@@ -3,9 +3,9 @@
 Two independent features, both off by default:
 
 - Sequence-length stages (CONFIG_CURRICULUM): stage i uses sequences of ``seq_len`` tokens from
-  optimizer step floor(START_FRACTION x MAX_ITERS) on. With CURRICULUM_KEEP_TOKENS its micro-batch
-  is MICRO_BATCH x BLOCK_SIZE / seq_len sequences (same tokens per step); with CURRICULUM_KEEP_BATCH
-  it is MICRO_BATCH (fewer tokens per step in short stages).
+  optimizer step floor(START_FRACTION x MAX_ITERS) on. With CURRICULUM_KEEP "tokens" its micro-batch
+  is MICRO_BATCH x BLOCK_SIZE / seq_len sequences (same tokens per step); with "batch" it is
+  MICRO_BATCH (fewer tokens per step in short stages).
 - Batch-size warmup (CONFIG_BATCH_WARMUP_FRACTION): over the first W = floor(FRACTION x MAX_ITERS)
   steps the number of micro-batches per step climbs in equal stairs,
   a0 + (GRAD_ACCUM - a0) * step // W with a0 = ceil(BATCH_WARMUP_START x GRAD_ACCUM), reaching
@@ -25,7 +25,7 @@ from fractions import Fraction
 
 from kconfig.errors import NamedError
 
-_LR_POWERS = (("CURRICULUM_LR_SQRT", 0.5), ("CURRICULUM_LR_LINEAR", 1.0))
+LR_POWERS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # p by the value of CONFIG_CURRICULUM_LR
 
 
 class CurriculumError(NamedError, ValueError):
@@ -116,9 +116,9 @@ class Curriculum:
     def from_config(cls, cfg) -> Curriculum:
         """Build from resolved symbols (CONFIG_ prefix dropped); raises CurriculumError with a fix."""
         mb, block, accum, iters = cfg.MICRO_BATCH, cfg.BLOCK_SIZE, cfg.GRAD_ACCUM, cfg.MAX_ITERS
-        if getattr(cfg, "CURRICULUM", False):
-            pairs = parse_stages(cfg.CURRICULUM_STAGES or "", block)
-            keep_tokens = bool(getattr(cfg, "CURRICULUM_KEEP_TOKENS", False))
+        if cfg.CURRICULUM:
+            pairs = parse_stages(cfg.CURRICULUM_STAGES, block)
+            keep_tokens = cfg.CURRICULUM_KEEP == "tokens"
         else:
             pairs, keep_tokens = [(block, 0.0)], False
         planned = []
@@ -138,7 +138,7 @@ class Curriculum:
                    if after is None or s.start_step < after.start_step]
         skipped = tuple(s for s in planned if s not in running)
 
-        fraction = getattr(cfg, "BATCH_WARMUP_FRACTION", 0.0) or 0.0
+        fraction = cfg.BATCH_WARMUP_FRACTION
         warmup_steps, start = 0, accum
         if fraction > 0:
             if accum < 2:
@@ -146,12 +146,10 @@ class Curriculum:
                     f"CONFIG_BATCH_WARMUP_FRACTION={fraction:g} ramps the micro-batches per step, but "
                     f"CONFIG_GRAD_ACCUM={accum} leaves nothing to ramp; raise GRAD_ACCUM to at least 2 "
                     f"(lowering MICRO_BATCH to keep tokens per step) or set BATCH_WARMUP_FRACTION=0")
-            start_fraction = getattr(cfg, "BATCH_WARMUP_START", 1.0)
-            start = min(accum, max(1, math.ceil(Fraction(repr(start_fraction)) * accum)))
+            start = min(accum, max(1, math.ceil(Fraction(repr(cfg.BATCH_WARMUP_START)) * accum)))
             warmup_steps = _floor_times(fraction, iters)
-        power = next((p for name, p in _LR_POWERS if getattr(cfg, name, False)), 0.0)
         return cls(running, micro_batch=mb, block_size=block, grad_accum=accum, warmup_steps=warmup_steps,
-                   warmup_start=start, lr_power=power, skipped=skipped)
+                   warmup_start=start, lr_power=LR_POWERS[cfg.CURRICULUM_LR], skipped=skipped)
 
     def stage_at(self, step: int) -> Stage:
         """The stage optimizer step ``step`` (0-based) belongs to; steps past the end stay in the last."""

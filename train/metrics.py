@@ -39,20 +39,33 @@ def mfu(flops_per_token: int, tokens_per_s: float, device_name: str) -> float | 
 
 
 class MetricsLog:
-    """Appends one JSON object per line; flushed per line so a crash loses nothing logged.
-    With path None (ranks other than 0) it writes nothing."""
+    """Appends one JSON object per line, opening the file at the first; flushed per line so a crash
+    loses nothing logged. With path None (ranks other than 0) it writes nothing."""
 
     def __init__(self, path: Path | None):
-        self.file = open(path, "a", encoding="utf-8") if path is not None else None
+        self.path = None if path is None else Path(path)
+        self.file = None
 
     def write(self, **record) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(_finite(record)) + "\n")
-            self.file.flush()
+        if self.path is None:
+            return
+        if self.file is None:
+            self.file = open(self.path, "a", encoding="utf-8")
+        self.file.write(json.dumps(_finite(record)) + "\n")
+        self.file.flush()
+
+    def resume_at(self, step: int, warn=print) -> None:
+        """A run resumes after ``step`` (its checkpoint): drop what the interrupted attempt logged
+        after it, and a torn last line (keep_until)."""
+        if self.path is None or not self.path.exists():
+            return
+        self.close()  # keep_until replaces the file; records go on to the new one
+        keep_until(self.path, step, warn=warn)
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.file = None
 
 
 class MetricsError(NamedError):

@@ -12,7 +12,7 @@ and MoE routers always stay as they are.
   exactly as on the GPU but multiplies in higher precision, so it runs on a CPU.
 - TransformerEngine: eligible layers become ``te.Linear``; a pre-norm followed by its first Linear
   (Block.ln_1 -> attn.c_attn, Block.ln_2 -> mlp.c_fc) becomes one ``te.LayerNormLinear`` and the
-  norm an ``nn.Identity``. FP8 is active only inside ``fp8_autocast(cfg)`` around the forward.
+  norm an ``nn.Identity``. FP8 is active only inside ``fp8_autocast(config)`` around the forward.
   New parameters are created, so convert before building the optimizer.
 """
 
@@ -34,19 +34,38 @@ KEEP = {  # Linears kept in higher precision whatever their shape, by the last p
 TORCHAO_PIP = "pip install torchao"
 TE_PIP = "pip install transformer-engine[pytorch]"
 PRE_NORMS = (("ln_1", "attn.c_attn"), ("ln_2", "mlp.c_fc"))  # norm -> the Linear it alone feeds
+BACKENDS = ("none", "torchao", "te")  # the values of CONFIG_FP8
+TORCHAO_RECIPES = ("tensorwise", "rowwise")  # CONFIG_FP8_RECIPE
+TE_RECIPES = ("delayed", "current")  # CONFIG_TE_RECIPE
 
 
-def fp8_backend(cfg) -> str | None:
-    """ "torchao", "te" or None, from CONFIG_FP8_TORCHAO / CONFIG_FP8_TE / CONFIG_FP8_NONE."""
-    if cfg.FP8_TORCHAO:
-        return "torchao"
-    if cfg.FP8_TE:
-        return "te"
-    return None
+@dataclasses.dataclass(frozen=True)
+class Fp8Config:
+    """The FP8 choice and its backend's options (train/Kconfig.precision)."""
 
+    backend: str = "none"  # none | torchao | te (CONFIG_FP8)
+    recipe: str | None = None  # torchao: tensorwise | rowwise (CONFIG_FP8_RECIPE); None for the others
+    emulate: bool = False  # torchao: quantize as on the GPU, multiply in higher precision (CONFIG_FP8_EMULATE)
+    te_recipe: str | None = None  # te: delayed | current (CONFIG_TE_RECIPE); None for the others
 
-def torchao_recipe(cfg) -> str:
-    return "rowwise" if cfg.FP8_RECIPE_ROWWISE else "tensorwise"
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown FP8 backend {self.backend!r}; expected one of {BACKENDS} (CONFIG_FP8)")
+        if self.backend == "torchao" and self.recipe not in TORCHAO_RECIPES:
+            raise ValueError(f"torchao FP8 needs a recipe, one of {TORCHAO_RECIPES} (CONFIG_FP8_RECIPE), "
+                             f"not {self.recipe!r}")
+        if self.backend == "te" and self.te_recipe not in TE_RECIPES:
+            raise ValueError(f"TransformerEngine FP8 needs a recipe, one of {TE_RECIPES} (CONFIG_TE_RECIPE), "
+                             f"not {self.te_recipe!r}")
+
+    @classmethod
+    def from_config(cls, cfg) -> Fp8Config:
+        return cls(backend=cfg.FP8, recipe=cfg.FP8_RECIPE, emulate=cfg.FP8_EMULATE, te_recipe=cfg.TE_RECIPE)
+
+    @property
+    def needs_fp8_gpu(self) -> bool:
+        """Whether training needs a GPU with FP8 tensor cores (not for emulated torchao)."""
+        return self.backend == "te" or (self.backend == "torchao" and not self.emulate)
 
 
 def _kept_reason(fqn: str, module: nn.Module) -> str | None:
@@ -139,24 +158,24 @@ def _import_te():
     return te
 
 
-def apply_fp8(model: nn.Module, cfg, device: torch.device) -> dict:
+def apply_fp8(model: nn.Module, config: Fp8Config, device: torch.device) -> dict:
     """Convert `model` in place for the configured backend.
 
     Returns {"backend", "converted": [fqn], "kept": ["fqn: reason"], "fused": [norm fqns folded into a
     te.LayerNormLinear]}. Call on the model already on `device`, before torch.compile and before the
     optimizer is built.
     """
-    backend = fp8_backend(cfg)
-    if backend is None:
+    backend = config.backend
+    if backend == "none":
         return {"backend": None, "converted": [], "kept": [], "fused": []}
     converted, kept = _plan(model)
     if backend == "torchao":
         Float8LinearConfig, convert_to_float8_training, Float8Linear = _import_torchao_float8()
-        if not cfg.FP8_EMULATE:
+        if not config.emulate:
             require_fp8_device(device, "torchao")
-        config = dataclasses.replace(Float8LinearConfig.from_recipe_name(torchao_recipe(cfg)),
-                                     emulate=bool(cfg.FP8_EMULATE))
-        convert_to_float8_training(model, config=config,
+        torchao_config = dataclasses.replace(Float8LinearConfig.from_recipe_name(config.recipe),
+                                             emulate=config.emulate)
+        convert_to_float8_training(model, config=torchao_config,
                                    module_filter_fn=lambda module, fqn: fp8_eligible(fqn, module))
         swapped = [fqn for fqn, m in model.named_modules() if isinstance(m, Float8Linear)]
         fused = []
@@ -238,15 +257,15 @@ def _te_recipe(current: bool):
     return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID)
 
 
-def fp8_autocast(cfg) -> contextlib.AbstractContextManager:
-    """The context for the forward pass: TE's FP8 autocast for FP8_TE, else a no-op.
+def fp8_autocast(config: Fp8Config) -> contextlib.AbstractContextManager:
+    """The context for the forward pass: TE's FP8 autocast for the te backend, else a no-op.
 
     Wrap the forward only (loss included is fine); call backward outside it.
     """
-    if fp8_backend(cfg) != "te":
+    if config.backend != "te":
         return contextlib.nullcontext()
     te = _import_te()
-    recipe = _te_recipe(bool(cfg.TE_RECIPE_CURRENT))
+    recipe = _te_recipe(config.te_recipe == "current")
     if hasattr(te, "autocast"):  # TE 2.x; fp8_autocast is its deprecated alias
         return te.autocast(enabled=True, recipe=recipe)
     return te.fp8_autocast(enabled=True, fp8_recipe=recipe)

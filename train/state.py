@@ -40,11 +40,23 @@ def model_symbols() -> set[str]:
     """Symbols of the Model menu: a checkpoint's weights only fit a config that agrees on all of them."""
     from kconfig.tree import new_kconfig
 
-    model = {s.name for s in new_kconfig().unique_defined_syms if s.nodes[0].filename.startswith(MODEL_KCONFIG)}
-    return model | {"FP8_TE"}  # TransformerEngine's fused layers store the weights under other names
+    return {s.name for s in new_kconfig().unique_defined_syms if s.nodes[0].filename.startswith(MODEL_KCONFIG)}
+
+
+def te_layers(saved: dict) -> bool:
+    """Whether a run's weights live in TransformerEngine layers (CONFIG_FP8 "te"), whose parameter names
+    differ from the plain model's; torchao's FP8 keeps the names. ``saved``: a checkpoint's config, which
+    before choices carried their value (the kconfig package) held only the option symbol FP8_TE."""
+    return saved["FP8"] == "te" if "FP8" in saved else saved["FP8_TE"]
 
 
 def incompatibilities(saved: dict, current: dict) -> list[str]:
-    """Model symbols whose value differs between a checkpoint's config and this one."""
-    return [f"CONFIG_{name}: checkpoint {saved.get(name)!r}, configuration {current.get(name)!r}"
-            for name in sorted(model_symbols()) if saved.get(name) != current.get(name)]
+    """What differs between a checkpoint's config and this one such that its weights cannot load: a
+    Model menu symbol, or FP8 into or out of TransformerEngine's layers."""
+    problems = [f"CONFIG_{name}: checkpoint {saved.get(name)!r}, configuration {current[name]!r}"
+                for name in sorted(model_symbols()) if saved.get(name) != current[name]]
+    if te_layers(saved) != te_layers(current):
+        side = "checkpoint" if te_layers(saved) else "configuration"
+        problems.append(f"CONFIG_FP8: only the {side} uses TransformerEngine's layers (FP8 \"te\"), which "
+                        f"store the weights under other names")
+    return problems

@@ -67,13 +67,13 @@ def _missing_message(spec: TrackerSpec) -> str:
 
 
 def selected(cfg) -> list[TrackerSpec]:
-    return [spec for spec in SPECS if cfg.get(spec.symbol)]
+    return [spec for spec in SPECS if cfg[spec.symbol]]
 
 
 def tracker_problems(cfg) -> list[str]:
     """For make check and startup: each selected tracker that cannot work, with what to do."""
     problems = [_missing_message(spec) for spec in selected(cfg) if not _installed(spec.module)]
-    if cfg.get("TRACK_WANDB") and cfg.get("WANDB_MODE_ONLINE") and not _wandb_key_available():
+    if cfg.TRACK_WANDB and cfg.WANDB_MODE == "online" and not _wandb_key_available():
         problems.append("CONFIG_WANDB_MODE_ONLINE=y but no W&B API key is available: export WANDB_API_KEY "
                         "in the environment (never in a defconfig) or run 'wandb login', or choose "
                         "CONFIG_WANDB_MODE_OFFLINE=y and upload later with 'wandb sync'")
@@ -139,11 +139,10 @@ class WandbTracker:
     def __init__(self, cfg, run_dir: Path, plan_name: str, run_name: str, resume_id: str | None):
         import wandb
 
-        mode = "online" if cfg.get("WANDB_MODE_ONLINE") else "offline"
         self.run = wandb.init(
-            project=cfg.get("WANDB_PROJECT") or cfg.get("PLAN_NAME") or plan_name,
-            entity=cfg.get("WANDB_ENTITY") or None, name=run_name, group=plan_name, config=public_config(cfg),
-            dir=str(run_dir), mode=mode,
+            project=cfg.WANDB_PROJECT or cfg.PLAN_NAME or plan_name,
+            entity=cfg.WANDB_ENTITY or None, name=run_name, group=plan_name, config=public_config(cfg),
+            dir=str(run_dir), mode=cfg.WANDB_MODE,  # online | offline
             id=resume_id, resume="allow" if resume_id else None,
             # stdout stays ours (train.log has it); no code upload
             settings=wandb.Settings(console="off", save_code=False))
@@ -164,7 +163,7 @@ class TrackioTracker:
     def __init__(self, cfg, run_dir: Path, plan_name: str, run_name: str, resume: bool):
         import trackio
 
-        wanted = dict(project=cfg.get("PLAN_NAME") or plan_name, name=run_name, group=plan_name,
+        wanted = dict(project=cfg.PLAN_NAME or plan_name, name=run_name, group=plan_name,
                       config=public_config(cfg),
                       resume="allow" if resume else "never", embed=False,
                       auto_log_gpu=False, auto_log_cpu=False)  # system metrics come with our records

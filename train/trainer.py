@@ -3,85 +3,63 @@
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data.mix import PreparedMix, as_mix
 from data.prepare import PreparedData
 from data.tokenizer import check_vocab_fits
-from model.gpt import GPT, ModelConfig
-from optim.optimizers import build_optimizer, describe, set_lr
+from model.gpt import ModelConfig
+from optim.optimizers import OptimizerConfig, describe, set_lr
 from optim.schedule import lr_at
 from parallel import runtime
-from parallel.launch import deepspeed_batch_check
+from parallel.launch import check_layout, deepspeed_batch_check
 from train import checkpoint
+from train.build import build_model_and_optimizer, padded_vocab
 from train.checkpoint import CheckpointError
 from train.curriculum import Curriculum
+from train.device import (DeviceConfig, autocast, compile_model, device_name, resolve_device, resolve_dtype,
+                          setup_backend)
 from train.health import NonFiniteGuard
+from train.loop_config import LoopConfig
+from train.memory import predict_run_memory
+from train.metrics import MetricsLog, Throughput, mfu
+from train.moe_stats import MoEStats
+from train.precision import fp8_autocast
+from train.progress import TrainProgress
+from train.sample import generate_text
 from train.signals import StopRequest
 from train.state import capture_rng, incompatibilities, restore_rng
-from train.device import autocast, device_name, resolve_device, resolve_dtype, setup_backend
-from train.metrics import MetricsLog, Throughput, keep_until, mfu
-from train.moe_stats import MoEStats
-from train.precision import apply_fp8, fp8_autocast
-from train.progress import TrainProgress
 from train.system_metrics import sample_system
 from train.trackers import Trackers
-from train.sample import generate_text
 
-
-def padded_vocab(n: int, multiple: int = 64) -> int:
-    return multiple * math.ceil(n / multiple)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(cfg, vocab_size: int, device: torch.device) -> GPT:
-    model = GPT(ModelConfig.from_config(cfg, padded_vocab(vocab_size))).to(device)
-    model.checkpoint_every = cfg.ACT_CKPT_EVERY if cfg.ACT_CKPT else 0
-    return model
-
-
-COMPILE_MODES = {"COMPILE_MODE_REDUCE_OVERHEAD": "reduce-overhead", "COMPILE_MODE_MAX_AUTOTUNE": "max-autotune"}
-
-
-def compile_model(model: GPT, cfg, shapes: int):
-    """torch.compile with static shapes: one graph per batch shape (a curriculum stage) and mode,
-    never a recompile per step. Eval and train mode count separately, hence the headroom."""
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * shapes + 2)
-    mode = next((mode for symbol, mode in COMPILE_MODES.items() if cfg.get(symbol)), "default")
-    return torch.compile(model, mode=mode, dynamic=False)
+__all__ = ["Trainer", "padded_vocab", "write_summary"]
 
 
 class Trainer:
     def __init__(self, cfg, data: PreparedData | PreparedMix, run_dir: Path, log=print, dist=None):
         self.cfg, self.data, self.run_dir = cfg, as_mix(data), Path(run_dir)
         data = self.data
+        self.loop, self.optim = LoopConfig.from_config(cfg), OptimizerConfig.from_config(cfg)
+        self.device_config = DeviceConfig.from_config(cfg)
         self.dist = dist or runtime.init(cfg)  # the process group under torchrun; nothing for one process
-        self.log = log if self.dist.main else (lambda message: None)
-        self.device = resolve_device(cfg, self.dist.local_rank)
-        setup_backend(cfg, self.device, self.dist.local_world_size)
-        self.dtype = resolve_dtype(cfg, self.device)
+        main = self.dist.main  # rank 0 alone logs, shows progress and writes metrics and trackers
+        self.progress = TrainProgress.from_config(cfg, self.loop.max_iters) if main else TrainProgress(0, enabled=False)
+        self.log = self.progress.wrap_log(log if main else (lambda message: None))
+        self.device = resolve_device(self.device_config, self.dist.local_rank)
+        setup_backend(self.device_config, self.device, self.dist.local_world_size)
+        self.dtype = resolve_dtype(self.device_config, self.device)
         self.device_name = device_name(self.device)
-        seed_everything(cfg.SEED)  # every rank: the same initial weights
         self.tokenizer = data.tokenizer
-        self.model = build_model(cfg, self.tokenizer.vocab_size, self.device)
-        self.fp8 = apply_fp8(self.model, cfg, self.device)  # before the optimizer and compile see the layers
+        built = build_model_and_optimizer(
+            ModelConfig.from_config(cfg, padded_vocab(self.tokenizer.vocab_size)), self.optim,
+            self.device_config.fp8, self.loop.seed, self.device,
+            wrap=lambda model: runtime.wrap(model, self.dist, self.device))  # DDP, or FSDP2 shards in place
+        self.model, self.module, self.optimizer, self.fp8 = built.model, built.module, built.optimizer, built.fp8
         self.flops_per_token = self.model.flops_per_token()  # counted once, used at every log line
-        self.module = runtime.wrap(self.model, self.dist, self.device)  # DDP, or FSDP2 shards in place
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.optimizer_description = describe(self.optimizer)  # before DeepSpeed flattens the groups
         self.ds = None
         if self.dist.engine == "deepspeed":
@@ -89,23 +67,28 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
         self.curriculum = Curriculum.from_config(cfg)
         if self.ds is not None:
-            deepspeed_batch_check(self.curriculum.grad_accum_at(0) != cfg.GRAD_ACCUM)
-        self.forward = compile_model(self.module, cfg, len(self.curriculum.shapes())) if cfg.COMPILE else self.module
+            deepspeed_batch_check(self.curriculum.grad_accum_at(0) != self.loop.grad_accum)
+        mode = self.device_config.compile_mode
+        self.forward = compile_model(self.module, mode, len(self.curriculum.shapes())) if mode else self.module
         self.moe_stats = MoEStats(self.model.moe_layers, self.device)
         # Each sequence's source is drawn by weight; with one source these are plain Batches' draws. Every
         # rank draws the same global batch and trains on its own slice (parallel/runtime.py).
-        self.batches = data.train_batches("train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device,
-                                          cfg.SEED).shard(self.dist.rank, self.dist.world_size)
+        loop, rank, world = self.loop, self.dist.rank, self.dist.world_size
+        self.batches = data.train_batches("train", loop.micro_batch, loop.block_size, self.device,
+                                          loop.seed).shard(rank, world)
         # Evaluation reuses the same batches every time (fixed seed), so curves compare across steps and runs.
-        rank, world = self.dist.rank, self.dist.world_size
-        self.eval_train = data.train_batches("train", cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device,
-                                             cfg.SEED + 1).shard(rank, world)
+        self.eval_train = data.train_batches("train", loop.micro_batch, loop.block_size, self.device,
+                                             loop.seed + 1).shard(rank, world)
         self.val_sets = {name: batches.shard(rank, world) for name, batches in
-                         data.val_batches(cfg.MICRO_BATCH, cfg.BLOCK_SIZE, self.device, cfg.SEED + 1).items()}
+                         data.val_batches(loop.micro_batch, loop.block_size, self.device, loop.seed + 1).items()}
         # Global tokens per optimizer step at full size (after any warmup), all ranks together.
-        self.tokens_per_step = cfg.MICRO_BATCH * cfg.GRAD_ACCUM * cfg.BLOCK_SIZE * self.dist.world_size
+        self.tokens_per_step = loop.micro_batch * loop.grad_accum * loop.block_size * world
         self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
-        self.guard = NonFiniteGuard(cfg.MAX_BAD_STEPS or 1)
+        self.guard = NonFiniteGuard(loop.max_bad_steps or 1)  # without SKIP_NONFINITE it only counts
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if main else None)
+        # The plan directory groups the runs in the trackers.
+        self.trackers = (Trackers.from_config(cfg, self.run_dir, self.run_dir.parent.name, self.run_dir.name,
+                                              log=self.log) if main else Trackers([], self.log))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -119,15 +102,15 @@ class Trainer:
     def _mean_loss(self, batches) -> float:
         batches.reset()
         total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.EVAL_BATCHES):
+        for _ in range(self.loop.eval_batches):
             x, y = batches.next()
-            with autocast(self.device, self.dtype), fp8_autocast(self.cfg):
+            with autocast(self.device, self.dtype), fp8_autocast(self.device_config.fp8):
                 _, loss = self.forward(x, y)
             total += loss.float()
-        return runtime.mean(self.dist, total / self.cfg.EVAL_BATCHES).item()  # ranks' equal slices: the global mean
+        return runtime.mean(self.dist, total / self.loop.eval_batches).item()  # ranks' equal slices: the global mean
 
     def lr_at(self, step: int) -> float:
-        return lr_at(step, self.cfg) * self.curriculum.lr_scale_at(step)
+        return lr_at(step, self.optim.schedule) * self.curriculum.lr_scale_at(step)
 
     def tokens_before(self, step: int) -> int:
         """Tokens trained on, all ranks together, before (0-based) step ``step``."""
@@ -144,7 +127,6 @@ class Trainer:
         With SKIP_NONFINITE the update is skipped (and counted) when the loss or gradient norm is
         NaN/Inf; that check is the one host sync per step this option costs.
         """
-        cfg = self.cfg
         self.updating = False  # True while the optimizer changes weights: a failure then leaves no good state
         self.step_start = self.step_streams()
         set_lr(self.optimizer, self.lr_at(step))
@@ -155,7 +137,7 @@ class Trainer:
             x, y = self.batches.next(stage.micro_batch, stage.seq_len)
             # DDP/FSDP2 communicate gradients on the step's last micro-batch only.
             with runtime.gradient_sync(self.module, self.dist, sync=i == accum - 1):
-                with autocast(self.device, self.dtype), fp8_autocast(cfg):
+                with autocast(self.device, self.dtype), fp8_autocast(self.device_config.fp8):
                     _, loss = self.forward(x, y)
                 if self.moe_stats:
                     self.moe_stats.collect()
@@ -174,13 +156,13 @@ class Trainer:
         if self.ds is not None:
             norm = self.ds.get_global_grad_norm()
             grad_norm = torch.tensor(float("nan") if norm is None else float(norm))
-            update = not cfg.SKIP_NONFINITE or self.guard.check(loss_sum.item(), grad_norm.item())  # counts only
+            update = not self.loop.skip_nonfinite or self.guard.check(loss_sum.item(), grad_norm.item())  # counts only
         else:
             self.scaler.unscale_(self.optimizer)
-            max_norm = cfg.GRAD_CLIP if cfg.GRAD_CLIP > 0 else float("inf")
+            max_norm = self.optim.grad_clip if self.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
-            update = not cfg.SKIP_NONFINITE or self.guard.check(loss_sum.item(), grad_norm.item())
+            update = not self.loop.skip_nonfinite or self.guard.check(loss_sum.item(), grad_norm.item())
             if update:
                 self.updating = True
                 self.scaler.step(self.optimizer)
@@ -227,7 +209,7 @@ class Trainer:
             "engine": self.dist.engine,
             "world_size": self.dist.world_size,
             "scaler": self.scaler.state_dict(),
-            "model_config": asdict(self.model.cfg),
+            "model_config": asdict(self.model.config),
             "tokenizer": self.tokenizer.spec,
             "config": dict(self.cfg),
             "val_loss": val_loss,
@@ -250,12 +232,12 @@ class Trainer:
             if self.dist.main:
                 checkpoint.complete_sharded(tmp, final, state)
                 if step is not None:
-                    checkpoint.prune(self.run_dir, self.cfg.CHECKPOINT_KEEP)
+                    checkpoint.prune(self.run_dir, self.loop.checkpoint_keep)
         elif self.dist.main:
             if step is None:
                 checkpoint.save_best(self.run_dir, state)
             else:
-                checkpoint.save_step(self.run_dir, step, state, self.cfg.CHECKPOINT_KEEP)
+                checkpoint.save_step(self.run_dir, step, state, self.loop.checkpoint_keep)
         runtime.barrier(self.dist)
 
     def resume(self) -> None:
@@ -288,9 +270,7 @@ class Trainer:
         self.start_step, self.elapsed_before = state["step"], state["wall_time_s"]
         self.best_val, self.best_step = state["best_val_loss"], state["best_val_step"]
         self.guard.skipped = state["skipped_steps"]
-        metrics = self.run_dir / "metrics.jsonl"  # drop what the interrupted attempt logged after the checkpoint
-        if metrics.exists() and self.dist.main:
-            keep_until(metrics, self.start_step, warn=self.log)
+        self.metrics.resume_at(self.start_step, warn=self.log)
         stage = (f", curriculum stage {self.curriculum.stage_at(self.start_step).index}"
                  if self.curriculum.active else "")
         self.log(f"resumed from step {self.start_step} ({self.tokens_before(self.start_step):,} tokens"
@@ -298,47 +278,38 @@ class Trainer:
 
     def run(self) -> dict:
         """Train from start_step to MAX_ITERS (or MAX_TIME, a stop signal, persistent NaN/Inf)."""
-        log = self.log
-        try:
-            result = self._run()
-        finally:
-            self.log = log  # without the progress bar's wrapper
+        result = self._run()
         self.trackers.finish(result)
         return result
 
     def _run(self) -> dict:
-        cfg = self.cfg
+        loop = self.loop
         active = self.model.active_params()
         self.log(f"model: {self.model.num_params(non_embedding=False):,} parameters "
                  f"({self.model.num_params():,} non-embedding"
                  + (f", {active:,} active per token" if active != self.model.num_params() else "") + "), "
-                 f"vocab {self.tokenizer.vocab_size} padded to {self.model.cfg.vocab_size}")
+                 f"vocab {self.tokenizer.vocab_size} padded to {self.model.config.vocab_size}")
         self.log(self.optimizer_description)
         if self.fp8["backend"]:
             self.log(f"fp8 ({self.fp8['backend']}): {len(self.fp8['converted'])} linear layers converted, "
                      f"kept in {self.dtype}: " + (", ".join(self.fp8["kept"]) or "none"))
         if self.curriculum.active:
             self.log(self.curriculum.describe())
-        every = self.model.checkpoint_every
+        every = self.model.config.checkpoint_every
         ckpt = f"every {every} block(s)" if every else "off"
-        self.log(f"device: {self.device_name}, dtype {self.dtype}, compile {'on' if cfg.COMPILE else 'off'}, "
+        mode = self.device_config.compile_mode
+        self.log(f"device: {self.device_name}, dtype {self.dtype}, compile {f'on ({mode})' if mode else 'off'}, "
                  f"activation checkpointing {ckpt}, "
                  f"{self.tokens_per_step:,} tokens/step")
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.dist.main else MetricsLog(None)
-        # Trackers and the progress bar belong to rank 0; the plan directory groups the runs.
-        self.trackers = (Trackers.from_config(cfg, self.run_dir, self.run_dir.parent.name, self.run_dir.name,
-                                              log=self.log) if self.dist.main else Trackers([], self.log))
-        self.progress = TrainProgress.from_config(cfg, cfg.MAX_ITERS, self.start_step) if self.dist.main \
-            else TrainProgress(0, enabled=False)
-        self.log = self.progress.wrap_log(self.log)
         self.speed = Throughput()
         self.start = time.time() - self.elapsed_before
         attempt_start = time.time()  # MAX_TIME is per attempt: 'make continue' gets the same time again
         self.last_save = self.clock()
         step, last_eval, stop_reason, oom = self.start_step, {}, None, None
+        self.progress.update(step)  # the bar starts at the step this attempt starts from
         with StopRequest() as stop:
             try:
-                while step < cfg.MAX_ITERS:
+                while step < loop.max_iters:
                     try:
                         loss, grad_norm = self.train_step(step)
                     except torch.OutOfMemoryError as e:
@@ -347,25 +318,25 @@ class Trainer:
                     self.speed.step(self.tokens_at(step))
                     step += 1
                     self.progress.update(step)
-                    out_of_time = bool(cfg.MAX_TIME and time.time() - attempt_start >= cfg.MAX_TIME)
-                    save_due = bool(cfg.CHECKPOINT_MINUTES and
-                                    self.clock() - self.last_save >= 60 * cfg.CHECKPOINT_MINUTES)
+                    out_of_time = bool(loop.max_time and time.time() - attempt_start >= loop.max_time)
+                    save_due = bool(loop.checkpoint_minutes and
+                                    self.clock() - self.last_save >= 60 * loop.checkpoint_minutes)
                     # Ranks stop (and checkpoint) together: a signal or the clock may reach one first.
                     out_of_time, stopping, save_due = runtime.any_rank(self.dist, out_of_time, stop.requested,
                                                                        save_due)
-                    finished = step == cfg.MAX_ITERS
+                    finished = step == loop.max_iters
                     time_up = out_of_time and not finished
                     if stopping:
                         stop_reason = f"interrupted by {stop.name or 'a signal to another rank'}"
                     elif self.guard.should_stop:
                         stop_reason = "nonfinite"
                     ending = finished or time_up or stop_reason is not None
-                    if step % cfg.LOG_INTERVAL == 0 or ending:
+                    if step % loop.log_interval == 0 or ending:
                         self.log_step(step, loss, grad_norm)
                     with self.speed.pause():
-                        if (step % cfg.EVAL_INTERVAL == 0 or finished or time_up) and stop_reason is None:
+                        if (step % loop.eval_interval == 0 or finished or time_up) and stop_reason is None:
                             last_eval = self.evaluate_and_track(step)
-                        on_interval = cfg.CHECKPOINT_INTERVAL and step % cfg.CHECKPOINT_INTERVAL == 0
+                        on_interval = loop.checkpoint_interval and step % loop.checkpoint_interval == 0
                         if (on_interval or save_due) and not ending:
                             self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start)
                     if ending:
@@ -380,7 +351,7 @@ class Trainer:
             self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start)
         if stop_reason == "nonfinite":
             message = (f"stopped at step {step}: loss or gradient was NaN/Inf for {self.guard.in_a_row} steps in a "
-                       f"row (CONFIG_MAX_BAD_STEPS={cfg.MAX_BAD_STEPS}); the last good weights are in the "
+                       f"row (CONFIG_MAX_BAD_STEPS={loop.max_bad_steps}); the last good weights are in the "
                        f"checkpoint. Lower LR, raise WARMUP_ITERS or set GRAD_CLIP ('make continue SET=...'); if the "
                        f"loss was climbing before the stop, those weights have diverged too: start a new run instead")
             self.log(message)
@@ -389,11 +360,11 @@ class Trainer:
             self.log(f"{stop_reason} at step {step}: checkpoint written; 'make continue' resumes the run")
             return {"status": "interrupted", "error": stop_reason, "steps": step}
         summary = self.summary(step, last_eval)
-        if step < cfg.MAX_ITERS:
+        if step < loop.max_iters:
             lr = self.lr_at(step - 1)
-            warm = " (still in warmup)" if step <= cfg.WARMUP_ITERS else ""
-            message = (f"stopped by the time limit CONFIG_MAX_TIME={cfg.MAX_TIME}s at step {step} of "
-                       f"{cfg.MAX_ITERS}, lr {lr:.3g}{warm}; checkpoint written, 'make continue' trains the rest")
+            warm = " (still in warmup)" if step <= self.optim.schedule.warmup_iters else ""
+            message = (f"stopped by the time limit CONFIG_MAX_TIME={loop.max_time}s at step {step} of "
+                       f"{loop.max_iters}, lr {lr:.3g}{warm}; checkpoint written, 'make continue' trains the rest")
             self.log(message)
             summary.update(status="time_limit", error=message)
         return summary
@@ -420,12 +391,21 @@ class Trainer:
             except (CheckpointError, torch.OutOfMemoryError) as e:
                 saved = f"writing its checkpoint failed too ({e}), so " + saved
         message = (f"out of memory in step {step + 1} on {self.device_name}: {str(error).splitlines()[0]} "
-                   f"{saved}. To fit: lower CONFIG_MICRO_BATCH={self.cfg.MICRO_BATCH} and raise "
-                   f"CONFIG_GRAD_ACCUM={self.cfg.GRAD_ACCUM} to keep the batch, or set CONFIG_ACT_CKPT=y; "
-                   f"'make check' predicts {memory_prediction(self.cfg)} per device for this config. Then "
+                   f"{saved}. To fit: lower CONFIG_MICRO_BATCH={self.loop.micro_batch} and raise "
+                   f"CONFIG_GRAD_ACCUM={self.loop.grad_accum} to keep the batch, or set CONFIG_ACT_CKPT=y; "
+                   f"'make check' predicts {self.memory_prediction()} per device for this config. Then "
                    f"'make continue SET=\"MICRO_BATCH=...\"' resumes from the checkpoint")
         self.log(message)
         return {"status": "failed", "error": message, "steps": step, "out_of_memory": True}
+
+    def memory_prediction(self) -> str:
+        """This run's predicted peak memory per device, in words: 'make check''s predictor and layout."""
+        try:
+            world, shard, _ = check_layout(self.cfg, self.curriculum.grad_accum_at(0) != self.loop.grad_accum)
+            memory = predict_run_memory(self.cfg, self.curriculum, self.model.config, self.dtype, world, shard)
+            return f"{memory.total / 2**30:.1f} GiB"
+        except Exception as e:  # advice must not hide the error it advises on
+            return f"(no prediction: {type(e).__name__}: {e})"
 
     def log_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         loss_value, norm_value = loss.item(), grad_norm.item()  # the host sync of this interval
@@ -447,7 +427,7 @@ class Trainer:
         self.trackers.log(record, step)
         shown = {"mtp_loss": "mtp", "moe_aux_loss": "aux", "moe_z_loss": "z", "moe_load_max": "load max",
                  "moe_dropped_frac": "dropped", "seq_len": "seq"}
-        self.log(f"step {step:>6}/{self.cfg.MAX_ITERS} | loss {loss_value:.4f} | lr {lr:.2e} "
+        self.log(f"step {step:>6}/{self.loop.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} "
                  f"| grad norm {norm_value:.3f} | {tps:,.0f} tok/s"
                  + (f" | MFU {100 * utilization:.1f}%" if utilization is not None else "")
                  + "".join(f" | {label} {extra[name]:.4g}" for name, label in shown.items() if name in extra)
@@ -470,9 +450,7 @@ class Trainer:
         return result
 
     def summary(self, step: int, last_eval: dict) -> dict:
-        cfg = self.cfg
-        sample = generate_text(self.model, self.tokenizer, cfg.SAMPLE_PROMPT, cfg.SAMPLE_TOKENS,
-                               cfg.SAMPLE_TEMPERATURE, cfg.SAMPLE_TOP_K, self.device, cfg.SEED)
+        sample = generate_text(self.model, self.tokenizer, self.loop.sample, self.device)
         if self.dist.main:
             (self.run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
         tokens_per_s = self.speed.average
@@ -480,7 +458,7 @@ class Trainer:
         return {
             "status": "done",
             "steps": step,
-            "planned_steps": cfg.MAX_ITERS,
+            "planned_steps": self.loop.max_iters,
             "final_lr": self.lr_at(step - 1),
             "tokens": self.tokens_before(step),
             "final_train_loss": last_eval["train"],
@@ -505,16 +483,6 @@ class Trainer:
             "data": self.data.summary(),
             "sample": sample,
         }
-
-
-def memory_prediction(cfg) -> str:
-    """'make check''s predicted peak memory per device for ``cfg``, in words."""
-    try:
-        from plan.check import predict_run_memory  # the dry run's predictor (imported late: it imports us)
-
-        return f"{predict_run_memory(cfg, Curriculum.from_config(cfg)).total / 2**30:.1f} GiB"
-    except Exception as e:  # advice must not hide the error it advises on
-        return f"(no prediction: {type(e).__name__}: {e})"
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
