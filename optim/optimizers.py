@@ -21,8 +21,8 @@ MUON_IMPLS = ("torch", "compact")  # the values of CONFIG_MUON_IMPL
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """The Optimizer and LR schedule menus. Defaults for direct construction (tests); a run builds it
-    with from_config."""
+    """The Optimizer and LR schedule menus. The defaults are Kconfig's (tests/test_device.py holds
+    them equal), for direct construction; a run builds it with from_config."""
 
     name: str = "adamw"  # adamw | lion | muon | sgd (CONFIG_OPTIMIZER)
     lr: float = 6e-4  # AdamW-equivalent peak; the schedule's peak too

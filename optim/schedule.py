@@ -10,8 +10,8 @@ SHAPES = ("cosine", "wsd", "constant")  # the values of CONFIG_LR_SCHEDULE
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The LR schedule menu, and the run length it spans. Defaults for direct construction (tests);
-    a run builds it with from_config."""
+    """The LR schedule menu, and the run length it spans. The defaults are Kconfig's
+    (tests/test_device.py holds them equal), for direct construction; a run builds it with from_config."""
 
     lr: float = 6e-4  # peak (CONFIG_LR)
     warmup_iters: int = 100

@@ -180,3 +180,21 @@ def test_persistent_nonfinite_loss_stops_with_the_last_good_state(tmp_path):
     assert "NaN/Inf for 3 steps in a row (CONFIG_MAX_BAD_STEPS=3)" in summary["error"]
     path, state = checkpoint.latest(run_dir)
     assert state["step"] == 13 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_fp8_into_or_out_of_transformer_engine_is_another_model_for_old_checkpoints_too():
+    from conftest import config_of
+    from kconfig.tree import new_kconfig
+    from train.state import incompatibilities, te_layers
+
+    plain, te = config_of("DEVICE_CUDA=y"), config_of("DEVICE_CUDA=y FP8_TE=y")
+    torchao = config_of("DEVICE_CUDA=y FP8_TORCHAO=y")
+    choices = set(new_kconfig().named_choices)
+    older = {name: value for name, value in dict(te).items() if name not in choices}  # before choice values
+    assert [te_layers(c) for c in (plain, torchao, te, older)] == [False, False, True, True]
+    assert incompatibilities(dict(torchao), plain) == [], "torchao's Float8Linear keeps the parameter names"
+    moved = ['CONFIG_FP8: only the checkpoint uses TransformerEngine\'s layers (FP8 "te"), which store the '
+             'weights under other names']
+    assert incompatibilities(dict(te), plain) == incompatibilities(older, plain) == moved
+    assert incompatibilities(dict(plain), te) == [moved[0].replace("checkpoint", "configuration")]
+    assert incompatibilities({k: v for k, v in dict(plain).items() if k not in choices}, plain) == []

@@ -111,3 +111,28 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     for (name, p), q, r in zip(big.model.named_parameters(), acc.model.parameters(), small.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
     assert not all(torch.allclose(p, r, atol=1e-6) for p, r in zip(big.model.parameters(), small.model.parameters()))
+
+
+def test_steps_work_in_any_order_without_run(tmp_path):
+    # Observers, clocks and the step record exist from __init__: evaluation, a step and its log line
+    # can be called directly, in any order, and the metrics log opens at its first record.
+    t = trainer_for(tmp_path, "MAX_ITERS=8")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists()
+    t.evaluate_and_track(0)
+    loss, grad_norm = t.train_step(0)
+    t.log_step(1, loss, grad_norm)
+    t.metrics.close()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["step"], "val_loss" in r, "train_loss" in r) for r in records] == [(0, True, False), (1, False, True)]
+    assert records[1]["train_loss"] == loss.item() and records[1]["elapsed_s"] >= 0
+
+
+def test_the_loop_config_is_read_once_from_the_training_menu():
+    from train.loop_config import LoopConfig
+    from train.sample import SampleConfig
+
+    loop = LoopConfig.from_config(config_of(SETTINGS, "SKIP_NONFINITE=n GRAD_ACCUM=2"))
+    assert (loop.max_iters, loop.micro_batch, loop.grad_accum, loop.block_size, loop.eval_interval) == (60, 16, 2, 32, 30)
+    assert loop.skip_nonfinite is False and loop.max_bad_steps is None  # hidden with SKIP_NONFINITE=n
+    assert loop.sample == SampleConfig(prompt="", tokens=20, temperature=0.8, top_k=200, seed=5)

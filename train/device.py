@@ -16,8 +16,8 @@ DEVICES = ("auto", "cpu", "cuda")  # the values of CONFIG_DEVICE
 
 @dataclasses.dataclass(frozen=True)
 class DeviceConfig:
-    """Where and in what precision a run computes. Defaults for direct construction (tests); a run
-    builds it with from_config."""
+    """Where and in what precision a run computes. The defaults are Kconfig's (tests/test_device.py
+    holds them equal), for direct construction; a run builds it with from_config."""
 
     device: str = "auto"  # auto | cpu | cuda (CONFIG_DEVICE)
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (CONFIG_DTYPE)

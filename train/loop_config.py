@@ -9,8 +9,8 @@ from train.sample import SampleConfig
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    """The Training menu as the loop reads it. Defaults for direct construction (tests); a run builds
-    it with from_config."""
+    """The Training menu as the loop reads it. The defaults are Kconfig's (tests/test_device.py
+    holds them equal), for direct construction; a run builds it with from_config."""
 
     max_iters: int = 1000  # optimizer steps
     micro_batch: int = 16  # sequences per micro-batch at full length

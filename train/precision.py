@@ -41,7 +41,7 @@ TE_RECIPES = ("delayed", "current")  # CONFIG_TE_RECIPE
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Config:
-    """The FP8 choice and its backend's options (train/Kconfig.precision)."""
+    """The FP8 choice and its backend's options (train/Kconfig.precision); defaults: Kconfig's."""
 
     backend: str = "none"  # none | torchao | te (CONFIG_FP8)
     recipe: str | None = None  # torchao: tensorwise | rowwise (CONFIG_FP8_RECIPE); None for the others

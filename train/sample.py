@@ -12,7 +12,7 @@ from data.tokenizer import Tokenizer, check_vocab_fits
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    """The Sampling menu, and the seed a sample is drawn with."""
+    """The Sampling menu, and the seed a sample is drawn with; the defaults are Kconfig's."""
 
     prompt: str = ""  # an empty prompt starts from a newline
     tokens: int = 200

@@ -84,6 +84,10 @@ class Trainer:
         # Global tokens per optimizer step at full size (after any warmup), all ranks together.
         self.tokens_per_step = loop.micro_batch * loop.grad_accum * loop.block_size * world
         self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
+        # The clocks and the last step's record exist from here on, so every method works before run()
+        # (which restarts the clocks); train_step renews the step's record.
+        self.speed, self.started, self.last_save = Throughput(), time.time(), self.clock()
+        self.parts, self.updating, self.step_start = {}, False, None
         self.guard = NonFiniteGuard(loop.max_bad_steps or 1)  # without SKIP_NONFINITE it only counts
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if main else None)
         # The plan directory groups the runs in the trackers.
@@ -301,10 +305,8 @@ class Trainer:
         self.log(f"device: {self.device_name}, dtype {self.dtype}, compile {f'on ({mode})' if mode else 'off'}, "
                  f"activation checkpointing {ckpt}, "
                  f"{self.tokens_per_step:,} tokens/step")
-        self.speed = Throughput()
-        self.start = time.time() - self.elapsed_before
-        attempt_start = time.time()  # MAX_TIME is per attempt: 'make continue' gets the same time again
-        self.last_save = self.clock()
+        self.speed, self.started, self.last_save = Throughput(), time.time(), self.clock()
+        attempt_start = self.started  # MAX_TIME is per attempt: 'make continue' gets the same time again
         step, last_eval, stop_reason, oom = self.start_step, {}, None, None
         self.progress.update(step)  # the bar starts at the step this attempt starts from
         with StopRequest() as stop:
@@ -338,7 +340,7 @@ class Trainer:
                             last_eval = self.evaluate_and_track(step)
                         on_interval = loop.checkpoint_interval and step % loop.checkpoint_interval == 0
                         if (on_interval or save_due) and not ending:
-                            self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start)
+                            self.save_checkpoint(step, last_eval.get("val"), self.elapsed())
                     if ending:
                         break
             finally:
@@ -348,7 +350,7 @@ class Trainer:
                 return self.out_of_memory(step, last_eval, oom)
             if stop_reason is None and not last_eval:  # resumed at the very end: nothing left to train
                 last_eval = self.evaluate_and_track(step)
-            self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start)
+            self.save_checkpoint(step, last_eval.get("val"), self.elapsed())
         if stop_reason == "nonfinite":
             message = (f"stopped at step {step}: loss or gradient was NaN/Inf for {self.guard.in_a_row} steps in a "
                        f"row (CONFIG_MAX_BAD_STEPS={loop.max_bad_steps}); the last good weights are in the "
@@ -369,6 +371,10 @@ class Trainer:
             summary.update(status="time_limit", error=message)
         return summary
 
+    def elapsed(self) -> float:
+        """Seconds the run has trained: earlier attempts (from the checkpoint) and this one."""
+        return self.elapsed_before + time.time() - self.started
+
     def clock(self) -> float:
         """Seconds on a monotonic clock, for the time-based checkpoint interval (tests replace it)."""
         return time.monotonic()
@@ -386,7 +392,7 @@ class Trainer:
             saved = "other ranks cannot join a checkpoint now, so " + saved
         elif step > self.start_step:
             try:
-                self.save_checkpoint(step, last_eval.get("val"), time.time() - self.start, self.step_start)
+                self.save_checkpoint(step, last_eval.get("val"), self.elapsed(), self.step_start)
                 saved = f"the state after step {step} is checkpointed"
             except (CheckpointError, torch.OutOfMemoryError) as e:
                 saved = f"writing its checkpoint failed too ({e}), so " + saved
@@ -421,7 +427,7 @@ class Trainer:
             extra.update(self.moe_stats.metrics())
         record = dict(step=step, tokens=self.tokens_before(step), train_loss=loss_value, lr=lr,
                       grad_norm=norm_value, skipped_steps=self.guard.skipped, tokens_per_s=tps,
-                      flops_per_s=flops, mfu=utilization, elapsed_s=time.time() - self.start,
+                      flops_per_s=flops, mfu=utilization, elapsed_s=self.elapsed(),
                       data_share=self.batches.shares(self.data.names), **extra, **sample_system(self.device))
         self.metrics.write(**record)
         self.trackers.log(record, step)
@@ -438,10 +444,10 @@ class Trainer:
         result = self.evaluate()
         if result["val"] < self.best_val:
             self.best_val, self.best_step = result["val"], step
-            self._save(None, self.state(step, result["val"], time.time() - self.start))
+            self._save(None, self.state(step, result["val"], self.elapsed()))
         record = dict(step=step, tokens=self.tokens_before(step), val_loss=result["val"],
                       train_eval_loss=result["train"], val_losses=result["val_losses"],
-                      elapsed_s=time.time() - self.start)
+                      elapsed_s=self.elapsed())
         self.metrics.write(**record)
         self.trackers.log(record, step)
         named = "".join(f" | {name} {loss:.4f}" for name, loss in result["val_losses"].items()
@@ -474,7 +480,7 @@ class Trainer:
             "params": self.model.num_params(non_embedding=False),
             "params_non_embedding": self.model.num_params(),
             "params_active": self.model.active_params(),
-            "wall_time_s": time.time() - self.start,
+            "wall_time_s": self.elapsed(),
             "device": self.device_name,
             "parallel": self.dist.engine,
             "world_size": self.dist.world_size,
