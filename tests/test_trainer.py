@@ -133,6 +133,7 @@ def test_the_loop_config_is_read_once_from_the_training_menu():
     from train.sample import SampleConfig
 
     loop = LoopConfig.from_config(config_of(SETTINGS, "SKIP_NONFINITE=n GRAD_ACCUM=2"))
-    assert (loop.max_iters, loop.micro_batch, loop.grad_accum, loop.block_size, loop.eval_interval) == (60, 16, 2, 32, 30)
+    assert (loop.max_iters, loop.micro_batch, loop.grad_accum, loop.block_size, loop.eval_interval) == \
+        (60, 16, 2, 32, 30)
     assert loop.skip_nonfinite is False and loop.max_bad_steps is None  # hidden with SKIP_NONFINITE=n
     assert loop.sample == SampleConfig(prompt="", tokens=20, temperature=0.8, top_k=200, seed=5)

@@ -36,8 +36,6 @@ from train.state import capture_rng, incompatibilities, restore_rng
 from train.system_metrics import sample_system
 from train.trackers import Trackers
 
-__all__ = ["Trainer", "padded_vocab", "write_summary"]
-
 
 class Trainer:
     def __init__(self, cfg, data: PreparedData | PreparedMix, run_dir: Path, log=print, dist=None):
