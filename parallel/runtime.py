@@ -161,8 +161,8 @@ def save_sharded(d: Dist, folder, model, optimizer, ds) -> None:
 
 def load_sharded(d: Dist, folder, model, optimizer, ds) -> None:
     """Load a sharded checkpoint; torch distributed checkpointing reshards to this world size.
-    The folder's pickles are checked first (train.untrusted): one from elsewhere runs no code."""
-    from train import untrusted
+    The folder's pickles are checked first (parallel/untrusted.py): one from elsewhere runs no code."""
+    from parallel import untrusted  # here, not at the top: DCP's modules take half a second to import
 
     if ds is not None:
         untrusted.check_deepspeed_folder(folder)
@@ -186,7 +186,7 @@ def full_weights(folder, engine_name: str) -> dict:
     """The whole model's weights from a sharded checkpoint folder, in one process without a process
     group (for 'make sample'): DCP's single-process read of the "model" entries, or DeepSpeed's
     zero_to_fp32; the folder's pickles checked first, as in load_sharded."""
-    from train import untrusted
+    from parallel import untrusted  # as in load_sharded
 
     folder = Path(folder)
     if engine_name == "deepspeed":

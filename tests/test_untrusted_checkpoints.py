@@ -17,8 +17,8 @@ import torch
 
 from parallel import runtime
 from parallel.launch import train_command
-from train import untrusted
-from train.untrusted import UntrustedCheckpointError
+from parallel import untrusted
+from parallel.untrusted import UntrustedCheckpointError
 
 REFUSED = r"refusing to load: it pickles posix\.system, which is not checkpoint data"
 

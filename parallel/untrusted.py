@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
-from train.checkpoint import CheckpointError
+from parallel.errors import CheckpointError
 
 METADATA = ".metadata"  # DCP's index of a folder: what each entry is and where its bytes lie
 
