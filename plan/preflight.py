@@ -15,16 +15,23 @@ Each problem is one line naming the CONFIG_ symbols and what to change.
 
 from __future__ import annotations
 
+import torch
+
+from data.mix import as_mix
 from kconfig.values import Config
+from model.gpt import ModelConfig
+from parallel.launch import procs_per_node
+from train.build import padded_vocab
+from train.curriculum import Curriculum
+from train.device import DeviceConfig, resolve_device, resolve_dtype
+from train.precision import require_fp8_device
 
 CHAR_BYTE_VOCAB = 256  # byte vocabulary; char vocabularies of the shipped corpora pad to at most this
 
 
 def check_vocab(cfg: Config) -> int:
     """The vocabulary the run's model will have, known without data (SentencePiece: its configured size)."""
-    from train.trainer import padded_vocab
-
-    return padded_vocab(cfg.SENTENCEPIECE_VOCAB_SIZE) if cfg.TOKENIZER_SENTENCEPIECE else CHAR_BYTE_VOCAB
+    return padded_vocab(cfg.SENTENCEPIECE_VOCAB_SIZE) if cfg.TOKENIZER == "sentencepiece" else CHAR_BYTE_VOCAB
 
 
 def problems(cfg: Config, here: bool = True) -> list[str]:
@@ -34,9 +41,6 @@ def problems(cfg: Config, here: bool = True) -> list[str]:
 
 def config_problems(cfg: Config) -> list[str]:
     """Rules of the model and the curriculum, which their own from_config enforce at setup."""
-    from model.gpt import ModelConfig
-    from train.curriculum import Curriculum
-
     found = []
     for build in (lambda: ModelConfig.from_config(cfg, check_vocab(cfg)), lambda: Curriculum.from_config(cfg)):
         try:
@@ -48,23 +52,17 @@ def config_problems(cfg: Config) -> list[str]:
 
 def device_problems(cfg: Config) -> list[str]:
     """Whether this machine has what the run asks for: CUDA, fp16, FP8 hardware, GPUs to count."""
-    import torch
-
-    from parallel.launch import procs_per_node
-    from train.device import resolve_device, resolve_dtype
-    from train.precision import fp8_backend, require_fp8_device
-
     found = []
+    config = DeviceConfig.from_config(cfg)
     try:
-        device = resolve_device(cfg)
-        resolve_dtype(cfg, device)
+        device = resolve_device(config)
+        resolve_dtype(config, device)
     except RuntimeError as e:
         found.append(str(e))
         device = torch.device("cpu")
-    backend = fp8_backend(cfg)
-    if backend == "te" or (backend == "torchao" and not cfg.FP8_EMULATE):
+    if config.fp8.needs_fp8_gpu:
         try:
-            require_fp8_device(device, backend)
+            require_fp8_device(device, config.fp8.backend)
         except RuntimeError as e:
             found.append(str(e))
     try:
@@ -76,8 +74,6 @@ def device_problems(cfg: Config) -> list[str]:
 
 def data_problems(cfg: Config, data) -> list[str]:
     """What stops ``cfg`` from training on its prepared ``data`` (a PreparedData or a PreparedMix)."""
-    from data.mix import as_mix
-
     mix = as_mix(data)
     found = []
     need = cfg.BLOCK_SIZE + 2  # a window of BLOCK_SIZE inputs and its shifted targets, at a random start

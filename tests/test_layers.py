@@ -117,6 +117,13 @@ def test_every_layered_package_is_found():
     assert len(modules()) > 60 and sum(len(e) for e in graph().values()) > 150  # the rule still sees the imports
 
 
+def test_every_import_names_a_module_that_exists():
+    """An import inside a function runs only when called: a module moved away must not leave one behind."""
+    found = [f"{where(m, line)}: {target}" for m, edges in graph().items() for target, line in edges.items()
+             if target not in modules()]
+    assert not found, "imports of modules that do not exist:\n" + "\n".join(found)
+
+
 def test_no_import_cycles():
     g = graph()
     found = [" <-> ".join(c) + ": " + ", ".join(f"{where(a, g[a][b])} imports {b}" for a in c for b in c if b in g[a])
