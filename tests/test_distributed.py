@@ -64,6 +64,7 @@ def single(tmp_path_factory):
     return losses(run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["DDP", "FSDP2", "DEEPSPEED"])
 def test_two_processes_match_one(tmp_path, single, engine):
     run_dir, cfg = configure(tmp_path, engine, f"MICRO_BATCH=4 PARALLEL_{engine}=y NPROC_PER_NODE=2")
@@ -84,6 +85,7 @@ def test_two_processes_match_one(tmp_path, single, engine):
     assert sample_from(run_dir) + "\n" == (run_dir / "samples.txt").read_text()
 
 
+@pytest.mark.slow
 def test_fsdp2_resumes_at_another_world_size(tmp_path, single):
     run_dir, cfg = configure(tmp_path, "run", "MICRO_BATCH=4 PARALLEL_FSDP2=y NPROC_PER_NODE=2")
     train(run_dir, cfg)
@@ -102,6 +104,7 @@ def test_fsdp2_resumes_at_another_world_size(tmp_path, single):
     assert "resumed from step 8" in log and "resuming on 1 process(es) a run checkpointed on 2" in log
 
 
+@pytest.mark.slow
 def test_deepspeed_resumes_from_its_checkpoint(tmp_path, single):
     run_dir, cfg = configure(tmp_path, "run", "MICRO_BATCH=4 PARALLEL_DEEPSPEED=y NPROC_PER_NODE=2 "
                                               "DEEPSPEED_ZERO_STAGE=1")
