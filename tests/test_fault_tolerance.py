@@ -50,6 +50,7 @@ def trainer_pids(run_dir: Path) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_trainer_then_continue_ends_on_the_same_losses(repo):
     """The issue's reproduction: kill the trainer alone with SIGKILL once step 60 is checkpointed."""
     settings = f"{TINY} MAX_ITERS=400 CHECKPOINT_INTERVAL=20 EVAL_INTERVAL=100 LOG_INTERVAL=10"
@@ -167,6 +168,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_plan_says_why(repo, small_disk):
     """A real full filesystem: the step-40 checkpoint cannot be written; make continue then resumes from
     step 20 once there is space again, finding the plan through the SET override of RUNS_DIR."""
@@ -315,6 +317,7 @@ def test_time_based_checkpoints(tmp_path):
     assert [p.name for p in checkpoint.step_paths(run_dir)] == [f"step-{s:08d}.pt" for s in (3, 6, 9, 10)]
 
 
+@pytest.mark.slow
 def test_a_run_cut_by_max_time_says_so_and_continue_trains_the_rest(repo):
     elsewhere = repo.parent / "elsewhere"
     settings = f'{TINY.replace("MAX_TIME=0", "MAX_TIME=2")} MAX_ITERS=100000 EVAL_INTERVAL=100000 LOG_INTERVAL=50 RUNS_DIR="{elsewhere}"'
@@ -334,6 +337,7 @@ def test_a_run_cut_by_max_time_says_so_and_continue_trains_the_rest(repo):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] > steps, "another MAX_TIME of training"
 
 
+@pytest.mark.slow
 def test_a_named_error_in_training_shows_its_message_and_keeps_the_traceback_in_the_log(tmp_path):
     from test_checkpoint import train_process
 
