@@ -205,6 +205,7 @@ def craft_deepspeed_file(folder, name, marker) -> None:
     torch.save(state, folder / name)
 
 
+@pytest.mark.slow
 def test_genuine_deepspeed_folder_loads(runs, tmp_path):
     from train.sample import sample_from
 
@@ -214,6 +215,7 @@ def test_genuine_deepspeed_folder_loads(runs, tmp_path):
     assert sample_from(run_dir) + "\n" == (run_dir / "samples.txt").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
 def test_crafted_deepspeed_file_is_refused(runs, tmp_path, name):
     _, _, folder = copy_run(runs, "DEEPSPEED", tmp_path)
@@ -232,6 +234,7 @@ def resume(run_dir, cfg) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["FSDP2", "DEEPSPEED"])
 def test_resume_refuses_a_crafted_folder(runs, tmp_path, engine):
     run_dir, cfg, folder = copy_run(runs, engine, tmp_path)
@@ -246,6 +249,7 @@ def test_resume_refuses_a_crafted_folder(runs, tmp_path, engine):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_make_sample_refuses_a_crafted_fsdp2_run(runs, tmp_path, make):
     from train.sample import sample_from
 
