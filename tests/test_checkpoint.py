@@ -57,6 +57,7 @@ def train_losses(run_dir):
     return {r["step"]: r["train_loss"] for r in records if "train_loss" in r and r["step"] % 5 == 0}
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     extra = "MAX_ITERS=120 EVAL_INTERVAL=40"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
