@@ -81,6 +81,7 @@ def test_bad_extra_options_are_named(tmp_path):
         slurm_plan_for("quickstart", 'SLURM_EXTRA="--exclusive;qos=high"', tmp_path)
 
 
+@pytest.mark.slow
 def test_array_task_trains_its_run_and_make_continue_takes_the_rest(tmp_path):
     plan, script = slurm_plan_for("quickstart", f"RUN_MATRIX=y MATRIX_SEEDS=2 {TINY}", tmp_path)
     assert bash_array(script) == ["seed1337", "seed1338"]
