@@ -100,6 +100,7 @@ def test_any_bytes_are_valid_or_a_named_error(data, prefix):
             assert_named(e.problems, str(path))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(name=st.sampled_from(NAMES), value=values_)
 def test_any_value_of_a_real_symbol_through_set_is_valid_or_a_named_error(name, value):
