@@ -62,6 +62,7 @@ def test_set_override_is_validated(make):
     assert p.returncode != 0 and "SET:1: CONFIG_MAX_ITERS: malformed integer 'ten'" in p.stderr
 
 
+@pytest.mark.slow
 def test_check_dry_run(repo, make):
     make("defconfig-nanogpt-shakespeare-char")
     out = make("check").stdout
@@ -72,6 +73,7 @@ def test_check_dry_run(repo, make):
     assert "base  ok" in out and not (repo / "runs").exists()
 
 
+@pytest.mark.slow
 def test_quickstart_on_a_reduced_budget(repo, make):
     make("defconfig-quickstart")
     out = make(env={"SET": "MAX_ITERS=40 WARMUP_ITERS=4 EVAL_INTERVAL=20 LOG_INTERVAL=10 EVAL_BATCHES=4 SAMPLE_TOKENS=30"}).stdout
@@ -94,6 +96,7 @@ def test_quickstart_on_a_reduced_budget(repo, make):
     assert sample.startswith("import ") and len(sample.rstrip("\n")) >= len("import ")
 
 
+@pytest.mark.slow
 def test_failed_run_is_recorded_in_the_plan(repo, make):
     make("defconfig-quickstart")
     p = make(env={"SET": "DATA_PATH=missing.txt MAX_ITERS=2 WARMUP_ITERS=1"}, check=False)
@@ -103,6 +106,7 @@ def test_failed_run_is_recorded_in_the_plan(repo, make):
     assert run["status"] == "failed" and "missing.txt" in run["error"]
 
 
+@pytest.mark.slow
 def test_run_that_cannot_train_here_is_refused_before_the_plan_exists(repo, make):
     make("defconfig-quickstart")
     p = make(env={"SET": "DEVICE_CUDA=y MAX_ITERS=2 WARMUP_ITERS=1"}, check=False)
@@ -188,6 +192,7 @@ def test_hand_edited_config_is_validated_strictly(repo, make):
     assert 'CONFIG_LR="fast"' in dot.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_stopped_plan_continues_without_redoing_done_runs(repo, how):
     """Stop a 3-run plan while its second run trains (a crash, or a polite SIGTERM as a cluster
