@@ -23,17 +23,14 @@ from pathlib import Path
 
 import torch
 
-from kconfig.errors import NamedError
+from parallel.errors import CheckpointError  # raised here and by parallel/ when it reads sharded folders
+from parallel.untrusted import load_weights_only
 
 FOLDER = "checkpoints"
 BEST = "best.pt"
 BEST_SHARDED = "best"
 EXTRA = "extra.pt"  # a sharded checkpoint's non-tensor state; written last, it marks the folder complete
 _STEP_RE = re.compile(r"^step-(\d+)(\.pt)?$")
-
-
-class CheckpointError(NamedError):
-    """A checkpoint cannot be written or used; the message says what to do."""
 
 
 def save(path: Path, state: dict) -> None:
@@ -77,7 +74,6 @@ def _free_bytes(folder: Path) -> int | None:
 def load(path: Path) -> dict:
     """Load onto the CPU with weights_only=True: tensors and plain containers only, no code. A file
     that pickles anything else is refused, naming what it pickles (UntrustedCheckpointError)."""
-    from train.untrusted import load_weights_only  # it imports CheckpointError from here
 
     return load_weights_only(path, path, mmap=False)
 
