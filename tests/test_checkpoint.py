@@ -199,3 +199,16 @@ def test_fp8_into_or_out_of_transformer_engine_is_another_model_for_old_checkpoi
     assert incompatibilities(dict(te), plain) == incompatibilities(older, plain) == moved
     assert incompatibilities(dict(plain), te) == [moved[0].replace("checkpoint", "configuration")]
     assert incompatibilities({k: v for k, v in dict(plain).items() if k not in choices}, plain) == []
+
+
+def test_a_checkpoint_from_before_a_new_model_option_stays_compatible(config):
+    """A checkpoint's config lacks a model symbol added since (MLP_GEGLU): it had the default, so a
+    run that keeps the default resumes, and one that selects the new option is refused by name."""
+    from train.state import incompatibilities
+
+    saved = dict(config("MLP_SWIGLU=y"))
+    del saved["MLP_GEGLU"], saved["MLP"]  # written by a tree without GEGLU and without choice values
+    assert incompatibilities(saved, config("MLP_SWIGLU=y")) == []
+    problems = incompatibilities(saved, config("MLP_GEGLU=y"))
+    assert any(p.startswith("CONFIG_MLP_GEGLU: checkpoint False (its default") for p in problems)
+    assert any(p.startswith("CONFIG_MLP_SWIGLU: checkpoint True") for p in problems)

@@ -7,6 +7,9 @@ import random
 import numpy as np
 import torch
 
+from kconfig.tree import new_kconfig
+from kconfig.values import values
+
 MODEL_KCONFIG = "model/Kconfig"
 
 
@@ -38,9 +41,11 @@ def restore_rng(state: dict) -> None:
 
 def model_symbols() -> set[str]:
     """Symbols of the Model menu: a checkpoint's weights only fit a config that agrees on all of them."""
-    from kconfig.tree import new_kconfig
-
     return {s.name for s in new_kconfig().unique_defined_syms if s.nodes[0].filename.startswith(MODEL_KCONFIG)}
+
+
+def _defaults() -> dict:
+    return values(new_kconfig())
 
 
 def te_layers(saved: dict) -> bool:
@@ -53,8 +58,17 @@ def te_layers(saved: dict) -> bool:
 def incompatibilities(saved: dict, current: dict) -> list[str]:
     """What differs between a checkpoint's config and this one such that its weights cannot load: a
     Model menu symbol, or FP8 into or out of TransformerEngine's layers."""
-    problems = [f"CONFIG_{name}: checkpoint {saved.get(name)!r}, configuration {current[name]!r}"
-                for name in sorted(model_symbols()) if saved.get(name) != current[name]]
+    problems = []
+    defaults = None
+    for name in sorted(model_symbols()):
+        if name in saved:
+            was = saved[name]
+        else:  # a symbol added since the checkpoint was written: it had the value a tree without it means
+            defaults = defaults or _defaults()
+            was = defaults[name]
+        if was != current[name]:
+            problems.append(f"CONFIG_{name}: checkpoint {was!r}{'' if name in saved else ' (its default: the checkpoint predates it)'}, "
+                            f"configuration {current[name]!r}")
     if te_layers(saved) != te_layers(current):
         side = "checkpoint" if te_layers(saved) else "configuration"
         problems.append(f"CONFIG_FP8: only the {side} uses TransformerEngine's layers (FP8 \"te\"), which "
