@@ -201,11 +201,6 @@ class MoE(nn.Module):
         self.last: dict = {}
         self.reset_parameters(0.02, 0.02)
 
-    @property
-    def cfg(self) -> MoEConfig:
-        """Transitional name of ``config`` for train/moe_stats.py; remove once it reads ``config``."""
-        return self.config
-
     @torch.no_grad()
     def reset_parameters(self, std: float, residual_std: float) -> None:
         """Normal init: router and input-side weights with std, output projections with residual_std."""

@@ -14,7 +14,7 @@ import torch
 class MoEStats:
     def __init__(self, layers, device: torch.device):
         self.layers = list(layers)
-        self.n_experts = self.layers[0].cfg.n_experts if self.layers else 0
+        self.n_experts = self.layers[0].config.n_experts if self.layers else 0
         shape = (len(self.layers), self.n_experts)
         self.step_load = torch.zeros(shape, device=device)
         self.interval_load = torch.zeros(shape, device=device)
