@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from data.mix import PreparedMix, as_mix
-from data.prepare import PreparedData
+from data.cache import PreparedData
 from data.tokenizer import check_vocab_fits
 from model.gpt import ModelConfig
 from optim.optimizers import OptimizerConfig, describe, set_lr
