@@ -62,3 +62,12 @@ def test_an_unnamed_choice_is_refused_where_it_is_written(tmp_path, monkeypatch)
     monkeypatch.setattr(tree, "KCONFIG", tmp_path / "Kconfig")
     with pytest.raises(ConfigError, match=r"Kconfig:1: a choice needs a name of its own"):
         values(tree.new_kconfig())
+
+
+def test_every_mlp_activation_is_a_matrix_axis_value():
+    from model.mlp import ACTIVATIONS
+
+    kconf = new_kconfig()
+    assert set(option_values(kconf.named_choices["MLP"])) == set(ACTIVATIONS)
+    assert all(kconf.syms.get(f"MATRIX_MLP_{name.upper()}") and kconf.syms[f"MATRIX_MLP_{name.upper()}"].nodes
+               for name in ACTIVATIONS)
