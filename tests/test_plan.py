@@ -144,7 +144,6 @@ def test_check_catches_a_broken_config(capsys):
     assert "Traceback" not in out and "CONFIG_N_EMBD=30 is not divisible by CONFIG_N_HEAD=4" in out
 
 
-@pytest.mark.slow
 def test_check_fails_a_run_predicted_not_to_fit(capsys):
     failures, out = check(capsys, "quickstart", set_="MODEL_SIZE_GPT2_MEDIUM=y BLOCK_SIZE=1024 MICRO_BATCH=64 "
                                                      "TARGET_DEVICE_MEMORY_GIB=16")
@@ -152,7 +151,6 @@ def test_check_fails_a_run_predicted_not_to_fit(capsys):
     assert "reduced twin" in out and "exceeds TARGET_DEVICE_MEMORY_GIB=16" in out
 
 
-@pytest.mark.slow
 def test_check_reports_drift(capsys, tmp_path, monkeypatch):
     import plan.check as check_mod
 
@@ -163,7 +161,6 @@ def test_check_reports_drift(capsys, tmp_path, monkeypatch):
     assert "stale: CONFIG_SEED=1337 equals the Kconfig default, so savedefconfig omits it" in out
 
 
-@pytest.mark.slow
 def test_check_fails_a_rejected_ablation_step_but_not_a_rejected_matrix_cell(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(expand_mod, "FRAGMENTS", tmp_path)
     (tmp_path / "theta").write_text("# theta without rope\nCONFIG_ROPE_THETA=\"500000\"\n")
@@ -209,7 +206,6 @@ def test_pairwise_lists_an_impossible_pair_with_kconfigs_reason(tmp_path, monkey
     assert len(possible) == 3 * 4 - 1
 
 
-@pytest.mark.slow
 def test_check_validates_data_parallel_layouts(capsys):
     failures, out = check(capsys, "quickstart-fsdp2", set_="NNODES=2 NODE_RANK=2")
     assert failures == 1 and "CONFIG_NODE_RANK=2 must be below CONFIG_NNODES=2" in out
