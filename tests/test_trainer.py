@@ -38,7 +38,6 @@ def run(tmp_path, extra=""):
     return summary, run_dir, logs
 
 
-@pytest.mark.slow
 def test_loss_falls_well_below_unigram_entropy(tmp_path):
     summary, run_dir, logs = run(tmp_path)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -58,7 +57,6 @@ def test_loss_falls_well_below_unigram_entropy(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
 
 
-@pytest.mark.slow
 def test_same_seed_same_losses(tmp_path):
     a, _, _ = run(tmp_path / "a", "MAX_ITERS=20")
     b, _, _ = run(tmp_path / "b", "MAX_ITERS=20")
@@ -101,7 +99,6 @@ def trainer_for(tmp_path, extra):
     return Trainer(cfg, prepare(cfg, tmp_path, log=lambda m: None), tmp_path / "run", log=lambda m: None)
 
 
-@pytest.mark.slow
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     # 2 x 8 accumulated sequences must give the same updates as 16 at once (same data order).
     big = trainer_for(tmp_path, "MICRO_BATCH=16 GRAD_ACCUM=1")
