@@ -101,7 +101,6 @@ def test_eligible_means_linear_with_dims_multiple_of_16_and_not_the_head():
     assert not fp8_eligible("wte", nn.Embedding(128, 64))
 
 
-@pytest.mark.slow
 def test_torchao_converts_exactly_the_eligible_linears_and_keeps_parameters():
     model = small_gpt()
     params = {id(p) for p in model.parameters()}
