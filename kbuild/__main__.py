@@ -231,6 +231,20 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from export.hf_folder import export_run
+    from plan.plan import newest_run_dir
+    from plan.runner import runs_dir
+
+    _, cfg = load(DOT_CONFIG) if DOT_CONFIG.exists() else (None, None)
+    run_dir = Path(args.run) if args.run else newest_run_dir(runs_dir(cfg) if cfg else ROOT / "runs")
+    if run_dir is None:
+        print("error: no run with a checkpoint yet; train one with 'make' first", file=sys.stderr)
+        return 1
+    export_run(run_dir, args.checkpoint)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kbuild", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -265,6 +279,11 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default=os.environ.get("PROMPT"), help="default: $PROMPT, else the run's SAMPLE_PROMPT")
     p.add_argument("--tokens", type=int, default=os.environ.get("TOKENS"),
                    help="default: $TOKENS, else the run's SAMPLE_TOKENS")
+    p = add("export", cmd_export, "write a run's checkpoint as a Hugging Face folder, <run>/export/hf/")
+    p.add_argument("--run", default=os.environ.get("RUN_DIR", ""),
+                   help="run directory (default: $RUN_DIR, else the newest run with a checkpoint)")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default=os.environ.get("CHECKPOINT") or "best",
+                   help="best (lowest val loss, the default) or latest step checkpoint (default: $CHECKPOINT)")
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -1,6 +1,6 @@
 # Running what .config describes. SET="SYM=value ..." applies to this invocation only.
 
-.PHONY: run check continue report data sample bench bench-check slurm
+.PHONY: run check continue report data sample export bench bench-check slurm
 
 ## run: (default) run the plan .config describes; results in RUNS_DIR/<plan>/<run>/
 run: $(CORE)
@@ -29,6 +29,10 @@ data: $(CORE)
 ## sample: generate text from the newest run (RUN_DIR=, PROMPT=, TOKENS= to choose)
 sample: $(CORE)
 	@$(PY) -m kbuild sample
+
+## export: newest run's checkpoint as a Hugging Face folder <run>/export/hf/ (RUN_DIR=, CHECKPOINT=best|latest)
+export: $(CORE)
+	@$(PY) -m kbuild export
 
 ## bench: training tokens/s, FLOP/s, MFU and peak memory of the configured model on this machine (MoE: vs dense)
 bench: $(CORE)

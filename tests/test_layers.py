@@ -16,8 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = {"kconfig": 0, "model": 1, "optim": 1, "data": 1, "parallel": 2, "train": 3, "plan": 4,
-          "kbuild": 5, "scripts": 5}
+LAYERS = {"kconfig": 0, "model": 1, "optim": 1, "data": 1, "parallel": 2, "train": 3, "export": 4, "plan": 5,
+          "kbuild": 6, "scripts": 6}
 
 
 def module_name(path: Path) -> str:

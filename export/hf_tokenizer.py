@@ -1,0 +1,71 @@
+"""Our tokenizers as Hugging Face tokenizer files (tokenizer.json + tokenizer_config.json).
+
+A char or byte vocabulary is a ``tokenizers`` BPE model with no merges and no pre-tokenizer
+splitting: every character (char) or byte (byte, through the byte-level alphabet GPT-2 uses to
+spell bytes as characters) is its own token, with our id. Neither has an end-of-text token, so
+one, ``<|endoftext|>``, is appended after the real ids (id = the tokenizer's vocabulary size);
+tokenizer_config.json sets ``split_special_tokens``, so even text that spells ``<|endoftext|>``
+encodes as its characters, as ours does. SentencePiece (and any other kind)
+is refused by name: its export is not written yet.
+"""
+
+from __future__ import annotations
+
+import json
+
+from data.tokenizer import Tokenizer
+from export.architectures import ExportRefused
+
+EOS = "<|endoftext|>"
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    """The exported end-of-text id: one past the real ids."""
+    return tokenizer.vocab_size
+
+
+def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
+    """tokenizer.json text whose encoding gives our ids (plus the end-of-text token)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if tokenizer.kind == "char":
+        vocab = {ch: i for i, ch in enumerate(tokenizer.chars)}
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+        hf.decoder = decoders.Fuse()  # concatenate tokens (the default decoder joins them with spaces)
+    elif tokenizer.kind == "byte":
+        vocab = byte_alphabet()
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+    else:
+        raise ExportRefused(
+            f"CONFIG_TOKENIZER={tokenizer.kind}: exporting this tokenizer to Hugging Face files is not implemented "
+            "(char and byte are); train with CONFIG_TOKENIZER_CHAR or CONFIG_TOKENIZER_BYTE to export a run")
+    hf.add_special_tokens([AddedToken(EOS, special=True, normalized=False)])
+    if hf.token_to_id(EOS) != eos_id(tokenizer):
+        raise AssertionError(f"{EOS} got id {hf.token_to_id(EOS)}, expected {eos_id(tokenizer)}")
+    return hf.to_str(pretty=True)
+
+
+def byte_alphabet() -> dict[str, int]:
+    """Character -> byte of the byte-level alphabet (GPT-2's bytes_to_unicode, which ``tokenizers``'
+    ByteLevel pre-tokenizer uses): printable Latin-1 bytes stand for themselves, the others for 256 + n."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {chr(b): b for b in printable}, 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def tokenizer_files(tokenizer: Tokenizer, max_length: int) -> dict[str, str]:
+    """File name -> text of the tokenizer files AutoTokenizer.from_pretrained reads."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS,
+              "bos_token": None, "unk_token": None, "model_max_length": max_length,
+              "clean_up_tokenization_spaces": False, "split_special_tokens": True, "add_bos_token": False, "add_eos_token": False}
+    special = {"eos_token": EOS, "pad_token": EOS}
+    return {"tokenizer.json": hf_tokenizer_json(tokenizer),
+            "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+            "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}

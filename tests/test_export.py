@@ -1,0 +1,194 @@
+"""make export: our models and tokenizers as Hugging Face folders that transformers loads offline
+with the same logits, generation and token ids; named refusals for what no architecture expresses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import config_of
+
+from data.corpus import embedded_source
+from data.sources import Stats
+from data.tokenizer import Tokenizer
+from export.architectures import ExportRefused, choose_target
+from export.hf_folder import checkpoint_state, export_state
+from model.gpt import GPT, ModelConfig
+from train.build import padded_vocab
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "def add(a, b):\n    return a + b  # sum\n\nprint(add(1, 2))\n"
+LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+
+OPTION_SETS = {  # name: (ModelConfig fields, architecture transformers must load)
+    "gpt2": ({}, "GPT2LMHeadModel"),
+    "gpt2-no-bias-untied": ({"bias": False, "tie_embeddings": False}, "GPT2LMHeadModel"),
+    "llama-gqa": ({**LLAMA, "n_kv_head": 2, "rope_theta": 500.0}, "LlamaForCausalLM"),
+    "llama-bias-untied": ({**LLAMA, "bias": True, "tie_embeddings": False}, "LlamaForCausalLM"),
+    "qwen3-qk-norm": ({**LLAMA, "qk_norm": True, "n_kv_head": 1}, "Qwen3ForCausalLM"),
+}
+
+
+def random_model(tokenizer: Tokenizer, seed: int = 0, **fields) -> GPT:
+    """A tiny fp32 GPT with weights well away from init (biases and norm gains non-trivial)."""
+    torch.manual_seed(seed)
+    config = ModelConfig(**{"vocab_size": padded_vocab(tokenizer.vocab_size), "block_size": 32,
+                            "n_layer": 2, "n_head": 4, "n_embd": 32, **fields})
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def load_hf(folder):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True, local_files_only=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", OPTION_SETS)
+def test_exported_model_computes_our_logits_and_greedy_generation(tmp_path, name):
+    fields, architecture = OPTION_SETS[name]
+    tokenizer = Tokenizer.fit("char", TEXT)
+    ours = random_model(tokenizer, **fields)
+    folder = export_state(ours.config, ours.state_dict(), tokenizer, tmp_path / "hf", log=lambda _: None)
+    theirs = load_hf(folder)
+    assert type(theirs).__name__ == architecture
+    idx = torch.tensor([tokenizer.encode(TEXT[:24]), tokenizer.encode(TEXT[10:34])])
+    with torch.no_grad():
+        ours_logits, _ = ours(idx, idx)
+        hf_logits = theirs(idx).logits
+    assert hf_logits.shape == ours_logits.shape
+    assert (hf_logits - ours_logits).abs().max().item() <= 1e-5
+
+    prompt = idx[:1, :8]
+    ours_ids = ours.generate(prompt, 6, temperature=0, vocab_limit=tokenizer.vocab_size)
+    # generation_config.json suppresses the padding ids; ours has no end-of-text token, so never stop
+    hf_ids = theirs.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert hf_ids.tolist() == ours_ids.tolist()
+
+
+def test_byte_vocabulary_grows_to_hold_end_of_text_and_sharded_weights_load(tmp_path):
+    tokenizer = Tokenizer({"kind": "byte"})  # 256 ids fill the padded vocabulary: no room for end-of-text
+    ours = random_model(tokenizer, **LLAMA)
+    folder = export_state(ours.config, ours.state_dict(), tokenizer, tmp_path / "hf", max_shard_bytes=40_000,
+                          log=lambda _: None)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (folder / "model.safetensors").exists()
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["vocab_size"], config["eos_token_id"]) == (320, 256)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 256 and generation["suppress_tokens"] == list(range(257, 320))
+    theirs = load_hf(folder)
+    idx = torch.tensor([tokenizer.encode(TEXT[:20])])
+    with torch.no_grad():
+        diff = theirs(idx).logits[..., :256] - ours(idx, idx)[0]
+    assert diff.abs().max().item() <= 1e-5
+
+
+def test_multi_token_prediction_heads_are_left_out_with_a_note(tmp_path):
+    tokenizer = Tokenizer.fit("char", TEXT)
+    ours = random_model(tokenizer, mtp_heads=2, mtp_weight=0.5)
+    notes = []
+    folder = export_state(ours.config, ours.state_dict(), tokenizer, tmp_path / "hf", log=notes.append)
+    assert any("CONFIG_MTP_HEADS=2" in n and "left out" in n for n in notes)
+    idx = torch.tensor([tokenizer.encode(TEXT[:16])])
+    with torch.no_grad():
+        assert (load_hf(folder)(idx).logits - ours(idx, idx)[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("sets, blocking", [
+    ("MLP_RELU2=y", ["CONFIG_MLP=relu2"]),
+    ("MLP_GEGLU=y", ["CONFIG_MLP=geglu"]),
+    ("ATTN_WINDOW=8", ["CONFIG_ATTN_WINDOW=8"]),
+    ("FINAL_LOGIT_SOFTCAP=30", ["CONFIG_FINAL_LOGIT_SOFTCAP=30"]),
+    ("ATTN_REFERENCE=y ATTN_SOFTCAP=50", ["CONFIG_ATTN_SOFTCAP=50"]),
+    ("MOE=y", ["CONFIG_MOE=y"]),
+    ("POS_ROPE=y", ["CONFIG_POS=rope (needs learned)", "CONFIG_NORM=layernorm (needs rmsnorm)"]),
+    ("NORM_RMSNORM=y POS_ROPE=y MLP_SWIGLU=y QK_NORM=y BIAS=y", ["CONFIG_BIAS=y (needs n)"]),
+    ("NORM_RMSNORM=y", ["CONFIG_NORM=rmsnorm (needs layernorm)"]),
+])
+def test_refusals_name_the_blocking_symbols(sets, blocking):
+    config = ModelConfig.from_config(config_of(sets, MODEL_SIZE_TINY=True), vocab_size=64)
+    with pytest.raises(ExportRefused) as e:
+        choose_target(config)
+    for words in blocking:
+        assert words in str(e.value)
+
+
+def test_default_model_and_the_llama_set_from_kconfig_map_to_their_architectures():
+    assert choose_target(ModelConfig.from_config(config_of(), 64)).architecture == "GPT2LMHeadModel"
+    llama = config_of("NORM_RMSNORM=y POS_ROPE=y MLP_SWIGLU=y BIAS=n N_KV_HEAD=2")
+    assert choose_target(ModelConfig.from_config(llama, 64)).architecture == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_exported_tokenizer_gives_our_ids_on_the_embedded_corpus(tmp_path, kind):
+    text = "".join(p.text for p in embedded_source(300_000).pieces(Stats()))[:300_000]
+    assert len(text) > 250_000
+    tokenizer = Tokenizer.fit(kind, text + "<|endoftext|>")
+    model = random_model(tokenizer)
+    folder = export_state(model.config, model.state_dict(), tokenizer, tmp_path / "hf", log=lambda _: None)
+    hf = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    for start in range(0, len(text), 60_000):
+        sample = text[start:start + 4000] + "<|endoftext|>"  # even its spelling encodes as characters
+        ids = hf(sample, add_special_tokens=True)["input_ids"]
+        assert ids == tokenizer.encode(sample)
+        assert hf.decode(ids) == sample
+    assert hf.eos_token == "<|endoftext|>" and hf.eos_token_id == tokenizer.vocab_size
+    assert hf.convert_tokens_to_ids("<|endoftext|>") == tokenizer.vocab_size
+
+
+def test_sentencepiece_tokenizer_is_refused_by_name(tmp_path):
+    sentencepiece = pytest.importorskip("sentencepiece")  # noqa: F841
+    from data.sentencepiece_tokenizer import train_sentencepiece
+
+    lines = [f"{TEXT} {i} {TEXT[i % 20:]}" for i in range(400)]
+    tokenizer = Tokenizer(train_sentencepiece(iter(lines), 300, "bpe", threads=1))  # byte fallback: 256 + pieces
+    model = random_model(tokenizer)
+    with pytest.raises(ExportRefused, match="CONFIG_TOKENIZER=sentencepiece"):
+        export_state(model.config, model.state_dict(), tokenizer, tmp_path / "hf", log=lambda _: None)
+    assert not (tmp_path / "hf").exists()
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("ran code from a checkpoint",))
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_not_run(tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"model": {}, "payload": Payload()}, tmp_path / "checkpoints" / "best.pt")
+    with pytest.raises(Exception) as e:
+        checkpoint_state(tmp_path, "best")
+    assert "ran code" not in capsys.readouterr().out
+    assert "best.pt" in str(e.value)
+
+
+@pytest.mark.slow
+def test_make_export_on_a_trained_run(repo, make):
+    make("defconfig-quickstart")
+    make(env={"SET": "MAX_ITERS=10 WARMUP_ITERS=2 EVAL_INTERVAL=5 EVAL_BATCHES=2 SAMPLE_TOKENS=4"})
+    out = make("export").stdout
+    (run_dir,) = [p.parent.parent for p in (repo / "runs").glob("*/*/checkpoints/best.pt")]
+    folder = run_dir / "export" / "hf"
+    from train import checkpoint
+
+    state = checkpoint.load(run_dir / "checkpoints" / "best.pt")
+    config = ModelConfig.from_dict(state["model_config"])
+    assert choose_target(config).architecture in out and str(folder) in out
+    ours = GPT(config).eval()
+    ours.load_state_dict(state["model"])
+    tokenizer = Tokenizer(state["tokenizer"])
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ids = hf_tokenizer("import os\ndef main():\n")["input_ids"]
+    assert ids == tokenizer.encode("import os\ndef main():\n")
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        assert (load_hf(folder)(idx).logits - ours(idx, idx)[0]).abs().max().item() <= 1e-5
+    latest = make("export", env={"CHECKPOINT": "latest", "RUN_DIR": str(run_dir)}).stdout
+    assert "latest checkpoint" in latest and "step-00000010.pt" in latest
