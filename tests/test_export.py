@@ -192,3 +192,58 @@ def test_make_export_on_a_trained_run(repo, make):
         assert (load_hf(folder)(idx).logits - ours(idx, idx)[0]).abs().max().item() <= 1e-5
     latest = make("export", env={"CHECKPOINT": "latest", "RUN_DIR": str(run_dir)}).stdout
     assert "latest checkpoint" in latest and "step-00000010.pt" in latest
+
+
+@pytest.mark.parametrize("name", OPTION_SETS)
+def test_reading_an_export_back_gives_our_weights(tmp_path, name):
+    from export.hf_import import read_hf_folder
+
+    tokenizer = Tokenizer.fit("char", TEXT)
+    ours = random_model(tokenizer, **OPTION_SETS[name][0])
+    folder = export_state(ours.config, ours.state_dict(), tokenizer, tmp_path / "hf", log=lambda _: None)
+    config, weights = read_hf_folder(folder)
+    for field in ("n_layer", "n_head", "n_kv_head", "n_embd", "norm", "pos", "rope_theta", "mlp", "mlp_hidden",
+                  "qk_norm", "tie_embeddings", "vocab_size", "block_size"):
+        assert getattr(config, field) == getattr(ours.config, field), field
+    back = GPT(config).eval()
+    back.load_state_dict(weights)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    # GPT-2 always has biases: a BIAS=n model reads back as BIAS=y with zero biases
+    assert config.bias == (ours.config.bias or choose_target(config).model_type == "gpt2")
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel"])
+def test_a_folder_transformers_wrote_reads_into_our_model_with_its_logits(tmp_path, architecture):
+    from export.hf_import import read_hf_folder
+
+    torch.manual_seed(0)
+    if architecture == "GPT2LMHeadModel":
+        hf_config = transformers.GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                            activation_function="gelu", tie_word_embeddings=False)
+    else:
+        config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+        hf_config = config_class(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
+                                 max_position_embeddings=32, tie_word_embeddings=True,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    theirs = getattr(transformers, architecture)(hf_config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path / "hf")
+    config, weights = read_hf_folder(tmp_path / "hf")
+    ours = GPT(config).eval()
+    ours.load_state_dict(weights)
+    idx = torch.randint(0, 80, (2, 16))
+    with torch.no_grad():
+        assert (ours(idx, idx)[0] - theirs(idx).logits).abs().max().item() <= 1e-5
+
+
+def test_reading_a_folder_our_model_cannot_compute_names_the_setting(tmp_path):
+    from export.hf_import import ImportRefused, read_hf_folder
+
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64,
+                                                         n_positions=16)).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ImportRefused, match="activation_function='gelu_new'"):
+        read_hf_folder(tmp_path / "hf")
