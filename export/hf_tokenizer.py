@@ -5,7 +5,8 @@ splitting: every character (char) or byte (byte, through the byte-level alphabet
 spell bytes as characters) is its own token, with our id. Neither has an end-of-text token, so
 one, ``<|endoftext|>``, is appended after the real ids (id = the tokenizer's vocabulary size);
 tokenizer_config.json sets ``split_special_tokens``, so even text that spells ``<|endoftext|>``
-encodes as its characters, as ours does. SentencePiece (and any other kind)
+encodes as its characters, as ours does. A byte-level BPE tokenizer (data/bpe_tokenizer.py) is
+already a ``tokenizers`` tokenizer.json with its own end-of-text token: written as it is. SentencePiece (and any other kind)
 is refused by name: its export is not written yet.
 """
 
@@ -20,8 +21,8 @@ EOS = "<|endoftext|>"
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
-    """The exported end-of-text id: one past the real ids."""
-    return tokenizer.vocab_size
+    """The exported end-of-text id: a BPE tokenizer's own, else one past the real ids."""
+    return tokenizer.eos_id if tokenizer.kind == "bpe" else tokenizer.vocab_size
 
 
 def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
@@ -38,10 +39,15 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         hf.decoder = decoders.ByteLevel()
+    elif tokenizer.kind == "bpe":  # already a tokenizers tokenizer with its end-of-text token (data/bpe_tokenizer.py)
+        hf = HFTokenizer.from_str(json.dumps(tokenizer.spec["tokenizer"]))
+        if hf.token_to_id(EOS) != eos_id(tokenizer):
+            raise AssertionError(f"{EOS} has id {hf.token_to_id(EOS)} in the BPE tokenizer, expected {eos_id(tokenizer)}")
+        return hf.to_str(pretty=True)
     else:
         raise ExportRefused(
             f"CONFIG_TOKENIZER={tokenizer.kind}: exporting this tokenizer to Hugging Face files is not implemented "
-            "(char and byte are); train with CONFIG_TOKENIZER_CHAR or CONFIG_TOKENIZER_BYTE to export a run")
+            "(char, byte and byte-level BPE are); train with CONFIG_TOKENIZER_CHAR or CONFIG_TOKENIZER_BYTE to export a run")
     hf.add_special_tokens([AddedToken(EOS, special=True, normalized=False)])
     if hf.token_to_id(EOS) != eos_id(tokenizer):
         raise AssertionError(f"{EOS} got id {hf.token_to_id(EOS)}, expected {eos_id(tokenizer)}")

@@ -247,3 +247,19 @@ def test_reading_a_folder_our_model_cannot_compute_names_the_setting(tmp_path):
                                                          n_positions=16)).save_pretrained(tmp_path / "hf")
     with pytest.raises(ImportRefused, match="activation_function='gelu_new'"):
         read_hf_folder(tmp_path / "hf")
+
+
+@pytest.mark.slow
+def test_byte_level_bpe_tokenizer_exports_with_its_own_end_of_text_token(tmp_path):
+    bpe = pytest.importorskip("data.bpe_tokenizer")  # the TOKENIZER_BPE change
+    text = "".join(p.text for p in embedded_source(200_000).pieces(Stats()))
+    tokenizer = Tokenizer(bpe.train_bpe([text[:150_000]], 400))
+    model = random_model(tokenizer, **LLAMA)
+    folder = export_state(model.config, model.state_dict(), tokenizer, tmp_path / "hf", log=lambda _: None)
+    hf = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    sample = text[150_000:160_000] + "<|endoftext|>"
+    assert hf(sample)["input_ids"] == tokenizer.encode(sample) and hf.decode(hf(sample)["input_ids"]) == sample
+    assert hf.eos_token_id == tokenizer.eos_id == json.loads((folder / "config.json").read_text())["eos_token_id"]
+    idx = torch.tensor([tokenizer.encode(sample)[:24]])
+    with torch.no_grad():
+        assert (load_hf(folder)(idx).logits - model(idx, idx)[0]).abs().max().item() <= 1e-5
