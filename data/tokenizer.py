@@ -1,18 +1,21 @@
-"""Character, byte and SentencePiece tokenizers, defined by a JSON-serializable spec.
+"""Character, byte, SentencePiece and byte-level BPE tokenizers, defined by a JSON-serializable spec.
 
 The spec is everything needed to rebuild a tokenizer (a SentencePiece model is
-carried base64-encoded), so a checkpoint that stores ``tokenizer.spec`` can
-sample without the data cache. ``sha256`` is the digest of the canonical spec.
+carried base64-encoded, a BPE tokenizer as its native tokenizer.json), so a
+checkpoint that stores ``tokenizer.spec`` can sample without the data cache.
+``sha256`` is the digest of the canonical spec.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 
 import numpy as np
 
+from data.bpe_tokenizer import END_OF_TEXT, native, safe_chunks
 from data.errors import DataError
 
 
@@ -35,6 +38,9 @@ class Tokenizer:
                 raise ValueError("SentencePiece model in the tokenizer spec does not match its model_sha256")
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
             self.eos_id = self._sp.eos_id()
+        elif self.kind == "bpe":
+            self._bpe = native(spec)
+            self.eos_id = self._bpe.token_to_id(END_OF_TEXT)
         elif self.kind != "byte":
             raise ValueError(f"unknown tokenizer kind {self.kind!r} in tokenizer spec")
 
@@ -55,6 +61,8 @@ class Tokenizer:
     def vocab_size(self) -> int:
         if self.kind == "sentencepiece":
             return self._sp.get_piece_size()
+        if self.kind == "bpe":
+            return self._bpe.get_vocab_size()
         return len(self.chars) if self.kind == "char" else 256
 
     @property
@@ -70,6 +78,10 @@ class Tokenizer:
             # Line by line: long inputs encode several times faster, with identical ids ("\n" is its own piece).
             lines = self._sp.encode(text.splitlines(keepends=True))
             return np.fromiter((i for ids in lines for i in ids), dtype=dtype)
+        if self.kind == "bpe":
+            # chunks encode on several threads; they are cut where the ids stay those of the whole text
+            encodings = self._bpe.encode_batch_fast(list(safe_chunks(text)), add_special_tokens=False)
+            return np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype)
         cps = codepoints(text)
         ids = np.searchsorted(self._codepoints, cps)
         ids = np.minimum(ids, len(self._codepoints) - 1)
@@ -88,6 +100,8 @@ class Tokenizer:
             return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
         if self.kind == "sentencepiece":
             return self._sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+        if self.kind == "bpe":  # end-of-text tokens decode to nothing, like SentencePiece's eos
+            return self._bpe.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
         return "".join(self.chars[i] for i in ids if i < len(self.chars))
 
     def save(self, path) -> None:

@@ -1,10 +1,11 @@
 """The configured tokenizer: built once per corpus and settings, stored with its SHA-256.
 
 Char vocabularies are the corpus's distinct characters (one streaming pass);
-SentencePiece models train on the first SENTENCEPIECE_SAMPLE_MB of the corpus,
-never beyond its training part. Both are kept under DATA_CACHE_DIR/tokenizers
-as <name>.json plus <name>.sha256, verified on every load, so prepared data
-can be checked against the tokenizer the configuration means today.
+SentencePiece and byte-level BPE models train on the first SENTENCEPIECE_SAMPLE_MB
+or BPE_SAMPLE_MB of the corpus, never beyond its training part. All are kept
+under DATA_CACHE_DIR/tokenizers as <name>.json plus <name>.sha256, verified on
+every load, so prepared data can be checked against the tokenizer the
+configuration means today.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.bpe_tokenizer import train_bpe
 from data.corpus import Source, empty_corpus_error
 from data.errors import DataError
 from data.progress import Progress
@@ -32,6 +34,9 @@ def tokenizer_settings(cfg) -> dict:
         return {"kind": "sentencepiece", "model_type": cfg.SENTENCEPIECE_MODEL_TYPE,
                 "vocab_size": cfg.SENTENCEPIECE_VOCAB_SIZE, "sample_mb": cfg.SENTENCEPIECE_SAMPLE_MB,
                 "val_fraction": cfg.VAL_FRACTION}
+    if cfg.TOKENIZER == "bpe":
+        return {"kind": "bpe", "vocab_size": cfg.BPE_VOCAB_SIZE, "sample_mb": cfg.BPE_SAMPLE_MB,
+                "val_fraction": cfg.VAL_FRACTION}
     return {"kind": cfg.TOKENIZER}  # "char" or "byte": nothing else determines them
 
 
@@ -43,7 +48,7 @@ def configured_tokenizer(cfg, source: Source, cache: Path, log=print) -> Tokeniz
     key = hashlib.sha256(f"{FORMAT}|{source.fingerprint}|{json.dumps(settings, sort_keys=True)}".encode())
     path = cache / "tokenizers" / f"{source.label}-{settings['kind']}-{key.hexdigest()[:12]}.json"
     build = (lambda: _fit_chars(source, log)) if settings["kind"] == "char" else \
-        (lambda: _train_sentencepiece(source, settings, log))
+        (lambda: _train_subwords(source, settings, log))
     return _stored_or_built(path, f"{settings['kind']} tokenizer for {source.description}", build, log)
 
 
@@ -87,8 +92,8 @@ def mix_tokenizer(cfg, sources: list[tuple[Source, float]], extras: list[Source]
     """One tokenizer shared by weighted training sources (and validation-only ``extras``).
 
     char: the distinct characters of every source and extra (all must encode);
-    SentencePiece: trained on a sample of SENTENCEPIECE_SAMPLE_MB split across the
-    training sources by weight (extras are validation, never trained on); byte: fixed.
+    SentencePiece and BPE: trained on a sample of SENTENCEPIECE_SAMPLE_MB or BPE_SAMPLE_MB split
+    across the training sources by weight (extras are validation, never trained on); byte: fixed.
     """
     settings = tokenizer_settings(cfg)
     if settings["kind"] == "byte":
@@ -98,7 +103,7 @@ def mix_tokenizer(cfg, sources: list[tuple[Source, float]], extras: list[Source]
     key = hashlib.sha256(f"{FORMAT}|mix|{'|'.join(parts)}|{json.dumps(settings, sort_keys=True)}".encode())
     path = cache / "tokenizers" / f"mix-{settings['kind']}-{key.hexdigest()[:12]}.json"
     build = (lambda: _fit_chars(covered, log, "the sources of CONFIG_DATA_MIX/CONFIG_DATA_VAL_EXTRA")) \
-        if settings["kind"] == "char" else (lambda: _train_sentencepiece(sources, settings, log))
+        if settings["kind"] == "char" else (lambda: _train_subwords(sources, settings, log))
     return _stored_or_built(path, f"{settings['kind']} tokenizer for {len(covered)} sources", build, log)
 
 
@@ -143,8 +148,9 @@ def _sample(source: Source, cap: int, val_fraction: float, stats: Stats) -> tupl
     return texts, min(size, cap)
 
 
-def _train_sentencepiece(sources, settings: dict, log) -> Tokenizer:
-    """Train on SENTENCEPIECE_SAMPLE_MB of text: from one Source, or split by weight over (Source, weight) pairs."""
+def _train_subwords(sources, settings: dict, log) -> Tokenizer:
+    """Train SentencePiece or BPE on their SAMPLE_MB of text: from one Source, or split by weight over
+    (Source, weight) pairs."""
     weighted = [(sources, 1.0)] if isinstance(sources, Source) else list(sources)
     cap = settings["sample_mb"] * 1_000_000
     total = sum(w for _, w in weighted)
@@ -157,6 +163,9 @@ def _train_sentencepiece(sources, settings: dict, log) -> Tokenizer:
     description = weighted[0][0].description if len(weighted) == 1 else "the sources of CONFIG_DATA_MIX"
     if not any(texts):
         raise empty_corpus_error([s for s, _ in weighted], stats, "" if len(weighted) == 1 else description)
+    if settings["kind"] == "bpe":
+        log(f"data: training byte-level BPE (vocab {settings['vocab_size']}) on {size / 1e6:.1f} MB")
+        return Tokenizer(train_bpe(texts, settings["vocab_size"]))
     log(f"data: training SentencePiece ({settings['model_type']}, vocab {settings['vocab_size']}) "
         f"on {size / 1e6:.1f} MB")
     try:

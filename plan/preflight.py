@@ -30,8 +30,13 @@ CHAR_BYTE_VOCAB = 256  # byte vocabulary; char vocabularies of the shipped corpo
 
 
 def check_vocab(cfg: Config) -> int:
-    """The vocabulary the run's model will have, known without data (SentencePiece: its configured size)."""
-    return padded_vocab(cfg.SENTENCEPIECE_VOCAB_SIZE) if cfg.TOKENIZER == "sentencepiece" else CHAR_BYTE_VOCAB
+    """The vocabulary the run's model will have, known without data (SentencePiece, BPE: the configured size,
+    which a small corpus can only lower)."""
+    if cfg.TOKENIZER == "sentencepiece":
+        return padded_vocab(cfg.SENTENCEPIECE_VOCAB_SIZE)
+    if cfg.TOKENIZER == "bpe":
+        return padded_vocab(cfg.BPE_VOCAB_SIZE)
+    return CHAR_BYTE_VOCAB
 
 
 def problems(cfg: Config, here: bool = True) -> list[str]:

@@ -1,10 +1,14 @@
 """Data preparation throughput and memory: python scripts/bench_data.py
 
 Generates a text corpus of DATA_BENCH_MB megabytes (default 1000) as 100 files in
-a temporary folder, prepares it with the byte tokenizer (or DATA_BENCH_TOKENIZER=
-char|sentencepiece) and prints MB/s and the peak resident memory of this process
-and its children (resource.getrusage). Preparation streams, so the peak should
-stay far below the corpus size (target: under 2 GB for 1 GB).
+a temporary folder (or, with DATA_BENCH_SOURCE=embedded, takes that many MB of the
+embedded corpus), prepares it with the byte tokenizer (or DATA_BENCH_TOKENIZER=
+char|byte|sentencepiece|bpe, or several comma-separated, measured one after the
+other on the same text) and prints, per tokenizer, the seconds its training took
+and the tokenizing MB/s (preparation with the tokenizer already built), and the
+peak resident memory of this process and its children (resource.getrusage; with
+several tokenizers, the peak over all of them so far). Preparation streams, so the
+peak should stay far below the corpus size (target: under 2 GB for 1 GB).
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data.prepare import prepare  # noqa: E402
+from data.cache import prepare_source  # noqa: E402
+from data.corpus import rooted  # noqa: E402
+from data.dataset import source_for  # noqa: E402
+from data.vocab import configured_tokenizer  # noqa: E402
 from kconfig.tree import parse_overrides, resolve  # noqa: E402
 from kconfig.values import values  # noqa: E402
 
@@ -54,27 +61,44 @@ def peak_rss_mb() -> tuple[float, float]:
     return own, children
 
 
+def bench(kind: str, corpus: str, tmp: Path) -> None:
+    """Train (when the kind needs it) and then prepare with one tokenizer kind; print both timings."""
+    kconf, _ = resolve([], parse_overrides(f"{corpus} DATA_CACHE_DIR={tmp / 'cache'} TOKENIZER_{kind.upper()}=y "
+                                           "VAL_FRACTION=0.01"))
+    cfg = values(kconf)
+    source = source_for(cfg, tmp)
+    quiet = lambda m: None  # noqa: E731
+    t0 = time.time()
+    tok = configured_tokenizer(cfg, source, rooted(cfg.DATA_CACHE_DIR, tmp), quiet)
+    trained = time.time() - t0
+    t0 = time.time()
+    data = prepare_source(cfg, tmp, source, tok, quiet)
+    seconds = time.time() - t0
+    own, children = peak_rss_mb()
+    m = data.manifest
+    size, tokens = m["source"]["bytes"], m["train_tokens"] + m["val_tokens"]
+    print(f"bench: {kind:>13} tokenizer (vocab {tok.vocab_size}), {size / 1e6:,.1f} MB: trained in {trained:.1f}s, "
+          f"{tokens:,} tokens ({size / tokens:.2f} bytes/token) in {seconds:.1f}s = {size / 1e6 / seconds:.1f} MB/s "
+          f"({m['workers']} process{'es' if m['workers'] > 1 else ''}); peak RSS {own:.0f} MB (this process), "
+          f"{children:.0f} MB (largest child)", flush=True)
+
+
 def main() -> int:
     megabytes = int(os.environ.get("DATA_BENCH_MB", "1000"))
-    kind = os.environ.get("DATA_BENCH_TOKENIZER", "byte")
+    kinds = os.environ.get("DATA_BENCH_TOKENIZER", "byte").split(",")
     tmp = Path(tempfile.mkdtemp(prefix="data-bench-"))
     try:
-        corpus = tmp / "corpus"
-        corpus.mkdir()
-        t0 = time.time()
-        size = generate(corpus, megabytes)
-        print(f"bench: generated {size / 1e6:,.0f} MB in {time.time() - t0:.0f}s; RSS so far {peak_rss_mb()[0]:.0f} MB",
-              flush=True)
-        kconf, _ = resolve([], parse_overrides(f"DATA_PATH={corpus} DATA_CACHE_DIR={tmp / 'cache'} "
-                                               f"TOKENIZER_{kind.upper()}=y VAL_FRACTION=0.01"))
-        t0 = time.time()
-        data = prepare(values(kconf), tmp, log=lambda m: print(m, flush=True))
-        seconds = time.time() - t0
-        own, children = peak_rss_mb()
-        m = data.manifest
-        print(f"bench: {kind} tokenizer, {size / 1e6:,.0f} MB corpus, {m['train_tokens'] + m['val_tokens']:,} tokens "
-              f"in {seconds:.1f}s = {size / 1e6 / seconds:.1f} MB/s; peak RSS {own:.0f} MB (this process), "
-              f"{children:.0f} MB (largest child), {own + children:.0f} MB together")
+        if os.environ.get("DATA_BENCH_SOURCE") == "embedded":
+            corpus = f"EMBEDDED_CORPUS_MB={megabytes}"
+        else:
+            (tmp / "corpus").mkdir()
+            t0 = time.time()
+            size = generate(tmp / "corpus", megabytes)
+            print(f"bench: generated {size / 1e6:,.0f} MB in {time.time() - t0:.0f}s; RSS so far "
+                  f"{peak_rss_mb()[0]:.0f} MB", flush=True)
+            corpus = f"DATA_PATH={tmp / 'corpus'}"
+        for kind in kinds:
+            bench(kind.strip(), corpus, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
