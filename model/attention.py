@@ -13,6 +13,8 @@ soft-capped as ``c * tanh(s / c)`` before the softmax (Gemma 2). They differ in 
   others. It keeps B x n_head x T x T scores and probabilities.
 
 ``saved_bytes`` and ``mask_bytes`` are what each kernel keeps for backward, for train/memory.py.
+``KVCache`` holds each layer's keys and values during generation (GPT.generate), so a new token
+attends to the cached ones instead of recomputing the whole sequence; training never passes one.
 """
 
 from __future__ import annotations
@@ -45,14 +47,16 @@ def check_flash_available() -> None:
         raise FlashAttentionUnavailable(f"{fix}: this GPU has compute capability {major}.{minor}")
 
 
-def causal_mask(T: int, window: int, device=None) -> torch.Tensor:
-    """(T, T) bool, True where query i may attend to key j: j <= i and, with a window, i - j < window.
+def causal_mask(T: int, window: int, device=None, offset: int = 0) -> torch.Tensor:
+    """(T, offset + T) bool, True where query i may attend to key j: j <= i and, with a window,
+    i - j < window. Queries are positions offset .. offset + T - 1 (offset: the positions a KV cache
+    already holds), keys 0 .. offset + T - 1.
 
     One vectorized comparison (no loop over tokens); GPT.forward builds it once per forward and
     shares it between layers.
     """
-    i = torch.arange(T, device=device).unsqueeze(1)
-    j = torch.arange(T, device=device).unsqueeze(0)
+    i = torch.arange(offset, offset + T, device=device).unsqueeze(1)
+    j = torch.arange(offset + T, device=device).unsqueeze(0)
     allowed = j <= i
     if window:
         allowed = allowed & (i - j < window)
@@ -131,6 +135,48 @@ def saved_bytes(config, batch: int, seq: int, act_bytes: int) -> int:
     return saved
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, for incremental decoding.
+
+    Each layer's (B, n_kv_head, capacity, head_dim) buffers are allocated on its first append, in
+    the dtype and on the device of its keys; ``length`` counts the positions stored (every layer
+    holds the same ones). Keys are stored after QK-norm and RoPE, as the kernels consume them.
+    """
+
+    def __init__(self, n_layer: int, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.layers = [LayerCache(self) for _ in range(n_layer)]
+
+    def advance(self, tokens: int) -> None:
+        """Count ``tokens`` more positions once every layer has appended them."""
+        self.length += tokens
+
+
+class LayerCache:
+    """One layer's slice of a KVCache."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) after the cached positions; return all keys and values so far."""
+        start, end = self.cache.length, self.cache.length + k.size(2)
+        if end > self.cache.capacity:
+            raise ValueError(f"KV cache of {self.cache.capacity} positions cannot take {end}")
+        if self.k is None:
+            shape = (k.size(0), k.size(1), self.cache.capacity, k.size(3))
+            self.k = k.new_empty(shape)
+            self.v = v.new_empty(shape)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        if start == 0:  # a prefill attends over exactly the tensors a forward without cache uses
+            return k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     """Projections, QK-norm and RoPE around the configured attention kernel."""
 
@@ -149,9 +195,15 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = make_norm(config, config.head_dim)
             self.k_norm = make_norm(config, config.head_dim)
 
-    def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
         """x (B, T, C); rope (cos, sin) or None; mask the (T, T) causal/window mask, None when SDPA
-        runs full causal attention or flash-attn applies the window itself."""
+        runs full causal attention or flash-attn applies the window itself.
+
+        With ``cache`` (generation) x holds the positions after the cached ones: rope's tables start
+        at the first of them, k and v are appended to the cache and the queries attend to all of it;
+        mask is then (T, cached + T), or None for a prefill under full-causal SDPA or flash-attn.
+        """
         B, T, C = x.shape
         config = self.config
         kv_dim = config.n_kv_head * config.head_dim
@@ -163,6 +215,8 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = self.apply_rope(q, *rope), self.apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.append(k, v)
         p = config.dropout if self.training else 0.0
         if config.attn == "reference":
             y = reference_attention(q, k, v, mask, config.attn_softcap, p)

@@ -8,19 +8,22 @@ same blocks. Attention kernels, sliding windows and soft-capping live in model/a
 the MLP and its activations in model/mlp.py; Mixture-of-Experts layers in model/moe.py.
 Optional extra heads predict tokens t+2..t+n (multi-token prediction) and activation
 checkpointing (ModelConfig.checkpoint_every) recomputes chosen blocks in backward.
+Generation (GPT.generate) decodes incrementally through a KV cache (model/attention.py's KVCache)
+and samples with temperature, top-k and top-p (sample_next).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import BACKENDS, CausalSelfAttention, causal_mask, softcap
+from model.attention import BACKENDS, CausalSelfAttention, KVCache, LayerCache, causal_mask, softcap
 from model.mlp import MLP, activation, hidden_width
 from model.moe import MoE, MoEConfig, is_moe_block
 
@@ -165,8 +168,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(c.n_embd, c.mlp_hidden, c.mlp, bias=c.bias, dropout=c.dropout)
 
-    def forward(self, x: torch.Tensor, rope, mask) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, mask)
+    def forward(self, x: torch.Tensor, rope, mask, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -232,25 +235,42 @@ class GPT(nn.Module):
             return None
         return causal_mask(T, c.attn_window, device)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def _cached_mask(self, T: int, start: int, device) -> torch.Tensor | None:
+        """The (T, start + T) mask of queries at positions start.. over every cached key (a KV cache's
+        step after its prefill); flash-attn aligns a shorter query block to the last keys itself."""
+        if self.config.attn == "flash":
+            return None
+        return causal_mask(T, self.config.attn_window, device, offset=start)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """Logits (B, T, V) and the mean cross-entropy when targets are given.
 
-        Without targets only the last position's logits are computed (generation).
+        Without targets only the last position's logits are computed (generation). With ``cache``
+        (generation only) idx holds the positions after the cached ones, which it then also holds.
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds CONFIG_BLOCK_SIZE={self.config.block_size}")
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds CONFIG_BLOCK_SIZE={self.config.block_size}")
+        if cache is not None and targets is not None:
+            raise ValueError("a KV cache is for generation: pass targets or a cache, not both")
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
-        mask = self._attention_mask(T, idx.device)
+        rope = None
+        if self.config.pos == "rope":  # a cache's positions start at its length
+            rope = (self.rope_cos[start:], self.rope_sin[start:]) if start else (self.rope_cos, self.rope_sin)
+        mask = self._attention_mask(T, idx.device) if start == 0 else self._cached_mask(T, start, idx.device)
         for i, block in enumerate(self.blocks):
-            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+            if cache is not None:
+                x = block(x, rope, mask, cache.layers[i])
+            elif self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
                 x = block(x, rope, mask)
+        if cache is not None:
+            cache.advance(T)
         if targets is None:
             return self._logits(x[:, -1:, :]), None
         logits = self._logits(x)
@@ -288,25 +308,64 @@ class GPT(nn.Module):
         self.loss_parts = parts
         return loss
 
+    def cache_is_exact(self) -> bool:
+        """Whether a KV-cache step computes what a forward over the whole context does: not with MoE
+        capacity, whose token dropping depends on every token of the forward."""
+        return not any(moe.config.capacity_factor for moe in self.moe_layers)
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, generator: torch.Generator | None = None,
-                 vocab_limit: int | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
+                 vocab_limit: int | None = None, top_p: float = 1.0,
+                 stop: Callable[[torch.Tensor], bool] | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy.
 
-        vocab_limit excludes the padding ids above the tokenizer's vocabulary.
+        vocab_limit excludes the padding ids above the tokenizer's vocabulary; top_p 1 is off;
+        ``stop(idx)`` returning True after a token ends generation there. The context is the last
+        CONFIG_BLOCK_SIZE tokens. Up to that length a KV cache feeds each new token alone (the
+        prompt in one prefill); past it the window slides, every position's hidden states change
+        with it, and each step recomputes the cropped window as a forward without cache does, so
+        cached and uncached generation give the same tokens. use_cache=False always recomputes.
         """
+        block = self.config.block_size
+        cache = KVCache(self.config.n_layer, block) if use_cache and self.cache_is_exact() else None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :vocab_limit].float()
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
+            if cache is not None and idx.size(1) <= block:
+                logits, _ = self(idx[:, cache.length:], cache=cache)
             else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
+                logits, _ = self(idx[:, -block:])
+            nxt = sample_next(logits[:, -1, :vocab_limit].float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, nxt), dim=1)
+            if stop is not None and stop(idx):
+                break
         return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of logits (B, V), (B, 1): greedy at temperature 0, else sampled from
+    softmax(logits / temperature) restricted to the top_k ids (0 = all) and then to the top_p
+    nucleus (1 = all)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely ids whose
+    probability reaches p, the rest -inf. An id stays when the ids more likely than it hold less
+    than p; the most likely id always stays."""
+    probs, order = F.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+    cumulative = probs.cumsum(dim=-1)
+    before = torch.cat((torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]), dim=-1)
+    drop_sorted = before >= p
+    drop_sorted[..., 0] = False  # the most likely id, even at p = 0
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))

@@ -135,3 +135,12 @@ def test_kconfig_options_reach_the_model():
 def test_softcap_with_sdpa_is_refused_when_built_directly():
     with pytest.raises(ValueError, match="CONFIG_ATTN_SOFTCAP=30.0 needs the flash or reference attention kernel"):
         tiny(attn_softcap=30.0)
+
+
+def test_causal_mask_with_an_offset_is_the_last_rows_of_the_full_mask():
+    """A KV cache's step: queries at positions offset.. over every key so far."""
+    for window in (0, 3):
+        full = causal_mask(7, window)
+        assert torch.equal(causal_mask(2, window, offset=5), full[5:])
+        assert torch.equal(causal_mask(7, window, offset=0), full)
+    assert causal_mask(1, 3, offset=6)[0].tolist() == [False] * 4 + [True] * 3

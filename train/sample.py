@@ -3,11 +3,50 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import torch
 
 from data.tokenizer import Tokenizer, check_vocab_fits
+from kconfig.errors import NamedError
+
+# Sampling symbols added after runs were first saved, with the value that samples as those runs did:
+# a checkpoint written before them samples with them off.
+ADDED_SAMPLING_SYMBOLS = {"SAMPLE_TOP_P": 1.0, "SAMPLE_STOP": ""}
+
+_ESCAPES = {"n": "\n", "t": "\t", "|": "|", "\\": "\\"}
+
+
+class StopStringError(NamedError):
+    """CONFIG_SAMPLE_STOP cannot be read as a list of stop strings."""
+
+
+def parse_stop_strings(text: str) -> tuple[str, ...]:
+    """CONFIG_SAMPLE_STOP's strings: separated by '|'; \\n newline, \\t tab, \\| bar, \\\\ backslash."""
+    strings, current, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            escape = text[i + 1: i + 2]
+            if escape not in _ESCAPES:
+                found = f"'\\{escape}'" if escape else "a '\\' at the end"
+                raise StopStringError(f"CONFIG_SAMPLE_STOP={text!r}: {found} at character {i + 1} is no escape; "
+                                      "use \\n (newline), \\t (tab), \\| (a literal |) or \\\\ (a backslash)")
+            current.append(_ESCAPES[escape])
+            i += 2
+            continue
+        if ch == "|":
+            strings.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    strings.append("".join(current))
+    if text and not all(strings):
+        raise StopStringError(f"CONFIG_SAMPLE_STOP={text!r}: an empty stop string (a leading, trailing or doubled "
+                              "'|') would end every sample at once; remove it, or write \\| for a literal |")
+    return tuple(strings) if text else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,33 +57,68 @@ class SampleConfig:
     tokens: int = 200
     temperature: float = 0.8
     top_k: int = 200  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    stop: tuple[str, ...] = ()  # the sample ends before the first of these in the generated text
     seed: int = 1337
 
     @classmethod
     def from_config(cls, cfg) -> SampleConfig:
         return cls(prompt=cfg.SAMPLE_PROMPT, tokens=cfg.SAMPLE_TOKENS, temperature=cfg.SAMPLE_TEMPERATURE,
-                   top_k=cfg.SAMPLE_TOP_K, seed=cfg.SEED)
+                   top_k=cfg.SAMPLE_TOP_K, top_p=cfg.SAMPLE_TOP_P, stop=parse_stop_strings(cfg.SAMPLE_STOP),
+                   seed=cfg.SEED)
 
 
-def generate_text(model, tokenizer: Tokenizer, sample: SampleConfig, device: torch.device) -> str:
-    """Prompt plus ``sample.tokens`` generated tokens (an empty prompt starts from a newline)."""
+def first_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int | None:
+    """The index in text of the earliest stop string occurrence at or after start, else None."""
+    found = [i for s in stop if (i := text.find(s, start)) >= 0]
+    return min(found) if found else None
+
+
+def generate_text(model, tokenizer: Tokenizer, sample: SampleConfig, device: torch.device,
+                  use_cache: bool = True) -> str:
+    """Prompt plus up to ``sample.tokens`` generated tokens (an empty prompt starts from a newline),
+    cut before the first stop string the generated text holds (the stop string excluded)."""
     prompt = sample.prompt or "\n"
     try:
         ids = tokenizer.encode(prompt)
     except ValueError as e:
         raise ValueError(f"prompt {prompt!r} cannot be encoded by this run's tokenizer: {e}") from None
     generator = torch.Generator(device=device).manual_seed(sample.seed)
+    # The generated text starts where the decoded prompt ends (or where decoding them together
+    # first differs from it, should a tokenizer merge across the boundary).
+    prompt_text = tokenizer.decode(ids)
+
+    def generated_from(text: str) -> int:
+        return len(os.path.commonprefix([text, prompt_text]))
+
+    def stopped(idx: torch.Tensor) -> bool:
+        text = tokenizer.decode(idx[0].tolist())
+        return first_stop(text, sample.stop, generated_from(text)) is not None
+
     was_training = model.training
     model.eval()
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     out = model.generate(idx, sample.tokens, temperature=sample.temperature, top_k=sample.top_k,
-                         generator=generator, vocab_limit=tokenizer.vocab_size)
+                         top_p=sample.top_p, generator=generator, vocab_limit=tokenizer.vocab_size,
+                         stop=stopped if sample.stop else None, use_cache=use_cache)
     model.train(was_training)
-    return tokenizer.decode(out[0].tolist())
+    text = tokenizer.decode(out[0].tolist())
+    cut = first_stop(text, sample.stop, generated_from(text))
+    return text if cut is None else text[:cut]
 
 
-def sample_from(run_dir, prompt: str | None = None, tokens: int | None = None) -> str:
-    """Generate from a run directory's checkpoint with the run's own sampling settings."""
+def sample_from(run_dir, prompt: str | None = None, tokens: int | None = None, top_p: float | None = None,
+                stop: tuple[str, ...] | None = None) -> str:
+    """Generate from a run directory's checkpoint with the run's own sampling settings; prompt, tokens,
+    top_p and stop (None: the run's) override them."""
+    model, tokenizer, sample = load_run(run_dir)
+    overrides = dict(prompt=prompt, tokens=tokens, top_p=top_p, stop=stop)
+    sample = dataclasses.replace(sample, **{k: v for k, v in overrides.items() if v is not None})
+    return generate_text(model, tokenizer, sample, torch.device("cpu"))
+
+
+def load_run(run_dir) -> tuple[torch.nn.Module, Tokenizer, SampleConfig]:
+    """A run directory's newest checkpoint as a plain GPT on CPU, its tokenizer and its SampleConfig."""
     from pathlib import Path
 
     from kconfig.values import Config
@@ -66,7 +140,4 @@ def sample_from(run_dir, prompt: str | None = None, tokens: int | None = None) -
         model.load_state_dict(full_weights(state["sharded"], state["engine"]))
     else:
         model.load_state_dict(state["model"])
-    sample = SampleConfig.from_config(Config(state["config"]))  # the run's own settings
-    sample = dataclasses.replace(sample, prompt=sample.prompt if prompt is None else prompt,
-                                 tokens=sample.tokens if tokens is None else tokens)
-    return generate_text(model, tokenizer, sample, torch.device("cpu"))
+    return model, tokenizer, SampleConfig.from_config(Config({**ADDED_SAMPLING_SYMBOLS, **state["config"]}))
