@@ -50,6 +50,46 @@ class PreparedData:
     def tokens(self, split: str) -> np.ndarray:
         return np.memmap(self.path / f"{split}.bin", dtype=self.dtype, mode="r")
 
+    @functools.cached_property
+    def val_bytes(self) -> int | None:
+        """UTF-8 bytes of the text the val split's tokens stand for: the manifest's count (recorded at
+        preparation), or, for data prepared before it was recorded, counted now from val.bin; None for
+        a tokenizer whose byte lengths are unknown."""
+        if "val_bytes" in self.manifest:
+            return self.manifest["val_bytes"]
+        return split_bytes(self.tokens("val"), self.tokenizer)
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray | None:
+    """UTF-8 bytes each token id decodes to: 1 for a byte, the character's length for a char vocabulary;
+    for SentencePiece (no normalization, no dummy prefix: pieces concatenate to the text) the piece's
+    length with U+2581 as a space, 1 for a byte-fallback piece, 0 for control tokens (end of text)."""
+    if tok.kind == "byte":
+        return np.ones(256, dtype=np.int64)
+    if tok.kind == "char":
+        return np.array([len(c.encode("utf-8")) for c in tok.chars], dtype=np.int64)
+    if tok.kind != "sentencepiece":
+        return None  # a tokenizer kind whose byte lengths are not known here: bits per byte unavailable
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=base64.b64decode(tok.spec["model"]))
+    return np.array([0 if sp.is_control(i) or sp.is_unknown(i) else 1 if sp.is_byte(i)
+                     else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+                     for i in range(sp.get_piece_size())], dtype=np.int64)
+
+
+def split_bytes(ids: np.ndarray, tok: Tokenizer, chunk: int = 8 << 20) -> int | None:
+    """UTF-8 bytes of the text ``ids`` decode to, counted chunk by chunk in bounded memory (None when
+    the tokenizer's byte lengths are unknown)."""
+    lengths = token_byte_lengths(tok)
+    if lengths is None:
+        return None
+    total = 0
+    for start in range(0, len(ids), chunk):
+        total += int(np.bincount(np.asarray(ids[start:start + chunk]), minlength=len(lengths))[:len(lengths)]
+                     @ lengths)
+    return total
+
 
 def prepared_path(cfg, root: Path, source: Source, tokenizer_sha: str = "",
                   val_fraction: float | None = None) -> Path:
@@ -125,6 +165,11 @@ def _write(source: Source, tok: Tokenizer, val_fraction: float, folder: Path, lo
     if tok.kind == "sentencepiece":  # for other tools (spm_encode, transformers)
         (folder / "tokenizer.model").write_bytes(base64.b64decode(tok.spec["model"]))
     result = tokenize_to(source, tok, val_fraction, folder, log)
+    val_ids = np.memmap(folder / "val.bin", dtype=result["dtype"], mode="r")
+    val_bytes = split_bytes(val_ids, tok)  # for bits per byte; not part of the cache key
+    if val_bytes is not None:  # unknown: left out, so a later version can count it from val.bin
+        result["val_bytes"] = val_bytes
+    del val_ids
     manifest = {
         "format": FORMAT,
         "source": {"description": source.description, "label": source.label,

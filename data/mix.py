@@ -83,6 +83,14 @@ class PreparedMix:
         sets.update((name, Batches(data, "val", batch_size, block_size, device, seed)) for name, data in self.extras)
         return sets
 
+    def val_tokens_per_byte(self) -> dict[str, float | None]:
+        """Each validation set's tokens over the UTF-8 bytes of the same text (None for a set without text):
+        a loss in nats per token times this, over ln 2, is in bits per byte, which no tokenizer changes."""
+        names = self.names if self.named else ["val"]
+        sets = [(name, m.data) for name, m in zip(names, self.members)] + list(self.extras)
+        return {name: data.manifest["val_tokens"] / data.val_bytes if data.val_bytes else None
+                for name, data in sets}
+
     def aggregate(self, losses: dict[str, float]) -> float:
         """val_loss: the sources' held-out losses weighted as in DATA_MIX (or the single "val" loss)."""
         if not self.named:

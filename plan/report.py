@@ -31,10 +31,10 @@ from plan.provenance import contributing, differing, load_attempts
 
 PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "final_val_loss.png", "tokens_per_s.png")
 COLUMNS = ("run", "status", "baseline", "differs_from_base", "params", "tokens_per_s", "mfu",
-           "final_val_loss", "best_val_loss", "best_val_step", "steps", "planned_steps", "final_lr",
-           "wall_time_s", "commit", "dirty", "hostname", "device", "error")
-NUMERIC = ("params", "tokens_per_s", "mfu", "final_val_loss", "best_val_loss", "best_val_step", "steps",
-           "planned_steps", "final_lr", "wall_time_s")
+           "final_val_loss", "best_val_loss", "best_val_step", "final_val_bpb", "best_val_bpb", "steps",
+           "planned_steps", "final_lr", "wall_time_s", "init_from", "commit", "dirty", "hostname", "device", "error")
+NUMERIC = ("params", "tokens_per_s", "mfu", "final_val_loss", "best_val_loss", "best_val_step", "final_val_bpb",
+           "best_val_bpb", "steps", "planned_steps", "final_lr", "wall_time_s")
 DASH = "–"
 TIME_LIMIT = "time_limit"
 MARK = "†"  # footnote mark of a time-limited run
@@ -104,9 +104,31 @@ def _values(row: dict) -> dict:
     git = latest.get("git") or {}
     return {"run": row["name"], "status": row["status"], "baseline": row["baseline"],
             "differs_from_base": format_differences(row), "error": row["error"],
-            **{k: _num(s.get(k)) for k in NUMERIC},
+            **{k: _num(s.get(k)) for k in NUMERIC}, "init_from": format_parent(s.get("init_from")),
             "commit": git.get("commit"), "dirty": git.get("dirty"), "hostname": latest.get("hostname"),
             "device": describe_device(latest.get("device")) if latest else None}
+
+
+def format_parent(parent) -> str | None:
+    """A warm-started run's parent (summary.json's init_from) as ``PATH@step N``; None for a fresh run."""
+    if not isinstance(parent, dict) or not parent.get("path"):
+        return None
+    return f"{parent['path']}@step {parent.get('step', '?')}"
+
+
+def lineage_lines(rows: list[dict]) -> list[str]:
+    """One line per warm-started run: which checkpoint it started from, at which step, the weights' digest."""
+    lines = []
+    for row in rows:
+        parent = row["summary"].get("init_from")
+        if format_parent(parent) is None:
+            continue
+        loss = _num(parent.get("val_loss"))
+        extra = "" if loss is None else f", val loss {loss:.4f} there"
+        carried = " with its optimizer state" if parent.get("optimizer") else ""
+        lines.append(f"- `{row['name']}` started from `{parent['path']}` (step {parent.get('step', '?')}{extra}, "
+                     f"weights sha256 {str(parent.get('weights_sha256'))[:12]}){carried}")
+    return ["Lineage (CONFIG_INIT_FROM):", "", *lines] if lines else []
 
 
 def format_csv(rows: list[dict]) -> str:
@@ -158,14 +180,14 @@ def time_limit_note(rows: list[dict]) -> str | None:
 def format_table(rows: list[dict]) -> str:
     """The markdown table: one row per run, in plan order."""
     head = ["run", "status", "differs from base", "params", "tokens/s", "MFU", "final val loss",
-            "best val loss", "wall time", "error"]
+            "best val loss", "val bpb", "wall time", "error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         v = _values(row)
         mfu = DASH if v["mfu"] is None else f"{100 * v['mfu']:.1f}%"
         cells = [f"`{row['name']}`", format_status(row), _short(v["differs_from_base"], 120) or DASH,
                  _fmt(v["params"], ",.0f"), _fmt(v["tokens_per_s"], ",.0f"), mfu,
-                 _fmt(v["final_val_loss"], ".4f"), _fmt(v["best_val_loss"], ".4f"),
+                 _fmt(v["final_val_loss"], ".4f"), _fmt(v["best_val_loss"], ".4f"), _fmt(v["final_val_bpb"], ".4f"),
                  _fmt(v["wall_time_s"], ".1f") + ("s" if v["wall_time_s"] is not None else ""),
                  _short(row["error"]) if row["status"] not in ("done", TIME_LIMIT) else ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -216,6 +238,9 @@ def format_markdown(record: dict, rows: list[dict], plots: list[str]) -> str:
     best = best_line(rows)
     if best:
         parts += [best, ""]
+    lineage = lineage_lines(rows)
+    if lineage:
+        parts += [*lineage, ""]
     parts += [*format_provenance(rows), ""]
     parts += [f"![{p[:-4].replace('_', ' ')}]({p})\n" for p in plots]
     return "\n".join(parts).rstrip() + "\n"

@@ -358,3 +358,25 @@ def test_all_runs_time_limited(tmp_path):
     best = next(line for line in (d / "report.md").read_text().splitlines() if line.startswith("Best run"))
     assert best == ("Best run by final val loss: `rope` (1.3500); baseline `base` was stopped by its time limit "
                     "(310/1000 steps, 1.4000), not compared.")
+
+
+def test_bits_per_byte_column_and_lineage(tmp_path):
+    d = tmp_path / "warm"
+    write_plan(d, "single", [{"name": "parent", "differences": {}}, {"name": "child", "differences": {}}])
+    write_run(d, "parent", 1.30, 12000.0)
+    write_run(d, "child", 1.10, 12000.0)
+    parent = {"path": "runs/a/parent/checkpoints/best.pt", "step": 400, "weights_sha256": "ab" * 32,
+              "val_loss": 1.30, "optimizer": False}
+    for name, bpb, init in (("parent", 1.875, None), ("child", 1.5, parent)):
+        summary = json.loads((d / name / "summary.json").read_text())
+        summary.update(final_val_bpb=bpb, best_val_bpb=bpb, init_from=init)
+        (d / name / "summary.json").write_text(json.dumps(summary))
+    write_report(d)
+    rows = read_csv(d)
+    assert [float(r["final_val_bpb"]) for r in rows] == [1.875, 1.5]
+    assert [r["init_from"] for r in rows] == ["", "runs/a/parent/checkpoints/best.pt@step 400"]
+    md = (d / "report.md").read_text()
+    assert "val bpb" in md.splitlines()[2] and "| 1.8750 |" in md and "| 1.5000 |" in md
+    assert ("- `child` started from `runs/a/parent/checkpoints/best.pt` (step 400, val loss 1.3000 there, "
+            "weights sha256 abababababab)") in md
+    assert "`parent` started" not in md

@@ -168,3 +168,35 @@ def newest_intact_step(run_dir: Path) -> int | None:
 def has_checkpoint(run_dir: Path) -> bool:
     """The run holds a step checkpoint it can resume from."""
     return newest_intact_step(run_dir) is not None
+
+
+def init_source(where: Path, which: str) -> tuple[Path, dict]:
+    """The checkpoint a warm start (CONFIG_INIT_FROM) reads and its loaded state: ``where`` is a run
+    directory (its checkpoints/best.pt for ``which`` "best", its newest readable step checkpoint for
+    "latest") or a checkpoint file. Sharded checkpoints (FSDP2, DeepSpeed folders) are refused."""
+    where = Path(where)
+    if where.is_dir():
+        if (where / EXTRA).is_file() or (where / FOLDER / BEST_SHARDED).is_dir():
+            raise CheckpointError(f"CONFIG_INIT_FROM={str(where)!r}: a sharded (FSDP2/DeepSpeed) checkpoint, which a "
+                                  "warm start cannot read yet; point it at a run trained with PARALLEL_NONE or DDP")
+        if which == "best":
+            path = where / FOLDER / BEST
+            if not path.is_file():
+                raise CheckpointError(f"CONFIG_INIT_FROM={str(where)!r}: no {FOLDER}/{BEST} there (the run never "
+                                      "evaluated); set CONFIG_INIT_FROM_CHECKPOINT_LATEST=y or name a checkpoint file")
+        else:
+            found = latest(where)
+            if found is None:
+                raise CheckpointError(f"CONFIG_INIT_FROM={str(where)!r}: no readable step checkpoint in "
+                                      f"{where / FOLDER}; name a run directory that has trained, or a checkpoint file")
+            path = found[0]
+    elif where.is_file():
+        path = where
+    else:
+        raise CheckpointError(f"CONFIG_INIT_FROM={str(where)!r}: no such run directory or checkpoint file; "
+                              "set it to a run directory (runs/<plan>/<run>) or a .pt checkpoint")
+    state = load(path)
+    if "model" not in state:
+        raise CheckpointError(f"CONFIG_INIT_FROM: {path} holds no weights (a sharded checkpoint's extra.pt?); "
+                              "name a single-file checkpoint")
+    return path, state

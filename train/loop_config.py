@@ -27,6 +27,9 @@ class LoopConfig:
     max_bad_steps: int | None = 10  # stop after that many skipped in a row; None while skip_nonfinite is off
     seed: int = 1337
     sample: SampleConfig = SampleConfig()  # the end-of-run sample
+    init_from: str = ""  # warm start: a run directory or checkpoint file; "" = a fresh model
+    init_from_checkpoint: str | None = None  # "best" or "latest" of an INIT_FROM run directory
+    init_from_optimizer: bool = False  # carry the parent's optimizer state too
 
     @classmethod
     def from_config(cls, cfg) -> LoopConfig:
@@ -35,4 +38,6 @@ class LoopConfig:
                    eval_interval=cfg.EVAL_INTERVAL, eval_batches=cfg.EVAL_BATCHES,
                    checkpoint_interval=cfg.CHECKPOINT_INTERVAL, checkpoint_minutes=cfg.CHECKPOINT_MINUTES,
                    checkpoint_keep=cfg.CHECKPOINT_KEEP, skip_nonfinite=cfg.SKIP_NONFINITE,
-                   max_bad_steps=cfg.MAX_BAD_STEPS, seed=cfg.SEED, sample=SampleConfig.from_config(cfg))
+                   max_bad_steps=cfg.MAX_BAD_STEPS, seed=cfg.SEED, sample=SampleConfig.from_config(cfg),
+                   init_from=cfg.INIT_FROM, init_from_checkpoint=cfg.INIT_FROM_CHECKPOINT,
+                   init_from_optimizer=cfg.INIT_FROM_OPTIMIZER)

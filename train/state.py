@@ -74,3 +74,13 @@ def incompatibilities(saved: dict, current: dict) -> list[str]:
         problems.append(f"CONFIG_FP8: only the {side} uses TransformerEngine's layers (FP8 \"te\"), which "
                         f"store the weights under other names")
     return problems
+
+
+def shape_mismatches(saved: dict, current: dict) -> list[str]:
+    """Tensors of a state dict ``saved`` that do not fit the model's ``current`` one: a different shape,
+    missing from the checkpoint, or absent from the model. Empty when the weights load as they are."""
+    problems = [f"{name}: checkpoint {tuple(saved[name].shape)}, model {tuple(tensor.shape)}"
+                for name, tensor in current.items() if name in saved and saved[name].shape != tensor.shape]
+    problems += [f"{name}: not in the checkpoint" for name in current if name not in saved]
+    problems += [f"{name}: not in the model" for name in saved if name not in current]
+    return problems

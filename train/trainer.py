@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,7 +12,9 @@ import torch
 
 from data.mix import PreparedMix, as_mix
 from data.cache import PreparedData
-from data.tokenizer import check_vocab_fits
+from data.stream import file_sha256
+from data.tokenizer import Tokenizer, check_vocab_fits
+from kconfig.tree import ROOT
 from model.gpt import ModelConfig
 from optim.optimizers import OptimizerConfig, describe, set_lr
 from optim.schedule import lr_at
@@ -32,7 +35,7 @@ from train.precision import fp8_autocast
 from train.progress import TrainProgress
 from train.sample import generate_text
 from train.signals import StopRequest
-from train.state import capture_rng, incompatibilities, restore_rng
+from train.state import capture_rng, incompatibilities, restore_rng, shape_mismatches
 from train.system_metrics import sample_system
 from train.trackers import Trackers
 
@@ -82,6 +85,8 @@ class Trainer:
         # Global tokens per optimizer step at full size (after any warmup), all ranks together.
         self.tokens_per_step = loop.micro_batch * loop.grad_accum * loop.block_size * world
         self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
+        self.tokens_per_byte = data.val_tokens_per_byte()  # per validation set, for bits per byte
+        self.best_bpb, self.parent, self.resumed = None, None, False  # parent: the INIT_FROM checkpoint
         # The clocks and the last step's record exist from here on, so every method works before run()
         # (which restarts the clocks); train_step renews the step's record.
         self.speed, self.started, self.last_save = Throughput(), time.time(), self.clock()
@@ -94,12 +99,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """{"train": loss, "val": the aggregate val_loss, "val_losses": {name: loss}}."""
+        """{"train": loss, "val": the aggregate val_loss, "val_losses": {name: loss}, "val_bpb": the aggregate
+        bits per byte, "val_bpbs": {name: bits per byte}} (a bpb None where a set has no bytes)."""
         self.model.eval()
         train = self._mean_loss(self.eval_train)
         val_losses = {name: self._mean_loss(batches) for name, batches in self.val_sets.items()}
         self.model.train()
-        return {"train": train, "val": self.data.aggregate(val_losses), "val_losses": val_losses}
+        # nats per token -> bits per byte: times tokens per byte of the same split, over ln 2
+        bpbs = {name: None if self.tokens_per_byte[name] is None else loss * self.tokens_per_byte[name] / math.log(2)
+                for name, loss in val_losses.items()}
+        bpb = None if None in bpbs.values() else self.data.aggregate(bpbs)
+        return {"train": train, "val": self.data.aggregate(val_losses), "val_losses": val_losses,
+                "val_bpb": bpb, "val_bpbs": bpbs}
 
     def _mean_loss(self, batches) -> float:
         batches.reset()
@@ -217,6 +228,8 @@ class Trainer:
             "val_loss": val_loss,
             "best_val_loss": self.best_val,
             "best_val_step": self.best_step,
+            "best_val_bpb": self.best_bpb,
+            "init_from": self.parent,
             "skipped_steps": self.guard.skipped,
             "wall_time_s": elapsed,
             **self.position(before),
@@ -271,12 +284,48 @@ class Trainer:
         restore_rng(state["rng"])
         self.start_step, self.elapsed_before = state["step"], state["wall_time_s"]
         self.best_val, self.best_step = state["best_val_loss"], state["best_val_step"]
+        # checkpoints written before bits per byte and warm starts lack these entries
+        self.best_bpb, self.parent, self.resumed = state.get("best_val_bpb"), state.get("init_from"), True
         self.guard.skipped = state["skipped_steps"]
         self.metrics.resume_at(self.start_step, warn=self.log)
         stage = (f", curriculum stage {self.curriculum.stage_at(self.start_step).index}"
                  if self.curriculum.active else "")
         self.log(f"resumed from step {self.start_step} ({self.tokens_before(self.start_step):,} tokens"
-                 f"{stage}) of {path.name}")
+                 f"{stage}) of {path.name}" + (" (INIT_FROM is not read again)" if self.loop.init_from else ""))
+
+    def warm_start(self) -> None:
+        """CONFIG_INIT_FROM: the parent checkpoint's weights (and, with INIT_FROM_OPTIMIZER, its optimizer
+        state) into this fresh run at step 0. Only for a run that does not resume its own checkpoint."""
+        if self.sharded:
+            raise CheckpointError(f"CONFIG_INIT_FROM is set but CONFIG_PARALLEL_{self.dist.engine.upper()} shards the "
+                                  "weights, which a warm start cannot load yet; use PARALLEL_NONE or PARALLEL_DDP")
+        where = Path(self.loop.init_from).expanduser()
+        path, state = checkpoint.init_source(where if where.is_absolute() else ROOT / where,
+                                             self.loop.init_from_checkpoint)
+        parent_tokenizer = Tokenizer(state["tokenizer"])
+        if parent_tokenizer.sha256 != self.tokenizer.sha256:
+            raise CheckpointError(f"CONFIG_INIT_FROM: {path} was trained with another tokenizer ({parent_tokenizer.kind}, "
+                                  f"sha256 {parent_tokenizer.sha256[:12]}) than this run's ({self.tokenizer.kind}, "
+                                  f"sha256 {self.tokenizer.sha256[:12]}); use the parent's tokenizer settings "
+                                  "(TOKENIZER, VOCAB_SIZE, its data for a char vocabulary)")
+        mismatched = shape_mismatches(state["model"], self.model.state_dict())
+        if mismatched:
+            differing = incompatibilities(state["config"], self.cfg)
+            raise CheckpointError(f"CONFIG_INIT_FROM: the weights of {path} do not fit this model: "
+                                  + "; ".join(mismatched) + ". Model symbols that differ: "
+                                  + ("; ".join(differing) or "none") + ". Set them as in the parent run")
+        self.model.load_state_dict(state["model"])
+        if self.loop.init_from_optimizer:
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"CONFIG_INIT_FROM_OPTIMIZER: the optimizer state of {path} does not fit this "
+                                      f"run's optimizer ({e}); use the parent's OPTIMIZER and parameter groups, or "
+                                      "unset INIT_FROM_OPTIMIZER for a fresh optimizer") from None
+        self.parent = {"path": str(path), "step": state["step"], "weights_sha256": file_sha256(path),
+                       "val_loss": state["val_loss"], "optimizer": self.loop.init_from_optimizer}
+        self.log(f"warm start from {path} (step {state['step']}, val loss {state['val_loss']}): weights"
+                 + (" and optimizer state" if self.loop.init_from_optimizer else ", fresh optimizer") + ", step 0")
 
     def run(self) -> dict:
         """Train from start_step to MAX_ITERS (or MAX_TIME, a stop signal, persistent NaN/Inf)."""
@@ -306,6 +355,10 @@ class Trainer:
         self.speed, self.started, self.last_save = Throughput(), time.time(), self.clock()
         attempt_start = self.started  # MAX_TIME is per attempt: 'make continue' gets the same time again
         step, last_eval, stop_reason, oom = self.start_step, {}, None, None
+        if self.loop.init_from and not self.resumed:  # a warm start: where the parent left off, at step 0
+            self.warm_start()
+            with self.speed.pause():
+                last_eval = self.evaluate_and_track(0)
         self.progress.update(step)  # the bar starts at the step this attempt starts from
         with StopRequest() as stop:
             try:
@@ -441,16 +494,17 @@ class Trainer:
         """Evaluate, log, and keep checkpoints/best.pt at the lowest val loss."""
         result = self.evaluate()
         if result["val"] < self.best_val:
-            self.best_val, self.best_step = result["val"], step
+            self.best_val, self.best_step, self.best_bpb = result["val"], step, result["val_bpb"]
             self._save(None, self.state(step, result["val"], self.elapsed()))
         record = dict(step=step, tokens=self.tokens_before(step), val_loss=result["val"],
                       train_eval_loss=result["train"], val_losses=result["val_losses"],
-                      elapsed_s=self.elapsed())
+                      val_bpb=result["val_bpb"], val_bpbs=result["val_bpbs"], elapsed_s=self.elapsed())
         self.metrics.write(**record)
         self.trackers.log(record, step)
         named = "".join(f" | {name} {loss:.4f}" for name, loss in result["val_losses"].items()
                         if list(result["val_losses"]) != ["val"])
-        self.log(f"eval step {step}: train {result['train']:.4f} | val {result['val']:.4f}{named}")
+        bpb = "" if result["val_bpb"] is None else f" | val bpb {result['val_bpb']:.4f}"
+        self.log(f"eval step {step}: train {result['train']:.4f} | val {result['val']:.4f}{named}{bpb}")
         return result
 
     def summary(self, step: int, last_eval: dict) -> dict:
@@ -470,6 +524,10 @@ class Trainer:
             "final_val_losses": last_eval["val_losses"],
             "best_val_loss": self.best_val,
             "best_val_step": self.best_step,
+            "final_val_bpb": last_eval["val_bpb"],
+            "final_val_bpbs": last_eval["val_bpbs"],
+            "best_val_bpb": self.best_bpb,
+            "init_from": self.parent,
             "skipped_steps": self.guard.skipped,
             "unigram_entropy_nats": self.data.manifest["unigram_entropy_nats"],
             "tokens_per_s": tokens_per_s,

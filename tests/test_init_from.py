@@ -1,0 +1,125 @@
+"""Warm starts (CONFIG_INIT_FROM): a run starts from another run's weights at step 0, never resumes by it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from conftest import config_of
+from data.prepare import prepare
+from train import checkpoint
+from train.checkpoint import CheckpointError
+from train.trainer import Trainer
+
+SETTINGS = ("DATA_PATH=corpus.txt DATA_CACHE_DIR=cache MODEL_SIZE_CUSTOM=y N_LAYER=1 N_HEAD=2 N_EMBD=32 "
+            "BLOCK_SIZE=16 MICRO_BATCH=8 MAX_ITERS=30 WARMUP_ITERS=2 LR=3e-3 EVAL_INTERVAL=10 EVAL_BATCHES=2 "
+            "LOG_INTERVAL=10 DEVICE_CPU=y DTYPE_FP32=y SAMPLE_TOKENS=4 SEED=3")
+QUIET = {"log": lambda message: None}
+
+
+def trainer(tmp_path, name, extra="", **symbols):
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        lines = [f"{a} {b} {a}{b}." for a in ("cat", "dog", "fox") for b in ("one", "two")]
+        corpus.write_text("\n".join(lines * 80) + "\n")
+    cfg = config_of(SETTINGS, extra, **symbols)
+    run_dir = tmp_path / name
+    run_dir.mkdir(exist_ok=True)
+    logs = []
+    return Trainer(cfg, prepare(cfg, tmp_path, **QUIET), run_dir, log=logs.append), logs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    t, _ = trainer(tmp_path_factory.mktemp("parent"), "parent")
+    return t.run_dir, t.run()
+
+
+@pytest.fixture
+def parent(trained, tmp_path):
+    """The parent run (trained once for the module); each test's runs go in its own tmp_path."""
+    return trained
+
+
+def evals_of(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "val_loss" in r]
+
+
+@pytest.mark.slow
+def test_warm_start_begins_at_the_parents_val_loss_and_records_its_parent(tmp_path, parent):
+    parent_dir, parent_summary = parent
+    child, logs = trainer(tmp_path, "child", MAX_ITERS=10, INIT_FROM=str(parent_dir))  # best.pt by default
+    summary = child.run()
+    first = evals_of(child.run_dir)[0]
+    # Same data, same evaluation batches: step 0 is where the parent's best checkpoint was.
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(parent_summary["best_val_loss"], abs=1e-6)
+    fresh, _ = trainer(tmp_path, "fresh")
+    assert first["val_loss"] < fresh.evaluate()["val"] - 0.05  # not a fresh model's loss
+    best = parent_dir / "checkpoints" / "best.pt"
+    assert summary["init_from"] == {"path": str(best), "step": parent_summary["best_val_step"],
+                                    "weights_sha256": hashlib.sha256(best.read_bytes()).hexdigest(),
+                                    "val_loss": parent_summary["best_val_loss"], "optimizer": False}
+    assert summary["steps"] == 10 and any(m.startswith(f"warm start from {best}") for m in logs)
+    # The latest checkpoint, named as a run directory's, or as a file: the parent's final weights.
+    latest, _ = trainer(tmp_path, "latest", "INIT_FROM_CHECKPOINT_LATEST=y", MAX_ITERS=10, INIT_FROM=str(parent_dir))
+    final_file = checkpoint.step_paths(parent_dir)[-1]
+    as_file, _ = trainer(tmp_path, "file", MAX_ITERS=10, INIT_FROM=str(final_file))
+    for t in (latest, as_file):
+        t.warm_start()
+        assert t.evaluate()["val"] == pytest.approx(parent_summary["final_val_loss"], abs=1e-6)
+        assert t.parent["path"] == str(final_file) and t.parent["step"] == 30
+
+
+@pytest.mark.slow
+def test_a_run_with_its_own_checkpoint_resumes_and_ignores_init_from(tmp_path, parent):
+    parent_dir, _ = parent
+    child, _ = trainer(tmp_path, "child", MAX_ITERS=10, INIT_FROM=str(parent_dir))
+    lineage = child.run()["init_from"]
+    # plan/runner.py resumes a run that holds an intact step checkpoint ('make continue', --resume):
+    assert checkpoint.newest_intact_step(child.run_dir) == 10
+    again, logs = trainer(tmp_path, "child", MAX_ITERS=14, INIT_FROM=str(tmp_path / "gone"))  # never read
+    again.resume()
+    summary = again.run()
+    assert summary["steps"] == 14 and summary["init_from"] == lineage  # the lineage survives the resume
+    assert [e["step"] for e in evals_of(again.run_dir)] == [0, 10, 14]
+    assert any("INIT_FROM is not read again" in m for m in logs)
+
+
+@pytest.mark.slow
+def test_mismatches_are_named(tmp_path, parent):
+    parent_dir, _ = parent
+    wider, _ = trainer(tmp_path, "wider", N_EMBD=48, INIT_FROM=str(parent_dir))
+    with pytest.raises(CheckpointError) as e:
+        wider.warm_start()
+    text = str(e.value)
+    assert "do not fit this model" in text and "wte.weight: checkpoint (64, 32), model (64, 48)" in text
+    assert "CONFIG_N_EMBD: checkpoint 32, configuration 48" in text
+    byte, _ = trainer(tmp_path, "byte", "TOKENIZER_BYTE=y", INIT_FROM=str(parent_dir))
+    with pytest.raises(CheckpointError, match="another tokenizer \\(char, sha256 .*\\) than this run's \\(byte"):
+        byte.warm_start()
+    missing, _ = trainer(tmp_path, "missing", INIT_FROM=str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="no such run directory or checkpoint file"):
+        missing.warm_start()
+    (tmp_path / "untrained").mkdir()
+    untrained, _ = trainer(tmp_path, "untrained-child", INIT_FROM=str(tmp_path / "untrained"))
+    with pytest.raises(CheckpointError, match="no checkpoints/best.pt there"):
+        untrained.warm_start()
+
+
+@pytest.mark.slow
+def test_optimizer_state_is_fresh_unless_carried(tmp_path, parent):
+    parent_dir, _ = parent
+    saved = checkpoint.load(parent_dir / "checkpoints" / "best.pt")["optimizer"]["state"]
+    fresh, _ = trainer(tmp_path, "fresh", INIT_FROM=str(parent_dir))
+    fresh.warm_start()
+    assert fresh.optimizer.state_dict()["state"] == {}
+    carried, _ = trainer(tmp_path, "carried", "INIT_FROM_OPTIMIZER=y", INIT_FROM=str(parent_dir))
+    carried.warm_start()
+    state = carried.optimizer.state_dict()["state"]
+    assert state.keys() == saved.keys() and carried.parent["optimizer"] is True
+    assert all(torch.equal(state[k]["exp_avg"], saved[k]["exp_avg"]) for k in saved)
+    assert carried.start_step == 0
