@@ -61,13 +61,18 @@ class PreparedData:
 
 
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray | None:
-    """UTF-8 bytes each token id decodes to: 1 for a byte, the character's length for a char vocabulary;
+    """UTF-8 bytes each token id decodes to: 1 for a byte, the character's length for a char vocabulary,
+    the token's characters for byte-level BPE (each stands for one byte);
     for SentencePiece (no normalization, no dummy prefix: pieces concatenate to the text) the piece's
     length with U+2581 as a space, 1 for a byte-fallback piece, 0 for control tokens (end of text)."""
     if tok.kind == "byte":
         return np.ones(256, dtype=np.int64)
     if tok.kind == "char":
         return np.array([len(c.encode("utf-8")) for c in tok.chars], dtype=np.int64)
+    if tok.kind == "bpe":  # byte-level: each character of a token stands for one byte
+        from data.bpe_tokenizer import token_byte_lengths as bpe_byte_lengths
+
+        return np.array(bpe_byte_lengths(tok.spec), dtype=np.int64)
     if tok.kind != "sentencepiece":
         return None  # a tokenizer kind whose byte lengths are not known here: bits per byte unavailable
     import sentencepiece as spm

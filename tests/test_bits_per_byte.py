@@ -81,6 +81,13 @@ def test_sentencepiece_piece_lengths_sum_to_the_decoded_text(tmp_path):
     assert data.manifest["val_bytes"] == len(tok.decode(data.tokens("val")).encode("utf-8"))
 
 
+def test_bpe_token_lengths_sum_to_the_decoded_text(tmp_path):
+    write_corpus(tmp_path)
+    data = prepare(config_of(SETTINGS, "TOKENIZER_BPE=y BPE_VOCAB_SIZE=300"), tmp_path, **QUIET)
+    tok, val = data.tokenizer, data.tokens("val")
+    assert data.manifest["val_bytes"] == len(tok.decode(val).encode("utf-8")) == split_bytes(val, tok, chunk=100)
+
+
 def test_every_validation_set_has_its_ratio(tmp_path):
     write_corpus(tmp_path)
     (tmp_path / "held.txt").write_text("plain ascii text only\n" * 50)
