@@ -394,13 +394,22 @@ def load(dot_config: str | os.PathLike, overrides: str = "") -> tuple[kconfiglib
     return kconf, cfg
 
 
+def parse_snapshot(path: Path) -> list[Assignment]:
+    """The assignments of a full .config; one kbuild wrote that was cut mid-line is said to be cut short too."""
+    try:
+        return parse_file(path, snapshot=True)
+    except ConfigError as e:
+        cut = cut_short(path)
+        raise ConfigError(e.problems + [cut] * bool(cut)) from None
+
+
 def load_layers(dot_config: str | os.PathLike, overrides: str = ""):
     """As load(), also returning the assignment layers (for plans that add layers on top)."""
     path = Path(dot_config)
     if not path.exists():
         raise ConfigError([f"{path}: no configuration yet: run 'make defconfig-<name>' "
                            f"(see 'make list-defconfigs') or 'make menuconfig' first"])
-    layers = [parse_file(path, snapshot=True), parse_overrides(overrides)]
+    layers = [parse_snapshot(path), parse_overrides(overrides)]
     try:
         kconf, _ = resolve(*layers)
     except ConfigError as e:
@@ -423,16 +432,26 @@ def completeness_problem(path: Path, assignments: list[Assignment], kconf: kconf
     lines = [line.strip() for line in read_config_text(path).split("\n") if line.strip()]
     if lines and lines[-1] == END_MARKER:
         return None
-    fix = "run 'make olddefconfig' to keep its values and give the rest their defaults, or 'make defconfig-<name>'"
-    if _CLAIM in lines[:5]:
-        return (f"{path} is truncated: kbuild wrote it, but its final line '{END_MARKER}' is missing, so "
-                f"values at its end may be cut short; {fix} to start over")
+    if cut := cut_short(path):
+        return cut
     missing = unrecorded(assignments, kconf)
     if not missing:
         return None
     shown = ", ".join(f"CONFIG_{name}" for name in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
     return (f"{path} is truncated or was not written by kbuild: it lacks the final line '{END_MARKER}' "
-            f"and does not record {shown}; {fix} to start over")
+            f"and does not record {shown}; {_FIX} to start over")
+
+
+_FIX = "run 'make olddefconfig' to keep its values and give the rest their defaults, or 'make defconfig-<name>'"
+
+
+def cut_short(path: Path) -> str | None:
+    """The problem of a .config kbuild wrote (its header says so) that lacks its final END_MARKER line."""
+    lines = [line.strip() for line in read_config_text(path).split("\n") if line.strip()]
+    if lines and lines[-1] == END_MARKER or _CLAIM not in lines[:5]:
+        return None
+    return (f"{path} is truncated: kbuild wrote it, but its final line '{END_MARKER}' is missing, so "
+            f"values at its end may be cut short; {_FIX} to start over")
 
 
 def unrecorded(assignments: list[Assignment], kconf: kconfiglib.Kconfig) -> list[str]:

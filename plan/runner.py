@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data.prepare import prepare
 from kconfig.errors import ConfigError, NamedError
-from kconfig.tree import (ROOT, completeness_problem, load, parse_file, parse_overrides, predates_marker, resolve,
+from kconfig.tree import (ROOT, completeness_problem, load, parse_overrides, parse_snapshot, predates_marker, resolve,
                           unrecorded, write_outputs)
 from kconfig.values import Config, values
 from parallel.launch import launch_env, train_command
@@ -63,7 +63,11 @@ def prepare_to_continue(plan: Plan, names: list[str], overrides: str = "") -> No
     resolved, found, rewrite = {}, [], set()
     for name in names:
         path = plan.run_dir(name) / ".config"
-        mine = parse_file(path, snapshot=True)
+        try:
+            mine = parse_snapshot(path)
+        except ConfigError as e:
+            found += [f"run {name}: {problem}" for problem in e.problems]
+            continue
         resolved[name] = kconf = resolve(mine, parse_overrides(overrides))[0]
         if predates_marker(path) and (new := unrecorded(mine, kconf)):
             print(f"run {name}: its .config predates " + ", ".join(
