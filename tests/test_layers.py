@@ -3,7 +3,7 @@
 Every import counts, at the top of a file or inside a function (an import inside a function that
 dodges a cycle is still the cycle). The layers, lowest first:
 
-    kconfig  <  model, optim, data  <  parallel  <  train  <  plan  <  kbuild, scripts
+    kconfig  <  model, optim, data  <  parallel  <  train  <  export  <  plan  <  kbuild, scripts
 
 A module may import its own layer and the layers below it. kbuild imports plan, data and train
 inside its commands only to keep torch out of quick commands; that is an arrow downward, allowed.
