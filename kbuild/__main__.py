@@ -220,14 +220,17 @@ def cmd_data(args) -> int:
 def cmd_sample(args) -> int:
     from plan.runner import runs_dir
     from plan.plan import newest_run_dir
-    from train.sample import sample_from
+    from train.sample import parse_stop_strings, sample_from
 
+    if args.top_p is not None and not 0 <= args.top_p <= 1:
+        raise ConfigError([f"TOP_P={args.top_p:g}: top-p is a probability mass within [0, 1] (1 = off)"])
+    stop = None if args.stop is None else parse_stop_strings(args.stop, "STOP")
     _, cfg = load(DOT_CONFIG) if DOT_CONFIG.exists() else (None, None)
     run_dir = Path(args.run) if args.run else newest_run_dir(runs_dir(cfg) if cfg else ROOT / "runs")
     if run_dir is None:
         print("error: no run with a checkpoint yet; train one with 'make' first", file=sys.stderr)
         return 1
-    print(sample_from(run_dir, args.prompt, args.tokens))
+    print(sample_from(run_dir, args.prompt, args.tokens, top_p=args.top_p, stop=stop))
     return 0
 
 
@@ -279,6 +282,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default=os.environ.get("PROMPT"), help="default: $PROMPT, else the run's SAMPLE_PROMPT")
     p.add_argument("--tokens", type=int, default=os.environ.get("TOKENS"),
                    help="default: $TOKENS, else the run's SAMPLE_TOKENS")
+    p.add_argument("--top-p", type=float, default=os.environ.get("TOP_P"),
+                   help="default: $TOP_P, else the run's SAMPLE_TOP_P (1 = off)")
+    p.add_argument("--stop", default=os.environ.get("STOP"),
+                   help="default: $STOP, else the run's SAMPLE_STOP ('|'-separated, \\n for a newline)")
     p = add("export", cmd_export, "write a run's checkpoint as a Hugging Face folder, <run>/export/hf/")
     p.add_argument("--run", default=os.environ.get("RUN_DIR", ""),
                    help="run directory (default: $RUN_DIR, else the newest run with a checkpoint)")

@@ -25,6 +25,7 @@ from train.build import padded_vocab
 from train.curriculum import Curriculum
 from train.device import DeviceConfig, resolve_device, resolve_dtype
 from train.precision import require_fp8_device
+from train.sample import StopStringError, parse_stop_strings
 
 CHAR_BYTE_VOCAB = 256  # byte vocabulary; char vocabularies of the shipped corpora pad to at most this
 
@@ -45,12 +46,13 @@ def problems(cfg: Config, here: bool = True) -> list[str]:
 
 
 def config_problems(cfg: Config) -> list[str]:
-    """Rules of the model and the curriculum, which their own from_config enforce at setup."""
+    """Rules of the model, the curriculum and the stop strings, which their own parsers enforce at setup."""
     found = []
-    for build in (lambda: ModelConfig.from_config(cfg, check_vocab(cfg)), lambda: Curriculum.from_config(cfg)):
+    for build in (lambda: ModelConfig.from_config(cfg, check_vocab(cfg)), lambda: Curriculum.from_config(cfg),
+                  lambda: parse_stop_strings(cfg.SAMPLE_STOP)):
         try:
             build()
-        except ValueError as e:  # CurriculumError is a ValueError too; both name their symbols
+        except (ValueError, StopStringError) as e:  # CurriculumError is a ValueError too; all name their symbols
             found.append(str(e))
     return found
 

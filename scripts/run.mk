@@ -26,7 +26,7 @@ report: $(CORE)
 data: $(CORE)
 	@$(PY) -m kbuild data
 
-## sample: generate text from the newest run (RUN_DIR=, PROMPT=, TOKENS= to choose)
+## sample: generate text from the newest run (RUN_DIR=, PROMPT=, TOKENS=, TOP_P=, STOP= to choose)
 sample: $(CORE)
 	@$(PY) -m kbuild sample
 

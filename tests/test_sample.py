@@ -218,3 +218,31 @@ def test_kv_cache_buffers_take_the_keys_dtype():
     k = cache.layers[0].k
     assert k.shape == (1, 2, BLOCK, 8) and k.dtype == torch.float32 and cache.length == 4
     assert math.isfinite(k[:, :, :4].abs().sum().item())
+
+
+def test_a_bad_stop_string_is_refused_before_any_plan_exists(config):
+    from plan.preflight import config_problems
+
+    assert config_problems(config(SAMPLE_STOP="###|\\n\\n")) == []
+    [problem] = config_problems(config(SAMPLE_STOP="a||b"))
+    assert problem.startswith("CONFIG_SAMPLE_STOP='a||b': an empty stop string")
+
+
+def test_make_sample_overrides_top_p_and_stop_and_names_them(monkeypatch, capsys, tmp_path):
+    """kbuild sample passes TOP_P and STOP (parsed like SAMPLE_STOP) to the run's sampling settings."""
+    import kbuild.__main__ as cli
+    import train.sample as sample
+
+    seen = {}
+    monkeypatch.setattr(sample, "sample_from", lambda run, prompt, tokens, top_p, stop: seen.update(
+        run=run, top_p=top_p, stop=stop) or "text")
+    monkeypatch.setenv("TOP_P", "0.9")
+    monkeypatch.setenv("STOP", "\\n\\n|###")
+    assert cli.main(["sample", "--run", str(tmp_path)]) == 0
+    assert seen == {"run": tmp_path, "top_p": 0.9, "stop": ("\n\n", "###")} and capsys.readouterr().out == "text\n"
+    monkeypatch.setenv("STOP", "a\\q")
+    assert cli.main(["sample", "--run", str(tmp_path)]) == 2  # a named error: its message, no traceback
+    assert "error: STOP='a\\\\q': '\\q' at character 2 is no escape" in capsys.readouterr().err
+    monkeypatch.setenv("TOP_P", "1.5")
+    assert cli.main(["sample", "--run", str(tmp_path)]) == 2
+    assert "TOP_P=1.5: top-p is a probability mass within [0, 1]" in capsys.readouterr().err

@@ -22,8 +22,9 @@ class StopStringError(NamedError):
     """CONFIG_SAMPLE_STOP cannot be read as a list of stop strings."""
 
 
-def parse_stop_strings(text: str) -> tuple[str, ...]:
-    """CONFIG_SAMPLE_STOP's strings: separated by '|'; \\n newline, \\t tab, \\| bar, \\\\ backslash."""
+def parse_stop_strings(text: str, source: str = "CONFIG_SAMPLE_STOP") -> tuple[str, ...]:
+    """CONFIG_SAMPLE_STOP's strings (or make sample's STOP, named by ``source`` in errors): separated by '|';
+    \\n newline, \\t tab, \\| bar, \\\\ backslash."""
     strings, current, i = [], [], 0
     while i < len(text):
         ch = text[i]
@@ -31,7 +32,7 @@ def parse_stop_strings(text: str) -> tuple[str, ...]:
             escape = text[i + 1: i + 2]
             if escape not in _ESCAPES:
                 found = f"'\\{escape}'" if escape else "a '\\' at the end"
-                raise StopStringError(f"CONFIG_SAMPLE_STOP={text!r}: {found} at character {i + 1} is no escape; "
+                raise StopStringError(f"{source}={text!r}: {found} at character {i + 1} is no escape; "
                                       "use \\n (newline), \\t (tab), \\| (a literal |) or \\\\ (a backslash)")
             current.append(_ESCAPES[escape])
             i += 2
@@ -44,7 +45,7 @@ def parse_stop_strings(text: str) -> tuple[str, ...]:
         i += 1
     strings.append("".join(current))
     if text and not all(strings):
-        raise StopStringError(f"CONFIG_SAMPLE_STOP={text!r}: an empty stop string (a leading, trailing or doubled "
+        raise StopStringError(f"{source}={text!r}: an empty stop string (a leading, trailing or doubled "
                               "'|') would end every sample at once; remove it, or write \\| for a literal |")
     return tuple(strings) if text else ()
 
