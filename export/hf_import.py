@@ -17,7 +17,6 @@ import torch
 
 from export.architectures import LAYERNORM_EPS, RMS_EPS, TARGETS, ExportRefused, choose_target, hf_weights
 from model.gpt import GPT, ModelConfig
-from model.mlp import hidden_width
 
 
 class ImportRefused(ExportRefused):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+from data.bpe_tokenizer import native, native_json
 from data.tokenizer import Tokenizer
 from export.architectures import ExportRefused
 
@@ -40,10 +41,9 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         hf.decoder = decoders.ByteLevel()
     elif tokenizer.kind == "bpe":  # already a tokenizers tokenizer with its end-of-text token (data/bpe_tokenizer.py)
-        hf = HFTokenizer.from_str(json.dumps(tokenizer.spec["tokenizer"]))
-        if hf.token_to_id(EOS) != eos_id(tokenizer):
-            raise AssertionError(f"{EOS} has id {hf.token_to_id(EOS)} in the BPE tokenizer, expected {eos_id(tokenizer)}")
-        return hf.to_str(pretty=True)
+        if native(tokenizer.spec).token_to_id(EOS) != eos_id(tokenizer):
+            raise AssertionError(f"{EOS} is not id {eos_id(tokenizer)} in the BPE tokenizer (data/bpe_tokenizer.py)")
+        return native_json(tokenizer.spec)
     else:
         raise ExportRefused(
             f"CONFIG_TOKENIZER={tokenizer.kind}: exporting this tokenizer to Hugging Face files is not implemented "

@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections import Counter
 from pathlib import Path
 
