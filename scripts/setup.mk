@@ -5,10 +5,12 @@ ifeq ($(SKIP_SETUP),1)
 PY := $(PYTHON)
 CORE :=
 DEV :=
+EVAL :=
 else
 PY := $(VENV)/bin/python
 CORE := $(VENV)/.installed-core
 DEV := $(VENV)/.installed-dev
+EVAL := $(VENV)/.installed-eval
 endif
 
 $(VENV)/bin/python:
@@ -21,6 +23,10 @@ $(VENV)/.installed-core: pyproject.toml | $(VENV)/bin/python
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-core
 	$(VENV)/bin/pip install --quiet ".[dev]"
+	@touch $@
+
+$(VENV)/.installed-eval: pyproject.toml $(VENV)/.installed-core
+	$(VENV)/bin/pip install --quiet ".[eval]"
 	@touch $@
 
 .PHONY: setup distclean clean

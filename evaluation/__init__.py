@@ -1,0 +1,1 @@
+"""``make eval``: lm-evaluation-harness tasks on our own model, bits per byte, generation quality."""

@@ -1,0 +1,1 @@
+"""The Hugging Face formats: our option sets as transformers architectures, tokenizers as tokenizer.json, both ways."""
