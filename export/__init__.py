@@ -1,1 +1,1 @@
-"""Leaving the tool: runs as Hugging Face folders (hf_folder.py, make export) and back (hf_import.py)."""
+"""Leaving the tool: a run's checkpoint as a Hugging Face folder (hf_folder.py, make export), through hf/'s mapping."""

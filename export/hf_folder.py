@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import Tokenizer
-from export.architectures import ExportRefused, choose_target, hf_config, hf_weights, notes
-from export.hf_tokenizer import eos_id, tokenizer_files
+from hf.architectures import ExportRefused, choose_target, hf_config, hf_weights, notes
+from hf.tokenizer import eos_id, tokenizer_files
 from model.gpt import ModelConfig
 from parallel.errors import CheckpointError
 from train import checkpoint

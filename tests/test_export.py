@@ -12,7 +12,7 @@ from conftest import config_of
 from data.corpus import embedded_source
 from data.sources import Stats
 from data.tokenizer import Tokenizer
-from export.architectures import ExportRefused, choose_target
+from hf.architectures import ExportRefused, choose_target
 from export.hf_folder import checkpoint_state, export_state
 from model.gpt import GPT, ModelConfig
 from train.build import padded_vocab
@@ -196,7 +196,7 @@ def test_make_export_on_a_trained_run(repo, make):
 
 @pytest.mark.parametrize("name", OPTION_SETS)
 def test_reading_an_export_back_gives_our_weights(tmp_path, name):
-    from export.hf_import import read_hf_folder
+    from hf.read import read_hf_folder
 
     tokenizer = Tokenizer.fit("char", TEXT)
     ours = random_model(tokenizer, **OPTION_SETS[name][0])
@@ -215,7 +215,7 @@ def test_reading_an_export_back_gives_our_weights(tmp_path, name):
 
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel"])
 def test_a_folder_transformers_wrote_reads_into_our_model_with_its_logits(tmp_path, architecture):
-    from export.hf_import import read_hf_folder
+    from hf.read import read_hf_folder
 
     torch.manual_seed(0)
     if architecture == "GPT2LMHeadModel":
@@ -241,7 +241,7 @@ def test_a_folder_transformers_wrote_reads_into_our_model_with_its_logits(tmp_pa
 
 
 def test_reading_a_folder_our_model_cannot_compute_names_the_setting(tmp_path):
-    from export.hf_import import ImportRefused, read_hf_folder
+    from hf.read import ImportRefused, read_hf_folder
 
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64,
                                                          n_positions=16)).save_pretrained(tmp_path / "hf")

@@ -1,6 +1,6 @@
 """The reverse of the export: a Hugging Face folder of a mapped architecture as our ModelConfig and weights.
 
-The weight mapping is export/architectures.py's own, inverted by tracing rather than written a
+The weight mapping is hf/architectures.py's own, inverted by tracing rather than written a
 second time: each of our tensors is filled with the distinct positions 1..N (float64, exact up to
 2**53), pushed through ``hf_weights``, and every element of each Hugging Face tensor then says
 which of our elements it is (0: a zero bias the export adds for BIAS=n). Reading never unpickles:
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from export.architectures import LAYERNORM_EPS, RMS_EPS, TARGETS, ExportRefused, choose_target, hf_weights
+from hf.architectures import LAYERNORM_EPS, RMS_EPS, TARGETS, ExportRefused, choose_target, hf_weights
 from model.gpt import GPT, ModelConfig
 
 

@@ -16,7 +16,7 @@ import json
 
 from data.bpe_tokenizer import native, native_json
 from data.tokenizer import Tokenizer
-from export.architectures import ExportRefused
+from hf.architectures import ExportRefused
 
 EOS = "<|endoftext|>"
 
