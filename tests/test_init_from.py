@@ -1,18 +1,25 @@
-"""Warm starts (CONFIG_INIT_FROM): a run starts from another run's weights at step 0, never resumes by it."""
+"""Warm starts (CONFIG_INIT_FROM): a run starts from another run's weights, or a Hugging Face folder's, at
+step 0, never resumes by it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
 
 from conftest import config_of
 from data.prepare import prepare
+from data.tokenizer import Tokenizer
+from export.hf_folder import export_run, export_state
+from hf.read import read_hf_folder
+from model.gpt import GPT, ModelConfig
 from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.trainer import Trainer
+from train.warm_start import without_export_fill
 
 SETTINGS = ("DATA_PATH=corpus.txt DATA_CACHE_DIR=cache MODEL_SIZE_CUSTOM=y N_LAYER=1 N_HEAD=2 N_EMBD=32 "
             "BLOCK_SIZE=16 MICRO_BATCH=8 MAX_ITERS=30 WARMUP_ITERS=2 LR=3e-3 EVAL_INTERVAL=10 EVAL_BATCHES=2 "
@@ -60,7 +67,7 @@ def test_warm_start_begins_at_the_parents_val_loss_and_records_its_parent(tmp_pa
     fresh, _ = trainer(tmp_path, "fresh")
     assert first["val_loss"] < fresh.evaluate()["val"] - 0.05  # not a fresh model's loss
     best = parent_dir / "checkpoints" / "best.pt"
-    assert summary["init_from"] == {"path": str(best), "step": parent_summary["best_val_step"],
+    assert summary["init_from"] == {"path": str(best), "kind": "checkpoint", "step": parent_summary["best_val_step"],
                                     "weights_sha256": hashlib.sha256(best.read_bytes()).hexdigest(),
                                     "val_loss": parent_summary["best_val_loss"], "optimizer": False}
     assert summary["steps"] == 10 and any(m.startswith(f"warm start from {best}") for m in logs)
@@ -123,3 +130,86 @@ def test_optimizer_state_is_fresh_unless_carried(tmp_path, parent):
     assert state.keys() == saved.keys() and carried.parent["optimizer"] is True
     assert all(torch.equal(state[k]["exp_avg"], saved[k]["exp_avg"]) for k in saved)
     assert carried.start_step == 0
+
+
+# Hugging Face folders: the parent's 'make export' folder, and one transformers saved.
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    """The parent run (GPT-2 option set, char vocabulary padded to 64) exported from its best.pt."""
+    return export_run(trained[0], "best", **QUIET)
+
+
+@pytest.mark.slow
+def test_warm_start_from_an_export_has_the_parents_weights_val_loss_and_lineage(tmp_path, parent, exported):
+    parent_dir, parent_summary = parent
+    child, logs = trainer(tmp_path, "child", MAX_ITERS=10, INIT_FROM=str(exported))
+    summary = child.run()
+    first = evals_of(child.run_dir)[0]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(parent_summary["best_val_loss"], abs=1e-6)
+    weights_sha256 = hashlib.sha256((exported / "model.safetensors").read_bytes()).hexdigest()
+    assert summary["init_from"] == {"path": str(exported), "kind": "hf", "step": None, "val_loss": None,
+                                    "weights_sha256": weights_sha256, "optimizer": False}
+    assert summary["steps"] == 10
+    assert any(m.startswith(f"warm start from the Hugging Face folder {exported}") for m in logs)
+    again, _ = trainer(tmp_path, "again", INIT_FROM=str(exported))
+    again.warm_start()
+    best = checkpoint.load(parent_dir / "checkpoints" / "best.pt")["model"]
+    loaded = again.model.state_dict()
+    assert loaded.keys() == best.keys() and all(torch.equal(loaded[k], best[k]) for k in best)
+
+
+@pytest.mark.slow
+def test_hf_folder_refusals_are_named(tmp_path, exported):
+    byte, _ = trainer(tmp_path, "byte", "TOKENIZER_BYTE=y", INIT_FROM=str(exported))
+    with pytest.raises(CheckpointError, match="the tokenizers differ: .*tokenizer.json is not the tokenizer.json this "
+                                              "run's tokenizer \\(byte"):
+        byte.warm_start()
+    carried, _ = trainer(tmp_path, "carried", "INIT_FROM_OPTIMIZER=y", INIT_FROM=str(exported))
+    with pytest.raises(CheckpointError, match="CONFIG_INIT_FROM_OPTIMIZER is set but .* holds weights only"):
+        carried.warm_start()
+    wider, _ = trainer(tmp_path, "wider", N_EMBD=48, N_LAYER=2, INIT_FROM=str(exported))
+    with pytest.raises(CheckpointError) as e:
+        wider.warm_start()
+    text = str(e.value)
+    assert "Hugging Face folder" in text and "wte.weight: checkpoint (64, 32), model (64, 48)" in text
+    assert "blocks.1.attn.c_attn.weight: not in the checkpoint" in text
+    assert "CONFIG_N_EMBD: folder 32, configuration 48" in text and "CONFIG_N_LAYER: folder 1, configuration 2" in text
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(exported, bare)
+    (bare / "tokenizer.json").unlink()
+    child, _ = trainer(tmp_path, "bare", INIT_FROM=str(bare))
+    with pytest.raises(CheckpointError, match="holds no tokenizer.json"):
+        child.warm_start()
+
+
+@pytest.mark.slow
+def test_a_folder_transformers_saved_is_refused_without_our_tokenizer_and_loads_with_it(tmp_path, exported):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    saved = tmp_path / "saved"  # the parent's shapes: vocabulary 64, one block of width 32, 16 positions
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, activation_function="gelu")).eval()
+    theirs.save_pretrained(saved)
+    child, _ = trainer(tmp_path, "child", INIT_FROM=str(saved))
+    with pytest.raises(CheckpointError, match="holds no tokenizer.json"):
+        child.warm_start()
+    shutil.copy(exported / "tokenizer.json", saved / "tokenizer.json")  # the user vouches its ids are ours
+    child.warm_start()
+    assert child.parent["kind"] == "hf" and child.parent["path"] == str(saved)
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert (child.model.eval()(idx, idx)[0] - theirs(idx).logits).abs().max().item() <= 1e-5
+
+
+def test_the_exports_zero_fill_is_dropped_on_reading_back(tmp_path):
+    """GPT-2 always has biases and a byte vocabulary grows by 64 rows: both read back to the model's tensors."""
+    for fields, tokenizer in (({"bias": False}, Tokenizer.fit("char", "abcdef\n")), ({}, Tokenizer({"kind": "byte"}))):
+        torch.manual_seed(0)
+        ours = GPT(ModelConfig(vocab_size=256 if tokenizer.kind == "byte" else 64, block_size=16, n_layer=1,
+                               n_head=4, n_embd=32, **fields))
+        folder = export_state(ours.config, ours.state_dict(), tokenizer, tmp_path / tokenizer.kind, **QUIET)
+        _, weights = read_hf_folder(folder)
+        back, dropped = without_export_fill(weights, ours.state_dict())
+        assert back.keys() == ours.state_dict().keys() and dropped
+        assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())

@@ -38,6 +38,7 @@ from train.signals import StopRequest
 from train.state import capture_rng, incompatibilities, restore_rng, shape_mismatches
 from train.system_metrics import sample_system
 from train.trackers import Trackers
+from train.warm_start import hf_parent, is_hf_folder
 
 
 class Trainer:
@@ -295,13 +296,19 @@ class Trainer:
 
     def warm_start(self) -> None:
         """CONFIG_INIT_FROM: the parent checkpoint's weights (and, with INIT_FROM_OPTIMIZER, its optimizer
-        state) into this fresh run at step 0. Only for a run that does not resume its own checkpoint."""
+        state), or a Hugging Face folder's weights (train/warm_start.py), into this fresh run at step 0.
+        Only for a run that does not resume its own checkpoint."""
         if self.sharded:
             raise CheckpointError(f"CONFIG_INIT_FROM is set but CONFIG_PARALLEL_{self.dist.engine.upper()} shards the "
                                   "weights, which a warm start cannot load yet; use PARALLEL_NONE or PARALLEL_DDP")
         where = Path(self.loop.init_from).expanduser()
-        path, state = checkpoint.init_source(where if where.is_absolute() else ROOT / where,
-                                             self.loop.init_from_checkpoint)
+        where = where if where.is_absolute() else ROOT / where
+        if is_hf_folder(where):  # a Hugging Face folder: weights only, through hf/'s reverse mapping
+            weights, self.parent = hf_parent(where, self.model, self.tokenizer, self.loop.init_from_optimizer, self.log)
+            self.model.load_state_dict(weights)
+            self.log(f"warm start from the Hugging Face folder {where}: weights, fresh optimizer, step 0")
+            return
+        path, state = checkpoint.init_source(where, self.loop.init_from_checkpoint)
         parent_tokenizer = Tokenizer(state["tokenizer"])
         if parent_tokenizer.sha256 != self.tokenizer.sha256:
             raise CheckpointError(f"CONFIG_INIT_FROM: {path} was trained with another tokenizer ({parent_tokenizer.kind}, "
@@ -322,8 +329,9 @@ class Trainer:
                 raise CheckpointError(f"CONFIG_INIT_FROM_OPTIMIZER: the optimizer state of {path} does not fit this "
                                       f"run's optimizer ({e}); use the parent's OPTIMIZER and parameter groups, or "
                                       "unset INIT_FROM_OPTIMIZER for a fresh optimizer") from None
-        self.parent = {"path": str(path), "step": state["step"], "weights_sha256": file_sha256(path),
-                       "val_loss": state["val_loss"], "optimizer": self.loop.init_from_optimizer}
+        self.parent = {"path": str(path), "kind": "checkpoint", "step": state["step"],
+                       "weights_sha256": file_sha256(path), "val_loss": state["val_loss"],
+                       "optimizer": self.loop.init_from_optimizer}
         self.log(f"warm start from {path} (step {state['step']}, val loss {state['val_loss']}): weights"
                  + (" and optimizer state" if self.loop.init_from_optimizer else ", fresh optimizer") + ", step 0")
 
