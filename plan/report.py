@@ -1,7 +1,8 @@
 """The report of a plan: report.md, report.csv and PNG plots written into runs/<plan>/.
 
 Inputs are what the runner leaves behind: plan.json (runs, status, differences from the base),
-each run's summary.json, metrics.jsonl and provenance.json. Any of the per-run files may be missing
+each run's summary.json (with ``make eval``'s results under ``eval`` once it has run), metrics.jsonl
+and provenance.json. Any of the per-run files may be missing
 or partial (pending, rejected, failed or interrupted runs, plans from before provenance.json), so
 every reader tolerates that. A run stopped by its time limit (CONFIG_MAX_TIME) is marked as such
 wherever it appears, never shown as a finished run; the Provenance section flags runs (or attempts
@@ -29,6 +30,8 @@ from kconfig.atomic import atomic_write, write_text_if_changed
 from plan.provenance import contributing, differing, load_attempts
 
 PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "final_val_loss.png", "tokens_per_s.png")
+# Drawn only when some run has the data: val_bpb in metrics.jsonl, task results from 'make eval'.
+BPB_PLOT, EVAL_PLOT = "val_bpb_vs_tokens.png", "eval.png"
 COLUMNS = ("run", "status", "baseline", "differs_from_base", "params", "tokens_per_s", "mfu",
            "final_val_loss", "best_val_loss", "best_val_step", "final_val_bpb", "best_val_bpb", "steps",
            "planned_steps", "final_lr", "wall_time_s", "init_from", "commit", "dirty", "hostname", "device", "error")
@@ -37,6 +40,9 @@ NUMERIC = ("params", "tokens_per_s", "mfu", "final_val_loss", "best_val_loss", "
 DASH = "–"
 TIME_LIMIT = "time_limit"
 MARK = "†"  # footnote mark of a time-limited run
+# Entries of an eval task's results that describe the evaluation rather than score it.
+TASK_INFO = ("num_fewshot", "samples")
+GENERATION_COLUMNS = ("distinct_1", "distinct_2", "repeated_ngram_rate", "mean_length")
 
 
 # --------------------------------------------------------------------------- reading
@@ -131,13 +137,121 @@ def lineage_lines(rows: list[dict]) -> list[str]:
 
 
 def format_csv(rows: list[dict]) -> str:
-    """Machine-readable rows: numbers unformatted, missing values empty."""
+    """Machine-readable rows: numbers unformatted, missing values empty. The eval columns follow COLUMNS
+    when some run has ``make eval`` results (``eval_values``)."""
+    evaluated = any(eval_of(row) for row in rows)
+    metrics, sets = task_metrics(rows), bpb_sets(rows)
+
+    def values(row):
+        return {**_values(row), **(eval_values(row, metrics, sets) if evaluated else {})}
+
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    fields = [*COLUMNS, *(eval_values(rows[0], metrics, sets) if evaluated else ())]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in _values(row).items()})
+        writer.writerow({k: "" if v is None else v for k, v in values(row).items()})
     return out.getvalue()
+
+
+# --------------------------------------------------------------------------- evaluation results (make eval)
+
+def eval_of(row: dict) -> dict:
+    """The run's ``make eval`` results (summary.json's ``eval``); {} when it has none."""
+    result = row["summary"].get("eval")
+    return result if isinstance(result, dict) else {}
+
+
+def _part(row: dict, key: str) -> dict:
+    part = eval_of(row).get(key)
+    return part if isinstance(part, dict) else {}
+
+
+def _task(row: dict, task: str) -> dict:
+    metrics = _part(row, "tasks").get(task)
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def task_metrics(rows: list[dict]) -> list[tuple[str, str]]:
+    """Every (task, metric) some run's eval scored, first seen first: its numbers other than TASK_INFO and
+    the ``<metric>_stderr`` entries."""
+    found: dict = {}
+    for row in rows:
+        for task in _part(row, "tasks"):
+            for metric, value in _task(row, task).items():
+                if metric not in TASK_INFO and not metric.endswith("_stderr") and _num(value) is not None:
+                    found[(task, metric)] = None
+    return list(found)
+
+
+def bpb_sets(rows: list[dict]) -> list[str]:
+    """The validation sets some run's eval measured bits per byte on, first seen first."""
+    return list(dict.fromkeys(name for row in rows for name in _part(row, "val_bpb")))
+
+
+def eval_values(row: dict, metrics: list[tuple[str, str]], sets: list[str]) -> dict:
+    """The eval fields of one run, numbers raw (None where it lacks one): checkpoint and step evaluated,
+    ``<task> <metric>`` and ``<task> <metric>_stderr`` per task metric, ``eval_bpb_<set>`` per validation set,
+    the generation metrics and ``samples_file`` (relative to the plan directory)."""
+    e, generation = eval_of(row), _part(row, "generation")
+    values = {"eval_checkpoint": e.get("checkpoint") if isinstance(e.get("checkpoint"), str) else None,
+              "eval_step": _num(e.get("step"))}
+    for task, metric in metrics:
+        scores = _task(row, task)
+        values[f"{task} {metric}"] = _num(scores.get(metric))
+        values[f"{task} {metric}_stderr"] = _num(scores.get(f"{metric}_stderr"))
+    values.update({f"eval_bpb_{name}": _num(_part(row, "val_bpb").get(name)) for name in sets})
+    values.update({key: _num(generation.get(key)) for key in GENERATION_COLUMNS})
+    file = generation.get("file")
+    values["samples_file"] = f"{row['name']}/{file}" if isinstance(file, str) and file else None
+    return values
+
+
+def _score(value, stderr) -> str:
+    return DASH if value is None else f"{value:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
+
+
+def _task_settings(rows: list[dict], task: str) -> str:
+    """``python_next_line (0-shot, 200 documents)``; values that differ between runs joined by '/'."""
+    def seen(key):
+        return "/".join(f"{v:g}" for v in sorted({_num(_task(r, task).get(key)) for r in rows} - {None}))
+
+    shots, docs = seen("num_fewshot"), seen("samples")
+    settings = [text for text in (shots and f"{shots}-shot", docs and f"{docs} documents") if text]
+    return f"`{task}`" + (f" ({', '.join(settings)})" if settings else "")
+
+
+def format_eval(rows: list[dict]) -> list[str]:
+    """The Evaluation section (``make eval``): one row per evaluated run; [] when no run was evaluated."""
+    evaluated = [row for row in rows if eval_of(row)]
+    if not evaluated:
+        return []
+    metrics, sets = task_metrics(rows), bpb_sets(rows)
+    head = ["run", "checkpoint", *(f"{task} {metric}" for task, metric in metrics),
+            *("eval bpb" if name == "val" else f"eval bpb {name}" for name in sets),
+            "distinct-2", "repeated 4-grams", "mean length", "samples"]
+    lines = ["## Evaluation", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in evaluated:
+        v = eval_values(row, metrics, sets)
+        checkpoint = (v["eval_checkpoint"] or "?") + ("" if v["eval_step"] is None else f" @ step {v['eval_step']:.0f}")
+        file = v["samples_file"]
+        cells = [f"`{row['name']}`", checkpoint,
+                 *(_score(v[f"{t} {m}"], v[f"{t} {m}_stderr"]) for t, m in metrics),
+                 *(_fmt(v[f"eval_bpb_{name}"], ".4f") for name in sets),
+                 _fmt(v["distinct_2"], ".3f"), _fmt(v["repeated_ngram_rate"], ".3f"),
+                 _fmt(v["mean_length"], ".1f") + (" tokens" if v["mean_length"] is not None else ""),
+                 f"[{file.rsplit('/', 1)[-1]}]({file})" if file else DASH]
+        lines.append("| " + " | ".join(cells) + " |")
+    tasks = list(dict.fromkeys(task for task, _ in metrics))
+    lines += ["", ("Tasks " + ", ".join(_task_settings(rows, t) for t in tasks) + ": lm-evaluation-harness scores "
+                   "± one standard error. " if tasks else "")
+              + "Eval bpb: bits per byte over the whole validation set. Generation on fixed prompts: distinct-2 is "
+              "the share of distinct token bigrams among all, repeated 4-grams the share of a sample's 4-gram "
+              "positions that repeat an earlier 4-gram of it (averaged over samples)."]
+    missing = [row["name"] for row in rows if not eval_of(row) and row["status"] in ("done", TIME_LIMIT)]
+    if missing:
+        lines.append(f"Not evaluated ('make eval' has not run on them): {', '.join(f'`{n}`' for n in missing)}.")
+    return lines
 
 
 def _fmt(value, spec: str) -> str:
@@ -240,6 +354,9 @@ def format_markdown(record: dict, rows: list[dict], plots: list[str]) -> str:
     lineage = lineage_lines(rows)
     if lineage:
         parts += [*lineage, ""]
+    evaluation = format_eval(rows)
+    if evaluation:
+        parts += [*evaluation, ""]
     parts += [*format_provenance(rows), ""]
     parts += [f"![{p[:-4].replace('_', ' ')}]({p})\n" for p in plots]
     return "\n".join(parts).rstrip() + "\n"
@@ -353,23 +470,64 @@ def _save(fig: Figure, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))  # keeps the umask
 
 
-def plot_curves(rows: list[dict], x_key: str, xlabel: str, path: Path) -> bool:
-    """Eval val_loss of every run that has some; the baseline drawn thick and black."""
-    runs = [r for r in rows if any(_num(e.get(x_key)) is not None for e in r["evals"])]
+def _legend(ax, runs: list) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8 if len(runs) <= 15 else 7,
+              ncol=1 if len(runs) <= 18 else 2, frameon=False)
+
+
+def plot_curves(rows: list[dict], x_key: str, xlabel: str, path: Path, y_key: str = "val_loss",
+                quantity: str = "loss") -> bool:
+    """An evaluation quantity of metrics.jsonl (val loss; val_bpb for ``quantity`` "bits per byte") of every
+    run that logged some, against ``x_key``; the baseline drawn thick and black."""
+    def points(row):
+        return [(e[x_key], e[y_key]) for e in row["evals"] if _num(e.get(x_key)) is not None
+                and _num(e.get(y_key)) is not None]
+
+    runs = [r for r in rows if points(r)]
     if not runs:
         return False
     fig = Figure(figsize=(9, 5.5))
     ax = fig.add_subplot()
     styles = ("-", "--", ":", "-.")
     for i, (row, color) in enumerate(zip(runs, _colors(len(runs)))):
-        pts = [(e[x_key], e["val_loss"]) for e in row["evals"] if _num(e.get(x_key)) is not None]
+        pts = points(row)
         kw = dict(color="black", lw=2.6, zorder=3) if row["baseline"] else \
             dict(color=color, lw=1.4, ls=styles[(i // 10) % 4] if len(runs) > 20 else "-")
         ax.plot(*zip(*pts), marker="o" if len(pts) == 1 else None, label=_label(row), **kw)
-    ax.set(xlabel=xlabel, ylabel="val loss", title=f"validation loss vs {xlabel.split(' ')[0]}")
+    ax.set(xlabel=xlabel, ylabel=y_key.replace("_", " "), title=f"validation {quantity} vs {xlabel.split(' ')[0]}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8 if len(runs) <= 15 else 7,
-              ncol=1 if len(runs) <= 18 else 2, frameon=False)
+    _legend(ax, runs)
+    _save(fig, path)
+    return True
+
+
+def plot_eval(rows: list[dict], path: Path) -> bool:
+    """Grouped bars of the eval task metrics scored between 0 and 1 (accuracies): one group per task metric,
+    one bar per evaluated run (the baseline grey and hatched), error bars ± one standard error. Metrics on
+    other scales (perplexities) are left to the table."""
+    metrics = [(t, m) for t, m in task_metrics(rows)
+               if all(0 <= v <= 1 for r in rows if (v := _num(_task(r, t).get(m))) is not None)]
+    runs = [r for r in rows if any(_num(_task(r, t).get(m)) is not None for t, m in metrics)]
+    if not runs:
+        return False
+    width = 0.8 / len(runs)
+    fig = Figure(figsize=(max(6.0, 1.5 + len(metrics) * (0.5 + 0.22 * len(runs))), 5))
+    ax = fig.add_subplot()
+    for i, (row, color) in enumerate(zip(runs, _colors(len(runs)))):
+        present = [(j, _task(row, t)[m], _num(_task(row, t).get(f"{m}_stderr")) or 0.0)
+                   for j, (t, m) in enumerate(metrics) if _num(_task(row, t).get(m)) is not None]
+        xs, values, errors = zip(*present)
+        bars = ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], values, width, yerr=errors, capsize=3,
+                      color="0.35" if row["baseline"] else color, label=_label(row))
+        if row["baseline"]:
+            for bar in bars:
+                bar.set(hatch="//", edgecolor="white")
+    ax.set_xticks(range(len(metrics)), [f"{t}\n{m}" for t, m in metrics], fontsize=8)
+    ax.set_xlim(-0.6, len(metrics) - 0.4)
+    ax.set_ylim(0, 1.05)
+    ax.set(ylabel="score", title="evaluation tasks (error bars: ± 1 standard error)")
+    ax.grid(axis="y", alpha=0.3)
+    _legend(ax, runs)
     _save(fig, path)
     return True
 
@@ -416,9 +574,11 @@ def write_plots(plan_dir: Path, rows: list[dict]) -> list[Path]:
         lambda p: plot_curves(rows, "elapsed_s", "time (s since start)", p),
         lambda p: plot_bars(rows, "final_val_loss", "final val loss", "final val loss, best on top", p, sort=True),
         lambda p: plot_bars(rows, "tokens_per_s", "tokens/s", "training throughput (plan order)", p, sort=False),
+        lambda p: plot_curves(rows, "tokens", "tokens trained", p, y_key="val_bpb", quantity="bits per byte"),
+        lambda p: plot_eval(rows, p),
     )
     written = []
-    for name, draw in zip(PLOTS, jobs):
+    for name, draw in zip((*PLOTS, BPB_PLOT, EVAL_PLOT), jobs, strict=True):
         if draw(plan_dir / name):
             written.append(plan_dir / name)
         else:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
-from plan.report import PLOTS, write_report
+from plan.report import COLUMNS, PLOTS, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -380,3 +380,120 @@ def test_bits_per_byte_column_and_lineage(tmp_path):
     assert ("- `child` started from `runs/a/parent/checkpoints/best.pt` (step 400, val loss 1.3000 there, "
             "weights sha256 abababababab)") in md
     assert "`parent` started" not in md
+
+
+# --------------------------------------------------------------------------- make eval results, bits per byte
+
+def eval_result(acc: float, stderr: float | None = 0.03, bpb: float = 2.31, distinct_2: float = 0.62) -> dict:
+    """summary.json's eval as make eval writes it."""
+    scores = {"acc": acc, "acc_norm": acc + 0.03, "acc_norm_stderr": 0.035, "num_fewshot": 0, "samples": 200}
+    if stderr is not None:
+        scores["acc_stderr"] = stderr
+    return {"checkpoint": "best", "step": 300, "tasks": {"python_next_line": scores},
+            "val_bpb": {"val": bpb},
+            "generation": {"distinct_1": 0.31, "distinct_2": distinct_2, "repeated_ngram_rate": 0.125,
+                           "mean_length": 87.5, "samples": 8, "file": "eval/samples.txt"}}
+
+
+def set_summary(plan_dir: Path, name: str, **fields) -> None:
+    summary = json.loads((plan_dir / name / "summary.json").read_text())
+    summary.update(fields)
+    (plan_dir / name / "summary.json").write_text(json.dumps(summary))
+
+
+def log_bpb(plan_dir: Path, name: str, scale: float) -> None:
+    """Add val_bpb (val_loss * scale) to each evaluation line of the run's metrics.jsonl."""
+    path = plan_dir / name / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**x, "val_bpb": x["val_loss"] * scale} if "val_loss" in x else x) + "\n"
+                            for x in lines))
+
+
+@pytest.fixture
+def evaluated(ablation) -> Path:
+    """The ablation with make eval run on two of its done runs, and val_bpb logged by all three."""
+    set_summary(ablation, "base", eval=eval_result(0.41))
+    set_summary(ablation, "lr3e-4", eval=eval_result(0.5, stderr=None, bpb=2.125, distinct_2=0.75))
+    for name in ("base", "lr3e-4", "pos_rope-no-qk_norm"):
+        log_bpb(ablation, name, 1.5)
+    return ablation
+
+
+def test_eval_columns_in_csv(evaluated):
+    write_report(evaluated)
+    rows = read_csv(evaluated)
+    assert list(rows[0])[:len(COLUMNS)] == list(COLUMNS)
+    assert list(rows[0])[len(COLUMNS):] == [
+        "eval_checkpoint", "eval_step", "python_next_line acc", "python_next_line acc_stderr",
+        "python_next_line acc_norm", "python_next_line acc_norm_stderr", "eval_bpb_val",
+        "distinct_1", "distinct_2", "repeated_ngram_rate", "mean_length", "samples_file"]
+    base, lr = rows[0], rows[1]
+    assert (base["eval_checkpoint"], base["eval_step"]) == ("best", "300")
+    assert float(base["python_next_line acc"]) == 0.41 and float(base["python_next_line acc_stderr"]) == 0.03
+    assert float(lr["python_next_line acc"]) == 0.5 and lr["python_next_line acc_stderr"] == ""
+    assert float(lr["python_next_line acc_norm"]) == 0.53
+    assert [r["eval_bpb_val"] for r in rows] == ["2.31", "2.125", "", "", ""]
+    assert float(base["distinct_2"]) == 0.62 and float(base["repeated_ngram_rate"]) == 0.125
+    assert float(base["mean_length"]) == 87.5 and base["samples_file"] == "base/eval/samples.txt"
+    assert rows[2]["python_next_line acc"] == "" and rows[2]["samples_file"] == ""  # not evaluated
+
+
+def test_eval_section_in_markdown(evaluated):
+    write_report(evaluated)
+    md = (evaluated / "report.md").read_text()
+    lines = md.splitlines()
+    start = lines.index("## Evaluation")
+    assert start < lines.index("## Provenance")
+    assert lines[start + 2] == ("| run | checkpoint | python_next_line acc | python_next_line acc_norm | eval bpb | "
+                                "distinct-2 | repeated 4-grams | mean length | samples |")
+    assert lines[start + 4] == ("| `base` | best @ step 300 | 0.410 ± 0.030 | 0.440 ± 0.035 | 2.3100 | 0.620 | "
+                                "0.125 | 87.5 tokens | [samples.txt](base/eval/samples.txt) |")
+    assert lines[start + 5].startswith("| `lr3e-4` | best @ step 300 | 0.500 | 0.530 ± 0.035 | 2.1250 | 0.750 |")
+    assert lines[start + 7].startswith("Tasks `python_next_line` (0-shot, 200 documents): ")
+    assert lines[start + 8] == "Not evaluated ('make eval' has not run on them): `pos_rope-no-qk_norm`."
+    assert "![eval](eval.png)" in md and "![val bpb vs tokens](val_bpb_vs_tokens.png)" in md
+
+
+def test_eval_and_bpb_plots_written(evaluated):
+    paths = {p.name for p in write_report(evaluated)}
+    assert paths == {"report.md", "report.csv", *PLOTS, "eval.png", "val_bpb_vs_tokens.png"}
+    for name in ("eval.png", "val_bpb_vs_tokens.png"):
+        assert (evaluated / name).stat().st_size > 0 and png_size(evaluated / name)[0] > 100
+    # Results gone (a plan evaluated before, then rewritten): the plots go too, the report is today's again.
+    for name in ("base", "lr3e-4"):
+        set_summary(evaluated, name, eval=None)
+    write_report(evaluated)
+    assert not (evaluated / "eval.png").exists() and "## Evaluation" not in (evaluated / "report.md").read_text()
+    assert (evaluated / "val_bpb_vs_tokens.png").exists()
+
+
+def test_report_without_eval_is_unchanged(ablation, tmp_path):
+    """No run evaluated, no val_bpb logged: the columns and plots of a report before make eval existed."""
+    paths = {p.name for p in write_report(ablation)}
+    assert paths == {"report.md", "report.csv", *PLOTS}
+    assert list(read_csv(ablation)[0]) == list(COLUMNS)
+    md = (ablation / "report.md").read_text()
+    assert "Evaluation" not in md and "eval.png" not in md and "bpb vs tokens" not in md
+
+
+def test_partial_and_odd_eval_results_tolerated(ablation):
+    """Eval without tasks (EVAL_TASKS empty), a task without stderr or settings, torn entries: no crash."""
+    set_summary(ablation, "base", eval={"checkpoint": "latest", "tasks": {},
+                                        "val_bpb": {"val": 2.0, "extra": None}, "generation": None})
+    set_summary(ablation, "lr3e-4", eval={"tasks": {"boolq": {"acc": 0.6}, "broken": "n/a",
+                                                    "lambada": {"perplexity": 35.5, "acc": 0.2}}})
+    set_summary(ablation, "pos_rope-no-qk_norm", eval="not a dict")
+    paths = {p.name for p in write_report(ablation)}
+    assert "eval.png" in paths and "val_bpb_vs_tokens.png" not in paths
+    rows = read_csv(ablation)
+    assert rows[0]["eval_checkpoint"] == "latest" and rows[0]["eval_step"] == ""
+    assert float(rows[0]["eval_bpb_val"]) == 2.0 and rows[0]["eval_bpb_extra"] == ""
+    assert float(rows[1]["boolq acc"]) == 0.6 and float(rows[1]["lambada perplexity"]) == 35.5
+    assert rows[1]["boolq acc_stderr"] == "" and rows[0]["boolq acc"] == "" and rows[2]["boolq acc"] == ""
+    md = (ablation / "report.md").read_text().splitlines()
+    table = md[md.index("## Evaluation") + 2:]
+    assert table[0] == ("| run | checkpoint | boolq acc | lambada perplexity | lambada acc | eval bpb | eval bpb extra | "
+                        "distinct-2 | repeated 4-grams | mean length | samples |")
+    assert table[2] == "| `base` | latest | – | – | – | 2.0000 | – | – | – | – | – |"
+    assert table[3] == "| `lr3e-4` | ? | 0.600 | 35.500 | 0.200 | – | – | – | – | – | – |"
+    assert table[5].startswith("Tasks `boolq`, `lambada`: ")
