@@ -170,7 +170,10 @@ def quality(samples: list[str], tokenizer: Tokenizer) -> dict:
     (whitespace-separated words, comparable across tokenizers): ``distinct_1``, ``distinct_2`` and
     ``distinct_1_words``, ``distinct_2_words`` (see ``distinct``); ``repeated_ngram_rate`` (4-grams of tokens,
     see ``repeated_ngram_rate``); ``mean_length`` (tokens) and ``mean_length_chars`` (characters) per sample;
-    ``samples``, their count. A value is None where no sample is long enough to measure it."""
+    ``samples``, their count. A value is None where no sample is long enough to measure it. Re-encoding gives
+    the generated ids back for char tokenizers; a SentencePiece or BPE text may re-encode to other pieces, and
+    bytes that are no valid UTF-8 decode to U+FFFD (3 bytes again), so an untrained byte model's samples
+    measure longer than the tokens it generated."""
     tokens = [tokenizer.encode(s) for s in samples]
     words = [s.split() for s in samples]
     count = len(samples)
