@@ -168,7 +168,6 @@ def cmd_run_one(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from plan.plan import Plan
     from plan.report import write_report
     from plan.runner import runs_dir
 
@@ -176,11 +175,10 @@ def cmd_report(args) -> int:
         path = Path(args.plan)
     else:
         root = runs_dir(load(DOT_CONFIG)[1]) if DOT_CONFIG.exists() else ROOT / "runs"
-        plans = [Plan.load(f.parent) for f in root.glob("*/plan.json")]
-        if not plans:
+        path = newest_plan_dir(root)
+        if path is None:
             print(f"error: no plan under {root}; run 'make' first", file=sys.stderr)
             return 1
-        path = max(plans, key=lambda p: p.record["created"]).path
     for p in write_report(path):
         print(p)
     return 0
@@ -248,6 +246,42 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from evaluation.generation import GenerationConfig
+    from evaluation.run import EvalConfig, evaluate_run
+    from plan.plan import Plan
+    from plan.runner import runs_dir
+
+    # The Evaluation and Sampling symbols: .config's (or Kconfig's defaults without one) and SET's.
+    cfg = load(DOT_CONFIG, args.set)[1] if DOT_CONFIG.exists() else values(resolve(parse_overrides(args.set))[0])
+    if args.run:
+        run_dirs = [Path(args.run)]
+    else:
+        plan_dir = Path(args.plan) if args.plan else newest_plan_dir(runs_dir(cfg) if DOT_CONFIG.exists() else
+                                                                     ROOT / "runs")
+        if plan_dir is None:
+            print("error: no plan yet; train one with 'make' first (or name one: RUN_DIR= or PLAN=)", file=sys.stderr)
+            return 1
+        plan = Plan.load(plan_dir)
+        run_dirs = [plan.run_dir(r["name"]) for r in plan.runs
+                    if (plan.run_dir(r["name"]) / "summary.json").is_file()]
+        if not run_dirs:
+            print(f"error: {plan_dir}: no finished run to evaluate yet", file=sys.stderr)
+            return 1
+    eval_config, gen_config = EvalConfig.from_config(cfg, ROOT), GenerationConfig.from_config(cfg)
+    for run_dir in run_dirs:
+        evaluate_run(run_dir, eval_config, gen_config, ROOT, args.checkpoint)
+        print(f"eval: results in {run_dir / 'summary.json'} (\"eval\") and {run_dir / 'eval' / 'results.json'}")
+    return 0
+
+
+def newest_plan_dir(root: Path) -> Path | None:
+    from plan.plan import Plan
+
+    plans = [Plan.load(f.parent) for f in root.glob("*/plan.json")]
+    return max(plans, key=lambda p: p.record["created"]).path if plans else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kbuild", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -289,6 +323,12 @@ def main(argv=None) -> int:
     p = add("export", cmd_export, "write a run's checkpoint as a Hugging Face folder, <run>/export/hf/")
     p.add_argument("--run", default=os.environ.get("RUN_DIR", ""),
                    help="run directory (default: $RUN_DIR, else the newest run with a checkpoint)")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default=os.environ.get("CHECKPOINT") or "best",
+                   help="best (lowest val loss, the default) or latest step checkpoint (default: $CHECKPOINT)")
+    p = add("eval", cmd_eval, "evaluate runs: EVAL_TASKS through lm-eval, bits per byte, generation quality")
+    p.add_argument("--run", default=os.environ.get("RUN_DIR", ""),
+                   help="one run directory (default: $RUN_DIR, else every finished run of the plan)")
+    p.add_argument("--plan", default=os.environ.get("PLAN", ""), help="plan directory (default: $PLAN, else the newest)")
     p.add_argument("--checkpoint", choices=("best", "latest"), default=os.environ.get("CHECKPOINT") or "best",
                    help="best (lowest val loss, the default) or latest step checkpoint (default: $CHECKPOINT)")
     args = ap.parse_args(argv)

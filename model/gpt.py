@@ -242,10 +242,12 @@ class GPT(nn.Module):
             return None
         return causal_mask(T, self.config.attn_window, device, offset=start)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                every_position: bool = False):
         """Logits (B, T, V) and the mean cross-entropy when targets are given.
 
-        Without targets only the last position's logits are computed (generation). With ``cache``
+        Without targets only the last position's logits are computed (generation), unless
+        ``every_position`` (scoring text, as evaluation does). With ``cache``
         (generation only) idx holds the positions after the cached ones, which it then also holds.
         """
         B, T = idx.shape
@@ -272,7 +274,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         if targets is None:
-            return self._logits(x[:, -1:, :]), None
+            return self._logits(x if every_position else x[:, -1:, :]), None
         logits = self._logits(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         if self.training and (self.mtp_blocks or self.moe_layers):

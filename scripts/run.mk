@@ -1,6 +1,6 @@
 # Running what .config describes. SET="SYM=value ..." applies to this invocation only.
 
-.PHONY: run check continue report data sample export bench bench-check slurm
+.PHONY: run check continue report data sample export eval bench bench-check slurm
 
 ## run: (default) run the plan .config describes; results in RUNS_DIR/<plan>/<run>/
 run: $(CORE)
@@ -33,6 +33,10 @@ sample: $(CORE)
 ## export: newest run's checkpoint as a Hugging Face folder <run>/export/hf/ (RUN_DIR=, CHECKPOINT=best|latest)
 export: $(CORE)
 	@$(PY) -m kbuild export
+
+## eval: evaluate the newest plan's runs (RUN_DIR= one run, PLAN=, CHECKPOINT=): EVAL_TASKS via lm-eval, bits per byte, generation
+eval: $(CORE) $(EVAL)
+	@$(PY) -m kbuild eval
 
 ## bench: training tokens/s, FLOP/s, MFU and peak memory of the configured model on this machine (MoE: vs dense)
 bench: $(CORE)
