@@ -89,7 +89,7 @@ def export_state(model_config: ModelConfig, weights: dict[str, torch.Tensor], to
     write_safetensors(tensors, tmp, max_shard_bytes)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    log(f"export: {target.architecture}, vocab {vocab} (tokenizer {tokenizer.vocab_size} + {EOS_NAME} id {eos}) "
+    log(f"export: {target.architecture}, vocab {vocab} (tokenizer {tokenizer.vocab_size}, {EOS_NAME} id {eos}) "
         f"-> {out}")
     return out
 

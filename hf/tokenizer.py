@@ -6,8 +6,9 @@ spell bytes as characters) is its own token, with our id. Neither has an end-of-
 one, ``<|endoftext|>``, is appended after the real ids (id = the tokenizer's vocabulary size);
 tokenizer_config.json sets ``split_special_tokens``, so even text that spells ``<|endoftext|>``
 encodes as its characters, as ours does. A byte-level BPE tokenizer (data/bpe_tokenizer.py) is
-already a ``tokenizers`` tokenizer.json with its own end-of-text token: written as it is. SentencePiece (and any other kind)
-is refused by name: its export is not written yet.
+already a ``tokenizers`` tokenizer.json with its own end-of-text token: written as it is. A
+SentencePiece BPE model becomes a ``tokenizers`` BPE model with byte fallback (hf/sentencepiece.py)
+whose end of text is its own eos piece ``</s>`` (id 3); a unigram model is refused by name.
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ import json
 from data.bpe_tokenizer import native, native_json
 from data.tokenizer import Tokenizer
 from hf.architectures import ExportRefused
+from hf.sentencepiece import eos_piece, sentencepiece_json
 
 EOS = "<|endoftext|>"
+OWN_EOS = ("bpe", "sentencepiece")  # kinds with an end-of-text token of their own
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
-    """The exported end-of-text id: a BPE tokenizer's own, else one past the real ids."""
-    return tokenizer.eos_id if tokenizer.kind == "bpe" else tokenizer.vocab_size
+    """The exported end-of-text id: a BPE or SentencePiece tokenizer's own, else one past the real ids."""
+    return tokenizer.eos_id if tokenizer.kind in OWN_EOS else tokenizer.vocab_size
+
+
+def eos_token(tokenizer: Tokenizer) -> str:
+    """The exported end-of-text token: SentencePiece's eos piece, else ``<|endoftext|>``."""
+    return eos_piece(tokenizer.spec) if tokenizer.kind == "sentencepiece" else EOS
 
 
 def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
@@ -44,10 +52,12 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
         if native(tokenizer.spec).token_to_id(EOS) != eos_id(tokenizer):
             raise AssertionError(f"{EOS} is not id {eos_id(tokenizer)} in the BPE tokenizer (data/bpe_tokenizer.py)")
         return native_json(tokenizer.spec)
+    elif tokenizer.kind == "sentencepiece":  # its own </s>, already in the vocabulary (hf/sentencepiece.py)
+        return sentencepiece_json(tokenizer.spec)
     else:
         raise ExportRefused(
             f"CONFIG_TOKENIZER={tokenizer.kind}: exporting this tokenizer to Hugging Face files is not implemented "
-            "(char, byte and byte-level BPE are); train with CONFIG_TOKENIZER_CHAR or CONFIG_TOKENIZER_BYTE to export a run")
+            "(char, byte, byte-level BPE and SentencePiece BPE are); train with one of those to export a run")
     hf.add_special_tokens([AddedToken(EOS, special=True, normalized=False)])
     if hf.token_to_id(EOS) != eos_id(tokenizer):
         raise AssertionError(f"{EOS} got id {hf.token_to_id(EOS)}, expected {eos_id(tokenizer)}")
@@ -68,10 +78,11 @@ def byte_alphabet() -> dict[str, int]:
 
 def tokenizer_files(tokenizer: Tokenizer, max_length: int) -> dict[str, str]:
     """File name -> text of the tokenizer files AutoTokenizer.from_pretrained reads."""
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS,
+    eos = eos_token(tokenizer)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos,
               "bos_token": None, "unk_token": None, "model_max_length": max_length,
               "clean_up_tokenization_spaces": False, "split_special_tokens": True, "add_bos_token": False, "add_eos_token": False}
-    special = {"eos_token": EOS, "pad_token": EOS}
+    special = {"eos_token": eos, "pad_token": eos}
     return {"tokenizer.json": hf_tokenizer_json(tokenizer),
             "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
             "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}

@@ -143,14 +143,50 @@ def test_exported_tokenizer_gives_our_ids_on_the_embedded_corpus(tmp_path, kind)
     assert hf.convert_tokens_to_ids("<|endoftext|>") == tokenizer.vocab_size
 
 
-def test_sentencepiece_tokenizer_is_refused_by_name(tmp_path):
-    sentencepiece = pytest.importorskip("sentencepiece")  # noqa: F841
-    from data.sentencepiece_tokenizer import train_sentencepiece
+TRICKY = ["12345 678.9 x1y22", "  leading spaces\n\n\n   x\n", "é ü 日本語 🙂 \u0301 naïve ☃", "</s> <s> <pad> <unk> <0x41>",
+          "a\r\nb\rc\x0cd\u2028e\x85f\x0bg\x1ch", "\t\ttabs\t \n", " ", "\n", "=" * 70, " " * 37 + "end", "a\u2581b"]
 
-    lines = [f"{TEXT} {i} {TEXT[i % 20:]}" for i in range(400)]
-    tokenizer = Tokenizer(train_sentencepiece(iter(lines), 300, "bpe", threads=1))  # byte fallback: 256 + pieces
+
+def sentencepiece_tokenizer(model_type: str, text: str, vocab_size: int = 1000) -> Tokenizer:
+    pytest.importorskip("sentencepiece")
+    from data.sentencepiece_tokenizer import sample_lines, train_sentencepiece
+
+    return Tokenizer(train_sentencepiece(sample_lines([text]), vocab_size, model_type, threads=1))
+
+
+@pytest.mark.slow
+def test_sentencepiece_bpe_exports_with_our_ids_its_eos_and_our_logits(tmp_path):
+    text = "".join(p.text for p in embedded_source(700_000).pieces(Stats()))
+    train, held_out = text[:300_000], text[300_000:600_000]
+    assert len(held_out) == 300_000
+    tokenizer = sentencepiece_tokenizer("bpe", train)
+    model = random_model(tokenizer, **LLAMA)
+    folder = export_state(model.config, model.state_dict(), tokenizer, tmp_path / "hf", log=lambda _: None)
+    hf = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    for sample in [held_out[i:i + 30_000] for i in range(0, len(held_out), 30_000)] + TRICKY:
+        ids = hf(sample)["input_ids"]
+        assert ids == tokenizer.encode(sample), sample[:40]
+        assert hf.decode(ids) == tokenizer.decode(ids)
+    assert hf.eos_token == "</s>" and hf.eos_token_id == tokenizer.eos_id == 3
+    from train.warm_start import check_tokenizer
+
+    check_tokenizer(folder, tokenizer, model.config.block_size)  # INIT_FROM accepts the folder's tokenizer as ours
+    config = json.loads((folder / "config.json").read_text())
+    assert config["eos_token_id"] == 3 and config["vocab_size"] == model.config.vocab_size
+    theirs = load_hf(folder)
+    idx = torch.tensor([tokenizer.encode(held_out[:400])[:32]])
+    with torch.no_grad():
+        assert (theirs(idx).logits - model(idx, idx)[0]).abs().max().item() <= 1e-5
+    ours_ids = model.generate(idx[:, :8], 6, temperature=0, vocab_limit=tokenizer.vocab_size)
+    hf_ids = theirs.generate(idx[:, :8], max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert hf_ids.tolist() == ours_ids.tolist()
+
+
+def test_sentencepiece_unigram_is_refused_by_name(tmp_path):
+    text = "".join(p.text for p in embedded_source(200_000).pieces(Stats()))
+    tokenizer = sentencepiece_tokenizer("unigram", text[:150_000])
     model = random_model(tokenizer)
-    with pytest.raises(ExportRefused, match="CONFIG_TOKENIZER=sentencepiece"):
+    with pytest.raises(ExportRefused, match="CONFIG_SENTENCEPIECE_MODEL_TYPE=unigram: .* CONFIG_SENTENCEPIECE_BPE"):
         export_state(model.config, model.state_dict(), tokenizer, tmp_path / "hf", log=lambda _: None)
     assert not (tmp_path / "hf").exists()
 
