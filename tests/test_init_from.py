@@ -213,3 +213,28 @@ def test_the_exports_zero_fill_is_dropped_on_reading_back(tmp_path):
         back, dropped = without_export_fill(weights, ours.state_dict())
         assert back.keys() == ours.state_dict().keys() and dropped
         assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+
+
+@pytest.mark.slow
+def test_a_sentencepiece_run_exports_and_warm_starts_from_its_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    sp = "TOKENIZER_SENTENCEPIECE=y SENTENCEPIECE_VOCAB_SIZE=300 NORM_RMSNORM=y POS_ROPE=y MLP_SWIGLU=y BIAS=n"
+    parent_run, _ = trainer(tmp_path, "parent", sp)
+    parent_summary = parent_run.run()
+    folder = export_run(parent_run.run_dir, "best", **QUIET)
+    hf = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    text = (tmp_path / "corpus.txt").read_text()[:2000] + "</s> 42\r\n"
+    ids = hf(text)["input_ids"]
+    assert ids == parent_run.tokenizer.encode(text) and hf.eos_token_id == parent_run.tokenizer.eos_id == 3
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    best = checkpoint.load(parent_run.run_dir / "checkpoints" / "best.pt")
+    ours = GPT(ModelConfig.from_dict(best["model_config"])).eval()
+    ours.load_state_dict(best["model"])
+    idx = torch.tensor([ids[:16]])
+    with torch.no_grad():
+        assert (theirs.eval()(idx).logits - ours(idx, idx)[0]).abs().max().item() <= 1e-5
+    child, _ = trainer(tmp_path, "child", sp, INIT_FROM=str(folder))
+    child.warm_start()
+    assert child.evaluate()["val"] == pytest.approx(parent_summary["best_val_loss"], abs=1e-6)
