@@ -14,7 +14,7 @@ from conftest import config_of
 from data.prepare import prepare
 from data.tokenizer import Tokenizer
 from export.hf_folder import export_run, export_state
-from hf.read import read_hf_folder
+from hf.read import ImportRefused, read_hf_folder
 from model.gpt import GPT, ModelConfig
 from train import checkpoint
 from train.checkpoint import CheckpointError
@@ -200,6 +200,13 @@ def test_a_folder_transformers_saved_is_refused_without_our_tokenizer_and_loads_
     idx = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         assert (child.model.eval()(idx, idx)[0] - theirs(idx).logits).abs().max().item() <= 1e-5
+    tanh = tmp_path / "tanh-gelu"  # GPT2Config's default activation, which our model does not compute
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1,
+                                                         n_head=2)).save_pretrained(tanh)
+    shutil.copy(exported / "tokenizer.json", tanh / "tokenizer.json")
+    refused, _ = trainer(tmp_path, "tanh", INIT_FROM=str(tanh))
+    with pytest.raises(ImportRefused, match="activation_function='gelu_new'"):
+        refused.warm_start()
 
 
 def test_the_exports_zero_fill_is_dropped_on_reading_back(tmp_path):
