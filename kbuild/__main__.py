@@ -248,7 +248,8 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
     from evaluation.generation import GenerationConfig
-    from evaluation.run import EvalConfig, evaluate_run
+    from evaluation.run import evaluate_run
+    from harness.evaluate import EvalConfig
     from plan.plan import Plan
     from plan.runner import runs_dir
 

@@ -343,6 +343,12 @@ class GPT(nn.Module):
         return idx
 
 
+def first_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int | None:
+    """The index in text of the earliest stop string occurrence at or after start, else None."""
+    found = [i for s in stop if (i := text.find(s, start)) >= 0]
+    return min(found) if found else None
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row of logits (B, V), (B, 1): greedy at temperature 0, else sampled from

@@ -54,7 +54,32 @@ def config_problems(cfg: Config) -> list[str]:
             build()
         except (ValueError, StopStringError) as e:  # CurriculumError is a ValueError too; all name their symbols
             found.append(str(e))
-    return found
+    return found + downstream_problems(cfg)
+
+
+def downstream_problems(cfg: Config) -> list[str]:
+    """EVAL_EVERY: lm-evaluation-harness installed and every EVAL_TASKS name found (datasets load at the
+    first evaluation; a registry name is looked up in lm-eval's index, a few seconds)."""
+    if not cfg.EVAL_EVERY:
+        return []
+    if not cfg.EVAL_TASKS.strip():
+        return [f"CONFIG_EVAL_EVERY={cfg.EVAL_EVERY} but CONFIG_EVAL_TASKS is empty: name the tasks, or set EVAL_EVERY=0"]
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        return [f"CONFIG_EVAL_EVERY={cfg.EVAL_EVERY} needs lm-evaluation-harness ({e.name} is missing): run "
+                "'make setup-eval' (pip install '.[eval]'), or set EVAL_EVERY=0"]
+    from harness.errors import EvalError
+    from harness.evaluate import EvalConfig
+    from harness.tasks import task_specs
+    from kconfig.tree import ROOT
+
+    config = EvalConfig.from_config(cfg, ROOT)
+    try:
+        task_specs(list(config.tasks), config.tasks_dir)
+    except EvalError as e:
+        return [str(e)]
+    return []
 
 
 def device_problems(cfg: Config) -> list[str]:

@@ -29,9 +29,12 @@ $(VENV)/.installed-eval: pyproject.toml $(VENV)/.installed-core
 	$(VENV)/bin/pip install --quiet ".[eval]"
 	@touch $@
 
-.PHONY: setup distclean clean
+.PHONY: setup setup-eval distclean clean
 ## setup: create the virtualenv (VENV, default .venv) with pinned torch (TORCH_SPEC) and core packages
 setup: $(CORE)
+
+## setup-eval: add lm-evaluation-harness to the virtualenv ('make eval' does it on first use; EVAL_EVERY needs it)
+setup-eval: $(EVAL)
 
 ## clean: remove Python caches and prepared data (.cache/); runs/ is kept
 clean:

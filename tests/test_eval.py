@@ -13,14 +13,14 @@ import torch.nn.functional as F
 
 from data.tokenizer import Tokenizer
 from evaluation.bits_per_byte import bits_per_byte
-from evaluation.errors import EvalError
-from evaluation.run import EvalConfig, run_tasks
-from evaluation.tasks import task_names, task_specs
+from harness.errors import EvalError
+from harness.evaluate import EvalConfig, run_tasks
+from harness.tasks import task_names, task_specs
 from model.gpt import GPT, ModelConfig
 from train.build import padded_vocab
 
 pytest.importorskip("lm_eval")
-from evaluation.adapter import OurLM  # noqa: E402  (needs lm_eval)
+from harness.adapter import OurLM  # noqa: E402  (needs lm_eval)
 
 ALPHABET = "abcdefgh =+\n"
 DOCS = [  # context, choices, answer
@@ -261,3 +261,31 @@ def test_make_eval_on_the_newest_plan_writes_the_summary_and_the_report(repo, ma
     assert "python_next_line acc" in (run_dir.parent / "report.md").read_text()
     missing = make("eval", env={"SET": "EVAL_TASKS=no_such_task"}, check=False)
     assert missing.returncode == 2 and "CONFIG_EVAL_TASKS: no task 'no_such_task'" in missing.stderr
+
+
+@pytest.mark.slow
+def test_training_runs_the_tasks_every_eval_every_steps_and_logs_them(tmp_path, config):
+    from data.prepare import prepare
+    from train.trainer import Trainer
+
+    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n\n" * 300)
+    cfg = config("DEVICE_CPU=y", "DTYPE_FP32=y", "MODEL_SIZE_CUSTOM=y", "TOKENIZER_BYTE=y", N_LAYER=1, N_HEAD=2,
+                 N_EMBD=32, BLOCK_SIZE=32, MICRO_BATCH=4, MAX_ITERS=6, EVAL_INTERVAL=2, EVAL_BATCHES=1,
+                 WARMUP_ITERS=1, SAMPLE_TOKENS=2, EVAL_EVERY=3, EVAL_LIMIT=8, EVAL_TASKS="python_next_line",
+                 DATA_PATH="corpus.txt", DATA_CACHE_DIR="cache")
+    run_dir = tmp_path / "run"
+    Trainer(cfg, prepare(cfg, tmp_path, log=lambda _: None), run_dir, log=lambda _: None).run()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval"] for r in records if "eval" in r}
+    assert sorted(evals) == [4, 6]  # the first validation step at or past 3, then the one at 6
+    for scores in evals.values():
+        assert set(scores) == {"python_next_line"} and scores["python_next_line"]["acc"] in {i / 8 for i in range(9)}
+
+
+def test_eval_every_is_checked_before_training(config):
+    from plan.preflight import downstream_problems
+
+    assert downstream_problems(config(EVAL_EVERY=0, EVAL_TASKS="no_such")) == []
+    assert "CONFIG_EVAL_TASKS is empty" in downstream_problems(config(EVAL_EVERY=5, EVAL_TASKS=""))[0]
+    (problem,) = downstream_problems(config(EVAL_EVERY=5, EVAL_TASKS="python_next_line", EVAL_TASKS_DIR="/nowhere"))
+    assert "CONFIG_EVAL_TASKS_DIR: /nowhere is not a folder" in problem

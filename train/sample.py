@@ -10,6 +10,7 @@ import torch
 
 from data.tokenizer import Tokenizer, check_vocab_fits
 from kconfig.errors import NamedError
+from model.gpt import first_stop
 
 # Sampling symbols added after runs were first saved, with the value that samples as those runs did:
 # a checkpoint written before them samples with them off.
@@ -67,12 +68,6 @@ class SampleConfig:
         return cls(prompt=cfg.SAMPLE_PROMPT, tokens=cfg.SAMPLE_TOKENS, temperature=cfg.SAMPLE_TEMPERATURE,
                    top_k=cfg.SAMPLE_TOP_K, top_p=cfg.SAMPLE_TOP_P, stop=parse_stop_strings(cfg.SAMPLE_STOP),
                    seed=cfg.SEED)
-
-
-def first_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int | None:
-    """The index in text of the earliest stop string occurrence at or after start, else None."""
-    found = [i for s in stop if (i := text.find(s, start)) >= 0]
-    return min(found) if found else None
 
 
 def generate_text(model, tokenizer: Tokenizer, sample: SampleConfig, device: torch.device,

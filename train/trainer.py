@@ -14,6 +14,7 @@ from data.mix import PreparedMix, as_mix
 from data.cache import PreparedData
 from data.stream import file_sha256
 from data.tokenizer import Tokenizer, check_vocab_fits
+from harness.evaluate import EvalConfig
 from kconfig.tree import ROOT
 from model.gpt import ModelConfig
 from optim.optimizers import OptimizerConfig, describe, set_lr
@@ -88,6 +89,8 @@ class Trainer:
         self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
         self.tokens_per_byte = data.val_tokens_per_byte()  # per validation set, for bits per byte
         self.best_bpb, self.parent, self.resumed = None, None, False  # parent: the INIT_FROM checkpoint
+        self.downstream = EvalConfig.from_config(cfg, ROOT)  # EVAL_TASKS every EVAL_EVERY steps (0: never)
+        self.last_downstream = 0  # the step of the last task evaluation (a resume: the step it starts from)
         # The clocks and the last step's record exist from here on, so every method works before run()
         # (which restarts the clocks); train_step renews the step's record.
         self.speed, self.started, self.last_save = Throughput(), time.time(), self.clock()
@@ -284,6 +287,7 @@ class Trainer:
             self.batches.counts[:] = state["data_counts"]
         restore_rng(state["rng"])
         self.start_step, self.elapsed_before = state["step"], state["wall_time_s"]
+        self.last_downstream = self.start_step
         self.best_val, self.best_step = state["best_val_loss"], state["best_val_step"]
         # checkpoints written before bits per byte and warm starts lack these entries
         self.best_bpb, self.parent, self.resumed = state.get("best_val_bpb"), state.get("init_from"), True
@@ -507,6 +511,9 @@ class Trainer:
         record = dict(step=step, tokens=self.tokens_before(step), val_loss=result["val"],
                       train_eval_loss=result["train"], val_losses=result["val_losses"],
                       val_bpb=result["val_bpb"], val_bpbs=result["val_bpbs"], elapsed_s=self.elapsed())
+        every = self.downstream.every
+        if every and step and step >= (self.last_downstream // every + 1) * every:  # the first eval past a multiple
+            record["eval"] = self.downstream_eval(step)
         self.metrics.write(**record)
         self.trackers.log(record, step)
         named = "".join(f" | {name} {loss:.4f}" for name, loss in result["val_losses"].items()
@@ -514,6 +521,25 @@ class Trainer:
         bpb = "" if result["val_bpb"] is None else f" | val bpb {result['val_bpb']:.4f}"
         self.log(f"eval step {step}: train {result['train']:.4f} | val {result['val']:.4f}{named}{bpb}")
         return result
+
+    def downstream_eval(self, step: int) -> dict[str, dict[str, float]]:
+        """EVAL_TASKS on the live model (every rank runs them alike; sharded weights need all): {task: {metric:
+        value}}, logged under eval/<task>/<metric>."""
+        from harness.adapter import OurLM
+        from harness.evaluate import run_tasks
+
+        self.model.eval()
+        try:
+            lm = OurLM(self.model, self.tokenizer, self.downstream.batch_size, self.device)
+            metrics, _ = run_tasks(lm, self.downstream, log=lambda message: None)
+        finally:
+            self.model.train()
+        self.last_downstream = step
+        scores = {task: {k: v for k, v in m.items() if isinstance(v, float)} for task, m in metrics.items()}
+        shown = " | ".join(f"{task} {k} {v:.4f}" for task, m in scores.items() for k, v in m.items()
+                           if not k.endswith("_stderr"))
+        self.log(f"eval step {step}: {shown}")
+        return scores
 
     def summary(self, step: int, last_eval: dict) -> dict:
         sample = generate_text(self.model, self.tokenizer, self.loop.sample, self.device)

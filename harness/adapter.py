@@ -18,18 +18,21 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from data.tokenizer import Tokenizer
-from evaluation.errors import EvalError
+from harness.errors import EvalError
 from hf.tokenizer import eos_id
-from model.gpt import GPT
-from train.sample import first_stop
+from model.gpt import GPT, first_stop
 
 
 @register_model("lmkbuild")
 class OurLM(TemplateLM):
-    """lm-eval's model interface over a GPT of ours (in eval mode) and its tokenizer."""
+    """lm-eval's model interface over a GPT of ours (in eval mode) and its tokenizer, registered as "lmkbuild"."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 16, device: str | torch.device = "cpu"):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int | None = 16,
+                 device: str | torch.device | None = "cpu", max_batch_size: int | None = None):
+        """``max_batch_size`` is lm-eval's automatic batch sizing, which this model does not do (ignored);
+        ``simple_evaluate(model="lmkbuild", model_args={"model": gpt, "tokenizer": tok})`` builds one."""
         super().__init__()
+        batch_size, device = batch_size or 16, device or "cpu"
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         self._device = torch.device(device)
         self.block_size = model.config.block_size
@@ -38,18 +41,6 @@ class OurLM(TemplateLM):
         # embedding has no row for it, an empty context is a newline instead.
         eot = eos_id(tokenizer)
         self._eot = eot if eot < self.vocab_rows else tokenizer.encode("\n")[-1]
-
-    @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "OurLM":
-        """``lm_eval --model lmkbuild --model_args run=runs/<plan>/<run>[,checkpoint=latest]``."""
-        from lm_eval.utils import simple_parse_args_string
-
-        from evaluation.load import load_checkpoint
-
-        args = simple_parse_args_string(arg_string)
-        model, tokenizer, _ = load_checkpoint(args["run"], args.get("checkpoint", "best"))
-        batch = (additional_config or {}).get("batch_size") or 16
-        return cls(model, tokenizer, batch_size=int(batch))
 
     @property
     def eot_token_id(self) -> int:

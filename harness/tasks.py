@@ -12,7 +12,7 @@ import difflib
 import re
 from pathlib import Path
 
-from evaluation.errors import EvalError
+from harness.errors import EvalError
 
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}  # datasets' packaged builders: read local files
 
