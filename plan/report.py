@@ -27,7 +27,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from kconfig.atomic import atomic_write, write_text_if_changed
-from plan.provenance import contributing, differing, load_attempts
+from plan.provenance import load_attempts
+from plan.report_provenance import describe_device, format_provenance
 
 PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "final_val_loss.png", "tokens_per_s.png")
 # Drawn only when some run has the data: val_bpb in metrics.jsonl, task results from 'make eval'.
@@ -115,9 +116,12 @@ def _values(row: dict) -> dict:
 
 
 def format_parent(parent) -> str | None:
-    """A warm-started run's parent (summary.json's init_from) as ``PATH@step N``; None for a fresh run."""
+    """A warm-started run's parent (summary.json's init_from) as ``PATH@step N``, or ``PATH (Hugging Face
+    folder)``; None for a fresh run."""
     if not isinstance(parent, dict) or not parent.get("path"):
         return None
+    if parent.get("kind") == "hf":
+        return f"{parent['path']} (Hugging Face folder)"
     return f"{parent['path']}@step {parent.get('step', '?')}"
 
 
@@ -131,7 +135,8 @@ def lineage_lines(rows: list[dict]) -> list[str]:
         loss = _num(parent.get("val_loss"))
         extra = "" if loss is None else f", val loss {loss:.4f} there"
         carried = " with its optimizer state" if parent.get("optimizer") else ""
-        lines.append(f"- `{row['name']}` started from `{parent['path']}` (step {parent.get('step', '?')}{extra}, "
+        where = "Hugging Face folder" if parent.get("kind") == "hf" else f"step {parent.get('step', '?')}"
+        lines.append(f"- `{row['name']}` started from `{parent['path']}` ({where}{extra}, "
                      f"weights sha256 {str(parent.get('weights_sha256'))[:12]}){carried}")
     return ["Lineage (CONFIG_INIT_FROM):", "", *lines] if lines else []
 
@@ -360,87 +365,6 @@ def format_markdown(record: dict, rows: list[dict], plots: list[str]) -> str:
     parts += [*format_provenance(rows), ""]
     parts += [f"![{p[:-4].replace('_', ' ')}]({p})\n" for p in plots]
     return "\n".join(parts).rstrip() + "\n"
-
-
-# --------------------------------------------------------------------------- provenance
-
-def _show(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
-def describe_device(device: dict | None) -> str:
-    """``2× NVIDIA H100 80GB HBM3`` or ``CPU Intel(R) Xeon(R) (16 CPUs)``."""
-    device = device or {}
-    if device.get("gpu"):
-        return f"{device.get('gpu_count') or '?'}× {device['gpu']}"
-    return f"CPU {device.get('cpu') or 'unknown'} ({device.get('cpu_count') or '?'} CPUs)"
-
-
-def describe(attempt: dict) -> str:
-    """One attempt in a line: commit (clean/dirty), versions, device, host."""
-    git, v = attempt.get("git") or {}, attempt.get("versions") or {}
-    if git.get("commit"):
-        tree = {True: "dirty", False: "clean"}.get(git.get("dirty"), "tree state unknown")
-        if git.get("changes"):
-            tree += f", changes {git['changes']}"
-        commit = f"commit {git['commit'][:12]} ({tree})"
-    else:
-        commit = f"no git commit ({git.get('reason') or 'unknown why'})"
-    cuda = ", ".join(f"{k} {v[key]}" for k, key in (("CUDA", "cuda"), ("cuDNN", "cudnn"), ("NCCL", "nccl"))
-                     if v.get(key))
-    torch = f"torch {v.get('torch') or 'none'}" + (f" ({cuda})" if cuda else "")
-    return (f"{commit}, Python {v.get('python') or '?'}, {torch}, device {describe_device(attempt.get('device'))}, "
-            f"host {attempt.get('hostname') or '?'}")
-
-
-def _values_by_run(by_value: dict, field: str) -> str:
-    def value(v):
-        return v[:12] if field == "commit" and isinstance(v, str) else _show(v)
-    return "; ".join(f"`{value(v)}` ({', '.join(names)})" for v, names in by_value.items())
-
-
-def format_provenance(rows: list[dict]) -> list[str]:
-    """The Provenance section: one line when every run ran on the same commit, tree, versions, device
-    and host (latest attempt of each); else each field that differs with which runs have which value.
-    Runs whose own attempts differ (those its outputs come from: since its last fresh start), SET
-    differences (information) and runs without a record follow."""
-    latest = {r["name"]: r["provenance"][-1] for r in rows if r["provenance"]}
-    lines = ["## Provenance", ""]
-    if not latest:
-        return lines + ["No run has a provenance.json (a plan from before provenance was recorded, or no run "
-                        "has started)."]
-    if len(latest) == 1 or not (diffs := differing(latest)):
-        name = next(iter(latest))
-        lines.append(f"{'All ' + str(len(latest)) + ' runs' if len(latest) > 1 else f'Run `{name}`'}: "
-                     f"{describe(latest[name])}.")
-    else:
-        lines.append(f"**The runs differ in {len(diffs)} provenance field{'s' if len(diffs) > 1 else ''}** "
-                     f"(latest attempt of each run); their differences are not only the configuration:")
-        lines += [f"- {field}: {_values_by_run(by_value, field)}" for field, by_value in diffs.items()]
-    for row in rows:  # a run resumed on another commit, tree or machine
-        every = row["provenance"] or []
-        attempts = contributing(every)
-        first = len(every) - len(attempts) + 1  # numbered as in provenance.json
-        diffs = differing({f"attempt {first + i}": a for i, a in enumerate(attempts)}) if len(attempts) > 1 else {}
-        if diffs:
-            lines.append(f"- **run `{row['name']}`: its {len(attempts)} attempts differ** in "
-                         + "; ".join(f"{field}: {_values_by_run(values, field)}" for field, values in diffs.items()))
-    sets = {name: a.get("set") or "" for name, a in latest.items()}
-    if len(set(sets.values())) > 1:
-        by_set: dict = {}
-        for name, value in sets.items():
-            by_set.setdefault(value or "(none)", []).append(name)
-        lines.append("- SET differs (information: overrides may differ legitimately): "
-                     + "; ".join(f"`{v}` ({', '.join(n)})" for v, n in by_set.items()))
-    missing = [r["name"] for r in rows if not r["provenance"] and r["status"] not in ("pending", "rejected")]
-    if missing:
-        lines.append(f"- No provenance.json (started by a runner that did not record it): "
-                     f"{', '.join(f'`{n}`' for n in missing)}.")
-    return lines
 
 
 # --------------------------------------------------------------------------- plots

@@ -380,6 +380,14 @@ def test_bits_per_byte_column_and_lineage(tmp_path):
     assert ("- `child` started from `runs/a/parent/checkpoints/best.pt` (step 400, val loss 1.3000 there, "
             "weights sha256 abababababab)") in md
     assert "`parent` started" not in md
+    hf = {"path": "runs/a/parent/export/hf", "kind": "hf", "step": None, "weights_sha256": "cd" * 32,
+          "val_loss": None, "optimizer": False}
+    summary = json.loads((d / "child" / "summary.json").read_text())
+    (d / "child" / "summary.json").write_text(json.dumps({**summary, "init_from": hf}))
+    write_report(d)
+    assert read_csv(d)[1]["init_from"] == "runs/a/parent/export/hf (Hugging Face folder)"
+    assert ("- `child` started from `runs/a/parent/export/hf` (Hugging Face folder, weights sha256 cdcdcdcdcdcd)"
+            in (d / "report.md").read_text())
 
 
 # --------------------------------------------------------------------------- make eval results, bits per byte

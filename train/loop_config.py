@@ -27,7 +27,7 @@ class LoopConfig:
     max_bad_steps: int | None = 10  # stop after that many skipped in a row; None while skip_nonfinite is off
     seed: int = 1337
     sample: SampleConfig = SampleConfig()  # the end-of-run sample
-    init_from: str = ""  # warm start: a run directory or checkpoint file; "" = a fresh model
+    init_from: str = ""  # warm start: a run directory, checkpoint file or HF folder; "" = a fresh model
     init_from_checkpoint: str | None = None  # "best" or "latest" of an INIT_FROM run directory
     init_from_optimizer: bool = False  # carry the parent's optimizer state too
 
