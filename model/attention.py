@@ -12,6 +12,13 @@ soft-capped as ``c * tanh(s / c)`` before the softmax (Gemma 2). They differ in 
 - ``reference``: plain matmul + mask + softmax, written to be read and used by tests to check the
   others. It keeps B x n_head x T x T scores and probabilities.
 
+Document masking (packed fine-tuning examples): ``document_mask`` gives each sequence of a batch its
+own (T, T) mask, causal and confined to runs of equal document ids (and to the window), so no token
+attends across two packed examples; SDPA and the reference kernel take it as a (B, 1, T, T) mask.
+flash-attn's dense kernel takes no mask, so with document ids a model configured for it computes
+that layer through SDPA with the mask (the reference kernel where scores are soft-capped): the same
+function, exact on CPU and GPU alike, at SDPA's speed for those forwards.
+
 ``saved_bytes`` and ``mask_bytes`` are what each kernel keeps for backward, for train/memory.py.
 ``KVCache`` holds each layer's keys and values during generation (GPT.generate), so a new token
 attends to the cached ones instead of recomputing the whole sequence; training never passes one.
@@ -63,13 +70,34 @@ def causal_mask(T: int, window: int, device=None, offset: int = 0) -> torch.Tens
     return allowed
 
 
+def document_segments(doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment, position), both (B, T) int64, of document ids ``doc`` (B, T): a segment is a run of
+    equal ids (a new one starts wherever the id changes, so ids need only differ between neighbours),
+    numbered 0, 1, ... along each row, and position counts from 0 at each segment's first token."""
+    T = doc.size(1)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    t = torch.arange(T, device=doc.device).expand_as(doc)
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # each token's segment start
+    return starts.long().cumsum(dim=1) - 1, t - first
+
+
+def document_mask(segment: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, 1, T, T) bool: query i may attend to key j when causal_mask allows it and both lie in the
+    same segment (document_segments). The diagonal is always allowed, so no row is empty."""
+    T = segment.size(1)
+    same = segment.unsqueeze(2) == segment.unsqueeze(1)
+    return (same & causal_mask(T, window, segment.device)).unsqueeze(1)
+
+
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap): smooth, bounded to (-cap, cap), ~x for |x| << cap. cap 0 = identity."""
     return cap * torch.tanh(x / cap) if cap else x
 
 
 def reference_attention(q, k, v, mask: torch.Tensor, cap: float = 0.0, dropout_p: float = 0.0) -> torch.Tensor:
-    """Attention spelled out: q (B, H, T, D), k and v (B, Hkv, T, D), mask (T, T) bool (True = keep)."""
+    """Attention spelled out: q (B, H, T, D), k and v (B, Hkv, T, D), mask (T, T) or (B, 1, T, T) bool
+    (True = keep)."""
     groups = q.size(1) // k.size(1)
     if groups > 1:  # grouped-query attention: each k/v head serves `groups` consecutive query heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -198,7 +226,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None,
                 cache: LayerCache | None = None) -> torch.Tensor:
         """x (B, T, C); rope (cos, sin) or None; mask the (T, T) causal/window mask, None when SDPA
-        runs full causal attention or flash-attn applies the window itself.
+        runs full causal attention or flash-attn applies the window itself, or a (B, 1, T, T)
+        document mask (packed examples) for every kernel.
 
         With ``cache`` (generation) x holds the positions after the cached ones: rope's tables start
         at the first of them, k and v are appended to the cache and the queries attend to all of it;
@@ -220,6 +249,9 @@ class CausalSelfAttention(nn.Module):
         p = config.dropout if self.training else 0.0
         if config.attn == "reference":
             y = reference_attention(q, k, v, mask, config.attn_softcap, p)
+        elif config.attn == "flash" and mask is not None and mask.dim() == 4:  # document mask: see the top
+            y = (reference_attention(q, k, v, mask, config.attn_softcap, p) if config.attn_softcap
+                 else sdpa_attention(q, k, v, mask, p))
         elif config.attn == "flash":
             y = flash_attention(q, k, v, config.attn_window, config.attn_softcap, p)
         else:

@@ -8,6 +8,8 @@ same blocks. Attention kernels, sliding windows and soft-capping live in model/a
 the MLP and its activations in model/mlp.py; Mixture-of-Experts layers in model/moe.py.
 Optional extra heads predict tokens t+2..t+n (multi-token prediction) and activation
 checkpointing (ModelConfig.checkpoint_every) recomputes chosen blocks in backward.
+Packed fine-tuning examples pass document ids (GPT.forward's ``doc``): attention stays within each
+example and positions restart at 0 at each, so a packed example computes what it computes alone.
 Generation (GPT.generate) decodes incrementally through a KV cache (model/attention.py's KVCache)
 and samples with temperature, top-k and top-p (sample_next).
 """
@@ -23,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import BACKENDS, CausalSelfAttention, KVCache, LayerCache, causal_mask, softcap
+from model.attention import (BACKENDS, CausalSelfAttention, KVCache, LayerCache, causal_mask, document_mask,
+                             document_segments, softcap)
 from model.mlp import MLP, activation, hidden_width
 from model.moe import MoE, MoEConfig, is_moe_block
 
@@ -149,9 +152,12 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (x1, x2) halves of each head by position-dependent angles. x: (B, H, T, D)."""
-    T = x.size(2)
-    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    """Rotate (x1, x2) halves of each head by position-dependent angles. x: (B, H, T, D); cos and sin
+    are tables from position 0 (their first T rows are used) or, per token, (B, 1, T, D/2)."""
+    if cos.dim() == 2:
+        T = x.size(2)
+        cos, sin = cos[:T], sin[:T]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -243,12 +249,14 @@ class GPT(nn.Module):
         return causal_mask(T, self.config.attn_window, device, offset=start)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                every_position: bool = False):
-        """Logits (B, T, V) and the mean cross-entropy when targets are given.
+                every_position: bool = False, doc: torch.Tensor | None = None):
+        """Logits (B, T, V) and the mean cross-entropy when targets are given (ids -100 ignored).
 
         Without targets only the last position's logits are computed (generation), unless
         ``every_position`` (scoring text, as evaluation does). With ``cache``
         (generation only) idx holds the positions after the cached ones, which it then also holds.
+        ``doc`` (B, T) int64 document ids (packed examples 0, 1, 2, ..., padding its own id): each
+        run of equal ids attends only within itself and its positions start at 0, as if alone.
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -256,6 +264,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds CONFIG_BLOCK_SIZE={self.config.block_size}")
         if cache is not None and targets is not None:
             raise ValueError("a KV cache is for generation: pass targets or a cache, not both")
+        if doc is not None:
+            return self._forward_documents(idx, targets, every_position, doc, cache)
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
@@ -264,6 +274,27 @@ class GPT(nn.Module):
         if self.config.pos == "rope":  # a cache's positions start at its length
             rope = (self.rope_cos[start:], self.rope_sin[start:]) if start else (self.rope_cos, self.rope_sin)
         mask = self._attention_mask(T, idx.device) if start == 0 else self._cached_mask(T, start, idx.device)
+        return self._trunk_and_loss(x, rope, mask, targets, every_position, cache)
+
+    def _forward_documents(self, idx, targets, every_position, doc, cache):
+        """forward with document ids: per-token positions and a (B, 1, T, T) mask for every kernel."""
+        if cache is not None:
+            raise ValueError("document ids (doc) are for training and scoring packed examples, not a KV cache")
+        if doc.shape != idx.shape:
+            raise ValueError(f"doc has shape {tuple(doc.shape)}; it needs idx's shape {tuple(idx.shape)}")
+        segment, position = document_segments(doc.to(idx.device))
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(position)
+        x = self.drop(x)
+        rope = None
+        if self.config.pos == "rope":
+            rope = (self.rope_cos[position].unsqueeze(1), self.rope_sin[position].unsqueeze(1))
+        mask = document_mask(segment, self.config.attn_window)
+        return self._trunk_and_loss(x, rope, mask, targets, every_position, None, segment)
+
+    def _trunk_and_loss(self, x, rope, mask, targets, every_position, cache, segment=None):
+        """The blocks over embedded x, then logits and loss (segment: document_segments' ids, or None)."""
         for i, block in enumerate(self.blocks):
             if cache is not None:
                 x = block(x, rope, mask, cache.layers[i])
@@ -272,22 +303,24 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, mask)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(x.size(1))
         if targets is None:
             return self._logits(x if every_position else x[:, -1:, :]), None
         logits = self._logits(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         if self.training and (self.mtp_blocks or self.moe_layers):
-            loss = self._training_objective(loss, x, targets, rope, mask)
+            loss = self._training_objective(loss, x, targets, rope, mask, segment)
         return logits, loss
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return softcap(self.lm_head(self.ln_f(x)), self.config.final_logit_softcap)
 
-    def _training_objective(self, lm_loss, x, targets, rope, mask) -> torch.Tensor:
+    def _training_objective(self, lm_loss, x, targets, rope, mask, segment=None) -> torch.Tensor:
         """Next-token loss plus the weighted extra terms; each term lands detached in loss_parts.
 
         Only in training: evaluation reports the next-token loss alone, comparable across runs.
+        With document segments (packed examples), a multi-token head's target at t+j counts only when
+        it lies in t's example: the others are ignored (-100).
         """
         parts, loss = {"lm_loss": lm_loss.detach()}, lm_loss
         if self.mtp_blocks:
@@ -295,8 +328,11 @@ class GPT(nn.Module):
             extra = []
             for j, block in enumerate(self.mtp_blocks, start=1):
                 logits = self._logits(block(x, rope, mask)[:, :-j])
+                shifted = targets[:, j:]
+                if segment is not None:
+                    shifted = shifted.masked_fill(segment[:, j:] != segment[:, :-j], -100)
                 extra.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                             targets[:, j:].reshape(-1)))
+                                             shifted.reshape(-1)))
             mtp = torch.stack(extra).mean()
             loss = loss + self.config.mtp_weight * mtp
             parts["mtp_loss"] = mtp.detach()
