@@ -11,6 +11,10 @@ Vocabulary: the padded embedding is exported as it is (our logits and HF's agree
 The end-of-text token takes the first padding id; where the padding has no room for it (a byte
 vocabulary of 256 is already a multiple of 64) the embedding grows by 64 zero rows.
 generation_config.json suppresses the other padding ids, as our sampler's ``vocab_limit`` does.
+
+LoRA: a LoRA run's checkpoint holds its adapter apart from the base (train/lora.py); its weights here
+are the adapter merged into the base weights its INIT_FROM record names (checked by SHA-256), so
+the folder holds plain merged weights and needs no peft to load.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from model.gpt import ModelConfig
 from parallel.errors import CheckpointError
 from train import checkpoint
 from train.build import padded_vocab
+from train.lora import checkpoint_weights
 from train.state import te_layers
 
 MAX_SHARD_BYTES = 5 * 1024**3  # transformers' own default shard size (5 GB)
@@ -53,15 +58,19 @@ def checkpoint_state(run_dir: Path, which: str) -> tuple[Path, dict]:
 
 
 def model_weights(path: Path, state: dict) -> dict[str, torch.Tensor]:
-    """The plain model's full state dict from a checkpoint state (sharded ones gathered)."""
+    """The plain model's full state dict from a checkpoint state (sharded ones gathered; a LoRA run's
+    adapter merged into its base)."""
     if te_layers(state["config"]):
         raise ExportRefused(f"{path}: trained with CONFIG_FP8_TE=y, whose TransformerEngine layers store the weights "
                             "under their own names; train with CONFIG_FP8_TORCHAO or without FP8 to export")
     if state.get("sharded"):  # FSDP2 or DeepSpeed: gather the shards into one state dict
         from parallel.runtime import full_weights
 
+        if "lora" in state:
+            raise ExportRefused(f"{path}: a sharded LoRA checkpoint; merging its adapter needs a single-file one "
+                                "(train the LoRA stage with PARALLEL_NONE or DDP)")
         return full_weights(state["sharded"], state["engine"])
-    return state["model"]
+    return checkpoint_weights(state)
 
 
 def export_state(model_config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Tokenizer, out: Path,
