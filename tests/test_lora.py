@@ -15,7 +15,7 @@ from model.gpt import GPT, ModelConfig, grow_vocab
 from parallel.errors import CheckpointError
 from train import checkpoint
 from train.build import padded_vocab
-from train.lora import (LoraError, LoraSettings, adapter_state, apply_lora, checkpoint_weights,
+from train.lora import (LoraError, LoraSettings, adapter_state, adapters_disabled, apply_lora, checkpoint_weights,
                         load_adapter_state, lora_checkpoint_weights, lora_parameters, merged_weights)
 
 pytest.importorskip("peft")
@@ -114,6 +114,37 @@ def test_a_bf16_base_keeps_fp32_adapters_and_trains():
     assert all(v.dtype == torch.float32 for v in merged_weights(model).values())
     logits, loss = model(*batch())
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+
+
+def test_with_adapters_disabled_the_model_computes_its_base():
+    model, base, _ = trained_lora(targets=ALL_FOUR)
+    plain = GPT(ModelConfig(**TINY)).eval()
+    plain.load_state_dict(base)
+    idx, _ = batch(seed=2)
+    with torch.no_grad():
+        with_adapters = model(idx, every_position=True)[0]
+        with adapters_disabled(model):
+            assert torch.equal(model(idx, every_position=True)[0], plain(idx, every_position=True)[0])
+        assert torch.equal(model(idx, every_position=True)[0], with_adapters)
+    assert not torch.allclose(with_adapters, plain(idx, every_position=True)[0])
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)  # trainable again
+
+
+def test_also_train_keeps_a_grown_embedding_trainable():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**LLAMA))
+    grow_vocab(model, 1)
+    apply_lora(model, LoraSettings(base_bf16=True), also_train=("wte.weight",))
+    old = model.wte.weight.detach().clone()
+    assert model.wte.weight.dtype == torch.bfloat16 and model.wte.weight.requires_grad  # in the bf16 base's forward
+    assert not model.lm_head.weight.requires_grad
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    model(*batch())[1].backward()
+    optimizer.step()
+    assert not torch.equal(model.wte.weight, old)
+    assert set(adapter_state(model, ("wte.weight",))) >= {"wte.weight", "blocks.0.attn.c_attn.lora_A.weight"}
+    with pytest.raises(LoraError, match="wte.bias is no parameter"):
+        apply_lora(GPT(ModelConfig(**LLAMA)), LoraSettings(), also_train=("wte.bias",))
 
 
 def test_bad_targets_are_named_with_our_linear_layers():

@@ -26,6 +26,7 @@ peft is imported inside the functions that need it: importing it loads transform
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from pathlib import Path
@@ -109,18 +110,26 @@ def matching_modules(model: nn.Module, settings: LoraSettings) -> list[str]:
     return matched
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
+def apply_lora(model: nn.Module, settings: LoraSettings, also_train: tuple[str, ...] = ()) -> list[str]:
     """Put LoRA adapters on the LORA_TARGETS layers of ``model`` (in place), freeze everything else
-    (in bf16 with base_bf16); returns the names of the layers that got one."""
+    (in bf16 with base_bf16) but the plain parameters named in ``also_train``, trained in full (an
+    embedding grown for new tokens, whose new rows would otherwise stay at their random init; save
+    them with ``adapter_state(model, extra=also_train)``). With base_bf16 those are bf16 too: they
+    sit in the base's forward, which then runs in bf16 throughout. Returns the names of the layers
+    that got an adapter."""
     from peft import LoraConfig, inject_adapter_in_model
 
     matched = matching_modules(model, settings)
+    unknown = [name for name in also_train if name not in dict(model.named_parameters())]
+    if unknown:
+        raise LoraError(f"apply_lora: {', '.join(unknown)} is no parameter of the model (also_train names plain "
+                        "parameters, e.g. wte.weight)")
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=matched, bias="none")
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, p in model.named_parameters():
         adapter = ".lora_" in name
-        p.requires_grad_(adapter)
+        p.requires_grad_(adapter or name in also_train)
         if settings.base_bf16 and not adapter and p.is_floating_point():
             p.data = p.data.to(torch.bfloat16)
     return matched
@@ -134,8 +143,23 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The adapter parameters: what the optimizer trains."""
-    return [p for name, p in model.named_parameters() if ".lora_" in name]
+    """What the optimizer trains: the adapter parameters and apply_lora's ``also_train`` ones (the
+    parameters that require grad; call it outside ``adapters_disabled``)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside the block the model computes its base alone (every adapter off): DPO's reference model
+    without a second copy of the weights. The adapters are trainable again on leaving it."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def adapter_state(model: nn.Module, extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
