@@ -151,13 +151,14 @@ def finish(plan) -> int:
 
 def cmd_slurm(args) -> int:
     """Create the plan as 'run' does and write its sbatch array script instead of training."""
-    from plan.slurm import slurm_plan
+    from plan.slurm import SUBMIT, slurm_plan
 
     layers, _, cfg = load_layers(DOT_CONFIG, args.set)
-    plan, script = slurm_plan(layers, cfg, args.set)
+    plan, script = slurm_plan(layers, cfg, args.set)  # a chain's script is submit.sh: one sbatch per stage run
     todo = [r["name"] for r in plan.runs if r["status"] == "pending"]
+    submit = "bash" if script.name == SUBMIT else "sbatch"
     print(f"plan: {plan.path} ({len(plan.runs)} run{'s' if len(plan.runs) != 1 else ''}, "
-          f"{len(todo)} in the array)\nsubmit with:\n  sbatch {shlex.quote(str(script))}")
+          f"{len(todo)} in the array)\nsubmit with:\n  {submit} {shlex.quote(str(script))}")
     return 0
 
 

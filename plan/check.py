@@ -11,7 +11,10 @@ node rank, DeepSpeed installed, batch warmup); peak training memory per device
 is predicted for the full model, per rank under ZeRO/FSDP sharding, and
 compared with TARGET_DEVICE_MEMORY_GIB. Selected trackers that are not
 installed are noted with their pip command. Presets and
-fragments are checked for drift.
+fragments are checked for drift. A chain stage is built like any run, from a
+random initialisation: its parent has not trained yet, so its INIT_FROM (a
+placeholder until the plan exists) is never read; instead its model's tensor
+shapes are compared with its parent stage's, which a warm start needs equal.
 """
 
 from __future__ import annotations
@@ -111,9 +114,33 @@ class Row:
     seconds: float = 0.0
 
 
-def check_run(spec: RunSpec) -> Row:
+def parent_shape_problem(spec: RunSpec, parent: RunSpec) -> str | None:
+    """Why a chain stage cannot start from its parent's weights: tensors whose shapes differ, or None. A tensor
+    only one side has (an adapter a stage adds) is the warm start's to judge, not this check's."""
+    def shapes(cfg: Config) -> dict:
+        with torch.device("meta"):
+            return GPT(ModelConfig.from_config(cfg, check_vocab(cfg))).state_dict()
+
+    mine, theirs = shapes(spec.cfg), shapes(parent.cfg)
+    differing = [f"{name} {tuple(theirs[name].shape)} -> {tuple(t.shape)}" for name, t in mine.items()
+                 if name in theirs and theirs[name].shape != t.shape]
+    if not differing:
+        return None
+    return (f"stage {spec.stage} cannot start from its parent {parent.name}: tensor shapes differ ("
+            + ", ".join(differing[:3]) + (f" and {len(differing) - 3} more" if len(differing) > 3 else "")
+            + "); its fragments must keep the model's shape (N_LAYER, N_EMBD, N_HEAD, BLOCK_SIZE, the tokenizer...)")
+
+
+def check_run(spec: RunSpec, parent: RunSpec | None = None) -> Row:
     if spec.rejected:
         return Row(spec.name, "rejected", spec.error)
+    if parent is not None:  # a chain stage: its parent is resolved too (a rejected parent rejects it)
+        try:
+            problem = parent_shape_problem(spec, parent)
+        except ValueError as e:  # a model rule, named: reported by the run's own check below
+            problem = None if "CONFIG_" in str(e) else f"{type(e).__name__}: {e}"
+        if problem:
+            return Row(spec.name, "FAILED", problem)
     t0 = time.perf_counter()
     cfg = spec.cfg
     if found := config_problems(cfg):  # named rules: no need to build anything, no traceback
@@ -157,7 +184,8 @@ def check_plan(base_layers: list[list[Assignment]], cfg: Config) -> int:
     """Run the whole check, print a table, return the number of failures."""
     t0 = time.perf_counter()
     specs = expand(base_layers, cfg)
-    rows = [check_run(spec) for spec in specs]
+    by_name = {s.name: s for s in specs}
+    rows = [check_run(spec, by_name[spec.parent] if spec.parent else None) for spec in specs]
     drifted = [problem for path in presets() for problem in drift(path)]
     width = max(len(r.name) for r in rows)
     print(f"\n=== check: {len(rows)} run(s), {time.perf_counter() - t0:.1f}s ===")
@@ -170,7 +198,7 @@ def check_plan(base_layers: list[list[Assignment]], cfg: Config) -> int:
     for problem in drifted:
         print(f"  {problem}")
     failures = sum(r.status == "FAILED" for r in rows) + len(drifted)
-    if cfg.RUN_MODE == "ablation":  # a matrix may rule out cells; an ablation step that cannot apply is a mistake
+    if cfg.RUN_MODE in ("ablation", "chain"):  # a matrix may rule out cells; a step or stage that cannot apply is a mistake
         failures += sum(r.status == "rejected" for r in rows)
     print("check passed" if not failures else f"check FAILED: {failures} problem(s)")
     return failures

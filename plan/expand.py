@@ -1,14 +1,18 @@
-"""Expand a configuration into the runs of its plan: single, ablation or matrix.
+"""Expand a configuration into the runs of its plan: single, ablation, matrix or chain.
 
 Every run is the base layers (.config, SET) plus its own layers (fragments for
-an ablation step, axis assignments for a matrix cell), resolved through
-kconfiglib. A run whose assignments do not take is kept in the plan as
-rejected, with Kconfig's reason; it never runs.
+an ablation step or a chain stage, axis assignments for a matrix cell), resolved
+through kconfiglib. A run whose assignments do not take is kept in the plan as
+rejected, with Kconfig's reason; it never runs. A chain stage's run also gets
+INIT_FROM (its parent stage's run directory) and INIT_FROM_CHECKPOINT, applied
+before its fragments; until the plan's directory exists INIT_FROM holds a
+placeholder that bind_parent replaces.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +38,9 @@ class RunSpec:
     differences: dict = field(default_factory=dict)
     error: str | None = None  # set for a rejected run
     cell: tuple[int, ...] = ()  # a matrix run's value index on each axis
+    stage: str | None = None  # a chain run's stage name
+    parent: str | None = None  # a chain run's parent run (None: the first stage)
+    inherit: list[Assignment] = field(default_factory=list)  # a chain run's INIT_FROM layer
 
     @property
     def rejected(self) -> bool:
@@ -47,24 +54,35 @@ def expand(base_layers: list[list[Assignment]], base_cfg: Config) -> list[RunSpe
         specs = ablation_runs(base_cfg)
     elif mode == "matrix":
         specs = matrix_runs(base_cfg)
+    elif mode == "chain":
+        specs = chain_runs(base_cfg)
     else:
         specs = [RunSpec("base", baseline=True)]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
-        raise ConfigError([f"the plan names two runs alike: {', '.join(dupes)}; give ablation steps distinct names"])
+        raise ConfigError([f"the plan names two runs alike: {', '.join(dupes)}; give ablation steps (chain stages, "
+                           f"sweep alternatives) distinct names"])
     # Each run's own config is a single run: the plan-describing assignments stay with the plan.
     single = [Assignment("RUN_SINGLE", "y", "plan", 0)]
     plan_syms = plan_symbols()
     run_base = [[a for a in layer if a.symbol not in plan_syms] for layer in base_layers]
+    by_name = {s.name: s for s in specs}
     for spec in specs:
+        if spec.parent is not None and by_name[spec.parent].rejected:  # parents come first
+            spec.error = f"its parent stage's run {spec.parent} is rejected, so it cannot start from it"
+            continue
         try:
-            spec.kconf, _ = resolve(*run_base, *spec.layers, single)
+            spec.kconf, _ = resolve(*run_base, spec.inherit, *spec.layers, single)
         except ConfigError as e:
             spec.error = "; ".join(e.problems)
             continue
         spec.cfg = values(spec.kconf)
         spec.differences = differences(base_cfg, spec.cfg, spec.kconf)
+        own = {a.symbol for layer in spec.layers for a in layer}
+        for a in spec.inherit:  # the chain's INIT_FROM layer: the parent column says where a stage starts from
+            if a.symbol not in own:
+                spec.differences.pop(a.symbol, None)
     if mode == "matrix" and base_cfg.MATRIX_PAIRWISE:
         specs = pairwise(specs)
     return specs
@@ -116,6 +134,109 @@ def ablation_runs(cfg: Config) -> list[RunSpec]:
         applied = applied + layers if cfg.ABLATION_ORDER == "cumulative" else layers
         specs.append(RunSpec(run_name([("", name)]), layers=list(applied)))
     return specs
+
+
+# --------------------------------------------------------------------------- chain
+
+CHAIN_SYMBOL = "CONFIG_CHAIN_STAGES"
+PARENT_PLACEHOLDER = "<this plan>/"  # INIT_FROM of a stage until its plan directory exists
+_STAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SWEEP_RE = re.compile(r"(?P<before>[^\[\]|]*)\[(?P<alternatives>[^\[\]]*)\](?P<after>[^\[\]|]*)")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    variants: tuple[tuple[str, tuple[str, ...]], ...]  # (sweep label, "" when not swept; its fragments)
+
+
+def _fragment_list(text: str, item: str) -> list[str]:
+    fragments = text.split("+") if text else []
+    if not all(fragments):
+        raise ConfigError([f"{CHAIN_SYMBOL}: malformed stage {item!r}: an empty fragment name between '+' signs"])
+    return fragments
+
+
+def parse_stages(text: str) -> list[Stage]:
+    """ "pretrain= sft=sft-tiny+[lora8|]" -> [Stage("pretrain", (("", ()),)),
+    Stage("sft", (("lora8", ("sft-tiny", "lora8")), ("", ("sft-tiny",))))]"""
+    stages = []
+    for item in text.split():
+        name, sep, spec = item.partition("=")
+        if not _STAGE_NAME_RE.fullmatch(name):
+            raise ConfigError([f"{CHAIN_SYMBOL}: malformed stage {item!r}: write NAME=FRAG1+FRAG2, FRAGMENT, NAME= "
+                               f"or NAME=FRAG+[ALT1|ALT2]; a name is letters, digits, '.', '_' and '-'"])
+        spec = spec if sep else name
+        sweep = _SWEEP_RE.fullmatch(spec)
+        if sweep is None:
+            if set(spec) & set("[]|"):
+                raise ConfigError([f"{CHAIN_SYMBOL}: malformed sweep in stage {item!r}: write one group "
+                                   f"[ALT1|ALT2|...] as one '+'-item, e.g. sft=sft-tiny+[lora-r8|lora-r64|]"])
+            stages.append(Stage(name, (("", tuple(_fragment_list(spec, item))),)))
+            continue
+        before, after = sweep["before"], sweep["after"]
+        if (before and not before.endswith("+")) or (after and not after.startswith("+")):
+            raise ConfigError([f"{CHAIN_SYMBOL}: malformed sweep in stage {item!r}: the [ALT1|ALT2] group is a "
+                               f"'+'-item of its own, e.g. sft=sft-tiny+[lora-r8|lora-r64]"])
+        common_before, common_after = _fragment_list(before[:-1], item), _fragment_list(after[1:], item)
+        labels = sweep["alternatives"].split("|")
+        if len(set(labels)) != len(labels):
+            raise ConfigError([f"{CHAIN_SYMBOL}: stage {item!r} lists an alternative twice"])
+        stages.append(Stage(name, tuple((label, (*common_before, *_fragment_list(label, item), *common_after))
+                                        for label in labels)))
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError([f"{CHAIN_SYMBOL}: two stages are named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                           f"name each stage once"])
+    return stages
+
+
+def stage_layers(stage: Stage, fragments: tuple[str, ...]) -> list[list[Assignment]]:
+    """The stage's fragments, parsed; a fragment setting INIT_FROM is refused (the chain sets it)."""
+    layers = [parse_file(fragment_path(f, CHAIN_SYMBOL)) for f in fragments]
+    for layer in layers:
+        for a in layer:
+            if a.symbol == "INIT_FROM":
+                raise ConfigError([f"{a.where}: CONFIG_INIT_FROM: fragment of chain stage {stage.name!r}: a chain "
+                                   f"sets each stage's INIT_FROM to its parent stage's run; remove it from the "
+                                   f"fragment (to start the first stage from a run, set INIT_FROM in the "
+                                   f"configuration itself)"])
+    return layers
+
+
+def chain_runs(cfg: Config) -> list[RunSpec]:
+    """One run per stage and sweep alternative; a stage after a swept stage follows every branch (a tree).
+    Runs are listed stage by stage, so every parent comes before its children."""
+    stages = parse_stages(cfg.CHAIN_STAGES or "")
+    if not stages:
+        raise ConfigError([f"{CHAIN_SYMBOL} is empty: name the stages in order, e.g. \"pretrain= sft=sft-tiny\""])
+    checkpoint = f"INIT_FROM_CHECKPOINT_{cfg.CHAIN_PARENT_CHECKPOINT.upper()}"  # "best" -> ..._BEST
+    specs: list[RunSpec] = []
+    branches: list[tuple[str | None, list[str]]] = [(None, [])]  # (parent run, sweep labels on the way)
+    for stage in stages:
+        grown = []
+        for parent, labels in branches:
+            for label, fragments in stage.variants:
+                path = labels + [label] if label else labels
+                name = run_name([("", stage.name), *(("", part) for part in path)])
+                inherit = [] if parent is None else [
+                    Assignment("INIT_FROM", f'"{PARENT_PLACEHOLDER}{parent}"', f"chain stage {stage.name}", 0),
+                    Assignment(checkpoint, "y", "CONFIG_CHAIN_PARENT_CHECKPOINT", 0)]
+                specs.append(RunSpec(name, layers=stage_layers(stage, fragments), stage=stage.name, parent=parent,
+                                     inherit=inherit))
+                grown.append((name, path))
+        branches = grown
+    return specs
+
+
+def bind_parent(spec: RunSpec, parent_dir: Path) -> None:
+    """Point a resolved chain run's INIT_FROM at its parent's run directory, now that it exists."""
+    sym = spec.kconf.syms["INIT_FROM"]
+    sym.set_value(str(parent_dir))
+    if sym.str_value != str(parent_dir):
+        raise ConfigError([f"run {spec.name}: CONFIG_INIT_FROM did not take the parent's run directory "
+                           f"{str(parent_dir)!r}; choose a RUNS_DIR whose path is one printable line"])
+    spec.cfg = values(spec.kconf)
 
 
 # --------------------------------------------------------------------------- matrix

@@ -20,8 +20,9 @@ from pathlib import Path
 from kconfig.atomic import write_text_if_changed
 
 # Why a run stopped: done; time_limit (CONFIG_MAX_TIME); interrupted (SIGTERM/SIGINT, checkpointed);
-# killed (SIGKILL or another fatal signal: the out-of-memory killer, a lost node); failed (an error).
-STATUSES = ("pending", "running", "done", "failed", "rejected", "interrupted", "killed", "time_limit")
+# killed (SIGKILL or another fatal signal: the out-of-memory killer, a lost node); failed (an error);
+# blocked (a chain run not started because its parent stage did not finish).
+STATUSES = ("pending", "running", "done", "failed", "rejected", "interrupted", "killed", "time_limit", "blocked")
 PLAN_FILE = "plan.json"
 
 

@@ -33,7 +33,7 @@ from plan.report_provenance import describe_device, format_provenance
 PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "final_val_loss.png", "tokens_per_s.png")
 # Drawn only when some run has the data: val_bpb in metrics.jsonl, task results from 'make eval'.
 BPB_PLOT, EVAL_PLOT = "val_bpb_vs_tokens.png", "eval.png"
-COLUMNS = ("run", "status", "baseline", "differs_from_base", "params", "tokens_per_s", "mfu",
+COLUMNS = ("run", "status", "baseline", "differs_from_base", "stage", "parent", "params", "tokens_per_s", "mfu",
            "final_val_loss", "best_val_loss", "best_val_step", "final_val_bpb", "best_val_bpb", "steps",
            "planned_steps", "final_lr", "wall_time_s", "init_from", "commit", "dirty", "hostname", "device", "error")
 NUMERIC = ("params", "tokens_per_s", "mfu", "final_val_loss", "best_val_loss", "best_val_step", "final_val_bpb",
@@ -85,7 +85,8 @@ def load_rows(plan_dir: Path) -> tuple[dict, list[dict]]:
         status = run.get("status", "pending")
         if status == "done" and summary.get("status") == TIME_LIMIT:  # a runner that predates the status
             status = TIME_LIMIT
-        rows.append({"name": run["name"], "status": status,
+        rows.append({"name": run["name"], "status": status, "stage": run.get("stage"), "parent": run.get("parent"),
+                     "eval_status": run.get("eval"), "eval_error": run.get("eval_error"),
                      "baseline": bool(run.get("baseline")), "differences": run.get("differences") or {},
                      "error": run.get("error") or summary.get("error"),
                      "summary": summary, "evals": _read_evals(run_dir / "metrics.jsonl"),
@@ -109,7 +110,8 @@ def _values(row: dict) -> dict:
     latest = row["provenance"][-1] if row["provenance"] else {}
     git = latest.get("git") or {}
     return {"run": row["name"], "status": row["status"], "baseline": row["baseline"],
-            "differs_from_base": format_differences(row), "error": row["error"],
+            "differs_from_base": format_differences(row), "stage": row["stage"], "parent": row["parent"],
+            "error": row["error"],
             **{k: _num(s.get(k)) for k in NUMERIC}, "init_from": format_parent(s.get("init_from")),
             "commit": git.get("commit"), "dirty": git.get("dirty"), "hostname": latest.get("hostname"),
             "device": describe_device(latest.get("device")) if latest else None}
@@ -344,6 +346,28 @@ def best_line(rows: list[dict]) -> str | None:
     return text + f", {delta} vs baseline `{base['name']}` ({ref:.4f})."
 
 
+def format_chain(rows: list[dict]) -> list[str]:
+    """The Chain section: each stage's run, the run it started from, its val loss and evaluation, in plan
+    order (every parent before its children); [] for a plan that is not a chain."""
+    if not any(row["stage"] for row in rows):
+        return []
+    metrics, sets = task_metrics(rows), bpb_sets(rows)
+    head = ["stage", "run", "parent", "status", "best val loss", "final val loss",
+            *("eval bpb" if name == "val" else f"eval bpb {name}" for name in sets),
+            *(f"{task} {metric}" for task, metric in metrics), "evaluation"]
+    lines = ["## Chain", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        v, e = _values(row), eval_values(row, metrics, sets)
+        evaluation = {"done": "done", "failed": f"failed: {_short(row['eval_error'])}"}.get(row["eval_status"], DASH)
+        cells = [row["stage"] or DASH, f"`{row['name']}`", f"`{row['parent']}`" if row["parent"] else "(first stage)",
+                 format_status(row), _fmt(v["best_val_loss"], ".4f"), _fmt(v["final_val_loss"], ".4f"),
+                 *(_fmt(e[f"eval_bpb_{name}"], ".4f") for name in sets),
+                 *(_score(e[f"{t} {m}"], e[f"{t} {m}_stderr"]) for t, m in metrics), evaluation]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Each stage starts from its parent's run (CONFIG_INIT_FROM, the checkpoint "
+                    "CONFIG_CHAIN_PARENT_CHECKPOINT names); val losses are on each stage's own validation data."]
+
+
 def format_markdown(record: dict, rows: list[dict], plots: list[str]) -> str:
     """Headline (plan, mode, runs per status), the table, the best run, then the plots."""
     counts = Counter(row["status"] for row in rows)
@@ -353,9 +377,12 @@ def format_markdown(record: dict, rows: list[dict], plots: list[str]) -> str:
     note = time_limit_note(rows)
     if note:
         parts += [note, ""]
-    best = best_line(rows)
+    chain = format_chain(rows)
+    best = None if chain else best_line(rows)  # a chain's stages train on different data: no ranking
     if best:
         parts += [best, ""]
+    if chain:
+        parts += [*chain, ""]
     lineage = lineage_lines(rows)
     if lineage:
         parts += [*lineage, ""]

@@ -4,7 +4,11 @@ Runs go one after another on a CPU machine; on a machine with N GPUs, N
 single-process runs at once, one per GPU, while runs with data parallelism
 (PARALLEL ddp, fsdp2 or deepspeed) go one after another, each across the GPUs
 through torchrun (parallel/launch.py). A failed run is recorded in plan.json
-and the plan goes on.
+and the plan goes on. In a chain a run starts only once its parent stage is
+done; the descendants of a parent that did not finish are marked blocked, with
+the reason, and 'make continue' takes them up with it. With CHAIN_EVAL each
+stage is evaluated ('make eval') as it finishes; a failing evaluation is
+recorded and the chain goes on.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ from kconfig.tree import (ROOT, completeness_problem, load, parse_overrides, par
                           unrecorded, write_outputs)
 from kconfig.values import Config, values
 from parallel.launch import launch_env, train_command
-from plan.expand import RunSpec
+from plan.expand import RunSpec, bind_parent
 from plan.plan import PLAN_FILE, Plan, now
 from plan.preflight import data_problems, problems
 from plan.provenance import record_attempt
 from train.checkpoint import newest_intact_step
 
-UNFINISHED = ("pending", "running", "failed", "interrupted", "killed", "time_limit")
+UNFINISHED = ("pending", "running", "failed", "interrupted", "killed", "time_limit", "blocked")
 KEPT_ON_RESTART = (".config", "config.py", "provenance.json")  # what a run that starts over keeps in place
 _ATTEMPT_RE = re.compile(r"^attempt-\d+$")
 
@@ -42,13 +46,18 @@ def runs_dir(cfg: Config) -> Path:
 
 def create_plan(cfg: Config, specs: list[RunSpec], overrides: str = "") -> Plan:
     """Write runs/<plan>/plan.json and every run's resolved .config/config.py before anything runs."""
-    records = [{"name": s.name, "baseline": s.baseline, "differences": s.differences} for s in specs]
+    chain = cfg.RUN_MODE == "chain"
+    records = [{"name": s.name, "baseline": s.baseline, "differences": s.differences,
+                **({"stage": s.stage, "parent": s.parent} if chain else {})} for s in specs]
     plan = Plan.create(runs_dir(cfg), cfg.PLAN_NAME, cfg.RUN_MODE, records)
-    plan.record.update(set=overrides, runner_pid=os.getpid())
+    plan.record.update(set=overrides, runner_pid=os.getpid(), **({"chain_eval": cfg.CHAIN_EVAL} if chain else {}))
+    plan.save()
     for spec in specs:
         if spec.rejected:
             plan.update(spec.name, status="rejected", error=spec.error)
         else:
+            if spec.parent is not None:  # the parent's directory exists now: INIT_FROM names it
+                bind_parent(spec, plan.run_dir(spec.parent))
             run_dir = plan.run_dir(spec.name)
             write_outputs(spec.kconf, run_dir / ".config", run_dir / "config.py")
     return plan
@@ -106,15 +115,16 @@ def execute(plan: Plan) -> Plan:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        evaluate_unevaluated(plan)  # a chain stopped between a stage's training and its evaluation
         while queue or active:
-            while queue and len(active) < len(slots):
-                name = queue.pop(0)
+            while len(active) < len(slots) and (name := next_ready(plan, queue, active)) is not None:
                 free = [s for s in slots if s not in {slot for _, slot in active.values()}][0]
                 active[name] = (start_run(plan, name, free), free)
             for name, (proc, _) in list(active.items()):
                 if proc.poll() is not None:
-                    finish_run(plan, name, proc.returncode)
-                    del active[name]
+                    finish_run(plan, name, proc.returncode, evaluate=False)
+                    del active[name]  # before the evaluation: an interrupt during it must not finish it twice
+                    evaluate_if_chain(plan, name)
             time.sleep(0.2)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: let every run checkpoint, record it, stop
         for sig in previous:  # a second signal (make forwards one too) must not cut this short
@@ -124,13 +134,33 @@ def execute(plan: Plan) -> Plan:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for name, (proc, _) in active.items():
-            finish_run(plan, name, proc.wait())
+            finish_run(plan, name, proc.wait(), evaluate=False)  # 'make continue' evaluates it
         print(f"interrupted; 'make continue' resumes {plan.path.name}", flush=True)
         raise SystemExit(130) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return plan
+
+
+def next_ready(plan: Plan, queue: list[str], active: dict) -> str | None:
+    """Take from ``queue`` the first run whose parent (in a chain) is done; a run whose parent will not be
+    (it stopped, failed or is blocked itself, and is neither queued nor training) is marked blocked."""
+    for name in list(queue):
+        parent = plan.run_by_name(name).get("parent")
+        if parent is None or plan.run_by_name(parent)["status"] == "done":
+            queue.remove(name)
+            return name
+        if parent in queue or parent in active:
+            continue
+        queue.remove(name)
+        state = plan.run_by_name(parent)
+        reason = f": {state['error']}" if state.get("error") else ""
+        plan.update(name, status="blocked", end=now(),
+                    error=f"not run: its parent stage's run {parent} is {state['status']}{reason}; "
+                          f"'make continue' retries {parent}, then this run")
+        print(f"run {name}: blocked: its parent {parent} is {state['status']}", file=sys.stderr, flush=True)
+    return None
 
 
 def _raise_interrupt(signum, frame):
@@ -188,12 +218,50 @@ def set_aside(run_dir: Path) -> Path | None:
     return aside
 
 
-def finish_run(plan: Plan, name: str, code: int) -> None:
-    """Record in plan.json how run ``name``'s training process ended (exit ``code``): status, error, attempt."""
+def finish_run(plan: Plan, name: str, code: int, evaluate: bool = True) -> None:
+    """Record in plan.json how run ``name``'s training process ended (exit ``code``): status, error, attempt;
+    then, in a chain with CHAIN_EVAL and unless ``evaluate`` is off, evaluate a done stage."""
     run_dir = plan.run_dir(name)
     status, error = outcome(code, read_summary(run_dir), run_dir)
     plan.update(name, status=status, end=now(), error=error)
     plan.end_attempt(name, end=now(), status=status, exit_code=code, error=error)
+    if evaluate:
+        evaluate_if_chain(plan, name)
+
+
+def evaluate_if_chain(plan: Plan, name: str) -> None:
+    """In a chain with CHAIN_EVAL, evaluate run ``name`` if its training is done."""
+    if plan.record.get("chain_eval") and plan.run_by_name(name)["status"] == "done":
+        evaluate_stage(plan, name)
+
+
+def evaluate_stage(plan: Plan, name: str) -> None:
+    """CHAIN_EVAL: 'make eval' on a finished stage's best checkpoint with the stage's own configuration. The
+    outcome goes to plan.json (``eval``: done or failed, ``eval_error``); a failure does not stop the chain."""
+    from evaluation.generation import GenerationConfig
+    from evaluation.run import evaluate_run
+    from harness.evaluate import EvalConfig
+
+    run_dir = plan.run_dir(name)
+    print(f"\n--- evaluating {name} ---", flush=True)
+    try:
+        cfg = load(run_dir / ".config")[1]
+        evaluate_run(run_dir, EvalConfig.from_config(cfg, ROOT), GenerationConfig.from_config(cfg), ROOT, "best")
+    except Exception as e:  # recorded, not fatal: the next stage needs the weights, not the scores
+        error = str(e) if isinstance(e, NamedError) else f"{type(e).__name__}: {e}"
+        print(f"run {name}: evaluation failed: {error}", file=sys.stderr, flush=True)
+        plan.update(name, eval="failed", eval_error=error)
+        return
+    plan.update(name, eval="done", eval_error=None)
+
+
+def evaluate_unevaluated(plan: Plan) -> None:
+    """With CHAIN_EVAL, evaluate the done stages with no evaluation recorded yet (the plan was stopped while
+    one was being evaluated); a failed evaluation is not retried."""
+    if plan.record.get("chain_eval"):
+        for run in plan.runs:
+            if run["status"] == "done" and "eval" not in run:
+                evaluate_stage(plan, run["name"])
 
 
 def outcome(code: int, summary: dict, run_dir: Path) -> tuple[str, str | None]:
