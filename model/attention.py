@@ -19,7 +19,8 @@ flash-attn's dense kernel takes no mask, so with document ids a model configured
 that layer through SDPA with the mask (the reference kernel where scores are soft-capped): the same
 function, exact on CPU and GPU alike, at SDPA's speed for those forwards.
 
-``saved_bytes`` and ``mask_bytes`` are what each kernel keeps for backward, for train/memory.py.
+``saved_bytes`` and ``mask_bytes`` are what each kernel keeps for backward, for train/memory.py;
+``document_mask_bytes`` what a document mask adds.
 ``KVCache`` holds each layer's keys and values during generation (GPT.generate), so a new token
 attends to the cached ones instead of recomputing the whole sequence; training never passes one.
 """
@@ -129,6 +130,20 @@ def mask_bytes(config, seq: int) -> int:
     """The (T, T) bool mask GPT.forward builds once and keeps for backward: only where the kernel
     takes one (reference attention, or SDPA with a window)."""
     return seq * seq if config.attn == "reference" or (config.attn == "sdpa" and config.attn_window) else 0
+
+
+def document_mask_bytes(config, batch: int, seq: int, act_bytes: int) -> tuple[int, int]:
+    """(once per forward, per block) bytes a document mask (GPT.forward's ``doc``) adds to what
+    mask_bytes and saved_bytes count: the (B, T, T) bool mask replaces the (T, T) one; per block, SDPA
+    (and flash-attn, which runs documents through SDPA) keeps the mask converted to an additive one
+    in the activation dtype, and the reference kernel its (B, T, T) inverse. Measured on CPU."""
+    B, T, a = batch, seq, act_bytes
+    shared = B * T * T - mask_bytes(config, T)
+    if config.attn == "reference":
+        return shared, (B - 1) * T * T  # its (T, T) inverse without documents
+    if config.attn == "flash" and config.attn_softcap:  # through the reference kernel; flash itself keeps none
+        return shared, B * T * T
+    return shared, B * T * T * a - (T * T * a if config.attn == "sdpa" and config.attn_window else 0)
 
 
 def saved_bytes(config, batch: int, seq: int, act_bytes: int) -> int:

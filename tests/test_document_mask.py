@@ -168,3 +168,27 @@ def test_doc_is_refused_with_a_cache_or_a_wrong_shape():
         model(idx, doc=doc, cache=KVCache(2, 32))
     with pytest.raises(ValueError, match="needs idx's shape"):
         model(idx, doc=doc[:, :5])
+
+
+def peak_bytes(fields: dict, n_layer: int, doc: bool, B: int = 4, T: int = 64) -> int:
+    from train.memory_measure import LiveStorage
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**BASE, "block_size": T, "n_layer": n_layer, **fields}))
+    x = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(0))
+    tracker = LiveStorage([*model.parameters(), *model.buffers()])
+    with tracker:
+        _, loss = model(x, x, doc=torch.zeros_like(x) if doc else None)  # one document: the same function
+        loss.backward()
+    return tracker.peak
+
+
+@pytest.mark.parametrize("fields", [{}, {"attn_window": 8}, {"attn": "reference"}], ids=["sdpa", "window", "reference"])
+def test_document_mask_bytes_per_block_match_the_measured_growth(fields):
+    """What each block more keeps with a document mask: the growth of the measured peak from 1 to 3 blocks,
+    with documents less without, over 2 blocks."""
+    from model.attention import document_mask_bytes
+
+    growth = {doc: peak_bytes(fields, 3, doc) - peak_bytes(fields, 1, doc) for doc in (False, True)}
+    _, per_block = document_mask_bytes(ModelConfig(**{**BASE, "block_size": 64, **fields}), 4, 64, act_bytes=4)
+    assert (growth[True] - growth[False]) // 2 == per_block
