@@ -57,11 +57,16 @@ def assert_close(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     run_dir, cfg = configure(tmp, "single", "MICRO_BATCH=8")
     train(run_dir, cfg)
-    return losses(run_dir)
+    return run_dir, losses(run_dir)
+
+
+@pytest.fixture(scope="module")
+def single(single_run):
+    return single_run[1]
 
 
 @pytest.mark.slow
@@ -115,6 +120,27 @@ def test_deepspeed_resumes_from_its_checkpoint(tmp_path, single):
     train(run_dir, cfg, resume=True)
     assert_close(losses(run_dir), single)
     assert "resumed from step 8" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["FSDP2", "DEEPSPEED"])
+def test_a_sharded_run_warm_starts_from_a_single_process_run(tmp_path, single_run, engine):
+    """INIT_FROM's weights go into the model before FSDP2 shards it or DeepSpeed copies it."""
+    parent_dir, parent = single_run
+    run_dir, cfg = configure(tmp_path, engine, f"MICRO_BATCH=4 PARALLEL_{engine}=y NPROC_PER_NODE=2 MAX_ITERS=4 "
+                                               f'INIT_FROM="{parent_dir}"')
+    train(run_dir, cfg)
+    best = min(v for (kind, _), v in parent.items() if kind == "val")
+    assert abs(losses(run_dir)[("val", 0)] - best) < TOLERANCE
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["init_from"]["path"] == str(parent_dir / "checkpoints" / "best.pt")
+    # And back: one process warm-starts from the sharded run, its best weights gathered.
+    child_dir, child_cfg = configure(tmp_path, "child", f'MICRO_BATCH=8 MAX_ITERS=2 INIT_FROM="{run_dir}"')
+    train(child_dir, child_cfg)
+    sharded_best = min(v for (kind, _), v in losses(run_dir).items() if kind == "val")
+    assert abs(losses(child_dir)[("val", 0)] - sharded_best) < TOLERANCE
+    parent_record = json.loads((child_dir / "summary.json").read_text())["init_from"]
+    assert parent_record["path"] == str(run_dir / "checkpoints" / "best") and len(parent_record["weights_sha256"]) == 64
 
 
 def test_launch_commands():

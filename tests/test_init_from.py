@@ -98,23 +98,19 @@ def test_a_run_with_its_own_checkpoint_resumes_and_ignores_init_from(tmp_path, p
 
 @pytest.mark.slow
 def test_mismatches_are_named(tmp_path, parent):
-    parent_dir, _ = parent
-    wider, _ = trainer(tmp_path, "wider", N_EMBD=48, INIT_FROM=str(parent_dir))
+    parent_dir, _ = parent  # named when the run is set up, before anything trains
     with pytest.raises(CheckpointError) as e:
-        wider.warm_start()
+        trainer(tmp_path, "wider", N_EMBD=48, INIT_FROM=str(parent_dir))
     text = str(e.value)
     assert "do not fit this model" in text and "wte.weight: checkpoint (64, 32), model (64, 48)" in text
     assert "CONFIG_N_EMBD: checkpoint 32, configuration 48" in text
-    byte, _ = trainer(tmp_path, "byte", "TOKENIZER_BYTE=y", INIT_FROM=str(parent_dir))
     with pytest.raises(CheckpointError, match="another tokenizer \\(char, sha256 .*\\) than this run's \\(byte"):
-        byte.warm_start()
-    missing, _ = trainer(tmp_path, "missing", INIT_FROM=str(tmp_path / "nowhere"))
+        trainer(tmp_path, "byte", "TOKENIZER_BYTE=y", INIT_FROM=str(parent_dir))
     with pytest.raises(CheckpointError, match="no such run directory or checkpoint file"):
-        missing.warm_start()
+        trainer(tmp_path, "missing", INIT_FROM=str(tmp_path / "nowhere"))
     (tmp_path / "untrained").mkdir()
-    untrained, _ = trainer(tmp_path, "untrained-child", INIT_FROM=str(tmp_path / "untrained"))
     with pytest.raises(CheckpointError, match="no checkpoints/best.pt there"):
-        untrained.warm_start()
+        trainer(tmp_path, "untrained-child", INIT_FROM=str(tmp_path / "untrained"))
 
 
 @pytest.mark.slow
@@ -161,16 +157,13 @@ def test_warm_start_from_an_export_has_the_parents_weights_val_loss_and_lineage(
 
 @pytest.mark.slow
 def test_hf_folder_refusals_are_named(tmp_path, exported):
-    byte, _ = trainer(tmp_path, "byte", "TOKENIZER_BYTE=y", INIT_FROM=str(exported))
     with pytest.raises(CheckpointError, match="the tokenizers differ: .*tokenizer.json is not the tokenizer.json this "
                                               "run's tokenizer \\(byte"):
-        byte.warm_start()
-    carried, _ = trainer(tmp_path, "carried", "INIT_FROM_OPTIMIZER=y", INIT_FROM=str(exported))
+        trainer(tmp_path, "byte", "TOKENIZER_BYTE=y", INIT_FROM=str(exported))
     with pytest.raises(CheckpointError, match="CONFIG_INIT_FROM_OPTIMIZER is set but .* holds weights only"):
-        carried.warm_start()
-    wider, _ = trainer(tmp_path, "wider", N_EMBD=48, N_LAYER=2, INIT_FROM=str(exported))
+        trainer(tmp_path, "carried", "INIT_FROM_OPTIMIZER=y", INIT_FROM=str(exported))
     with pytest.raises(CheckpointError) as e:
-        wider.warm_start()
+        trainer(tmp_path, "wider", N_EMBD=48, N_LAYER=2, INIT_FROM=str(exported))
     text = str(e.value)
     assert "Hugging Face folder" in text and "wte.weight: checkpoint (64, 32), model (64, 48)" in text
     assert "blocks.1.attn.c_attn.weight: not in the checkpoint" in text
@@ -178,9 +171,8 @@ def test_hf_folder_refusals_are_named(tmp_path, exported):
     bare = tmp_path / "no-tokenizer"
     shutil.copytree(exported, bare)
     (bare / "tokenizer.json").unlink()
-    child, _ = trainer(tmp_path, "bare", INIT_FROM=str(bare))
     with pytest.raises(CheckpointError, match="holds no tokenizer.json"):
-        child.warm_start()
+        trainer(tmp_path, "bare", INIT_FROM=str(bare))
 
 
 @pytest.mark.slow
@@ -191,10 +183,10 @@ def test_a_folder_transformers_saved_is_refused_without_our_tokenizer_and_loads_
     theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, activation_function="gelu")).eval()
     theirs.save_pretrained(saved)
-    child, _ = trainer(tmp_path, "child", INIT_FROM=str(saved))
     with pytest.raises(CheckpointError, match="holds no tokenizer.json"):
-        child.warm_start()
+        trainer(tmp_path, "child", INIT_FROM=str(saved))
     shutil.copy(exported / "tokenizer.json", saved / "tokenizer.json")  # the user vouches its ids are ours
+    child, _ = trainer(tmp_path, "child", INIT_FROM=str(saved))
     child.warm_start()
     assert child.parent["kind"] == "hf" and child.parent["path"] == str(saved)
     idx = torch.randint(0, 64, (2, 16))
@@ -204,9 +196,8 @@ def test_a_folder_transformers_saved_is_refused_without_our_tokenizer_and_loads_
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1,
                                                          n_head=2)).save_pretrained(tanh)
     shutil.copy(exported / "tokenizer.json", tanh / "tokenizer.json")
-    refused, _ = trainer(tmp_path, "tanh", INIT_FROM=str(tanh))
     with pytest.raises(ImportRefused, match="activation_function='gelu_new'"):
-        refused.warm_start()
+        trainer(tmp_path, "tanh", INIT_FROM=str(tanh))
 
 
 def test_the_exports_zero_fill_is_dropped_on_reading_back(tmp_path):

@@ -172,14 +172,17 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 def init_source(where: Path, which: str) -> tuple[Path, dict]:
     """The checkpoint a warm start (CONFIG_INIT_FROM) reads and its loaded state: ``where`` is a run
-    directory (its checkpoints/best.pt for ``which`` "best", its newest readable step checkpoint for
-    "latest") or a checkpoint file. Sharded checkpoints (FSDP2, DeepSpeed folders) are refused."""
+    directory (its best checkpoint for ``which`` "best", its newest readable step checkpoint for
+    "latest") or a checkpoint (a file, or a sharded FSDP2/DeepSpeed folder, whose weights are gathered
+    into one state dict)."""
     where = Path(where)
     if where.is_dir():
-        if (where / EXTRA).is_file() or (where / FOLDER / BEST_SHARDED).is_dir():
-            raise CheckpointError(f"CONFIG_INIT_FROM={str(where)!r}: a sharded (FSDP2/DeepSpeed) checkpoint, which a "
-                                  "warm start cannot read yet; point it at a run trained with PARALLEL_NONE or DDP")
+        if (where / EXTRA).is_file():  # a sharded checkpoint folder itself
+            return where, gathered(where, load(where / EXTRA))
         if which == "best":
+            sharded = where / FOLDER / BEST_SHARDED
+            if (sharded / EXTRA).is_file():
+                return sharded, gathered(sharded, load(sharded / EXTRA))
             path = where / FOLDER / BEST
             if not path.is_file():
                 raise CheckpointError(f"CONFIG_INIT_FROM={str(where)!r}: no {FOLDER}/{BEST} there (the run never "
@@ -189,7 +192,9 @@ def init_source(where: Path, which: str) -> tuple[Path, dict]:
             if found is None:
                 raise CheckpointError(f"CONFIG_INIT_FROM={str(where)!r}: no readable step checkpoint in "
                                       f"{where / FOLDER}; name a run directory that has trained, or a checkpoint file")
-            path = found[0]
+            path, state = found
+            if state.get("sharded"):
+                return path, gathered(path, state)
     elif where.is_file():
         path = where
     else:
@@ -198,5 +203,13 @@ def init_source(where: Path, which: str) -> tuple[Path, dict]:
     state = load(path)
     if "model" not in state:
         raise CheckpointError(f"CONFIG_INIT_FROM: {path} holds no weights (a sharded checkpoint's extra.pt?); "
-                              "name a single-file checkpoint")
+                              "name the sharded checkpoint's folder, or its run directory")
     return path, state
+
+
+def gathered(folder: Path, state: dict) -> dict:
+    """A sharded checkpoint's state with its whole model's weights gathered in under "model" (no optimizer
+    state: an FSDP2/DeepSpeed optimizer's shards are not carried)."""
+    from parallel.runtime import full_weights
+
+    return {**state, "model": full_weights(folder, state["engine"])}

@@ -12,11 +12,10 @@ import torch
 
 from data.mix import PreparedMix, as_mix
 from data.cache import PreparedData
-from data.stream import file_sha256
-from data.tokenizer import Tokenizer, check_vocab_fits
+from data.tokenizer import check_vocab_fits
 from harness.evaluate import EvalConfig
 from kconfig.tree import ROOT
-from model.gpt import ModelConfig
+from model.gpt import GPT, ModelConfig
 from optim.optimizers import OptimizerConfig, describe, set_lr
 from optim.schedule import lr_at
 from parallel import runtime
@@ -36,10 +35,10 @@ from train.precision import fp8_autocast
 from train.progress import TrainProgress
 from train.sample import generate_text
 from train.signals import StopRequest
-from train.state import capture_rng, incompatibilities, restore_rng, shape_mismatches
+from train.state import capture_rng, incompatibilities, restore_rng
 from train.system_metrics import sample_system
 from train.trackers import Trackers
-from train.warm_start import hf_parent, is_hf_folder
+from train.warm_start import load_parent
 
 
 class Trainer:
@@ -57,10 +56,11 @@ class Trainer:
         self.dtype = resolve_dtype(self.device_config, self.device)
         self.device_name = device_name(self.device)
         self.tokenizer = data.tokenizer
+        self.parent, self.parent_state = None, None  # INIT_FROM's record for summary.json, and its checkpoint
         built = build_model_and_optimizer(
             ModelConfig.from_config(cfg, padded_vocab(self.tokenizer.vocab_size)), self.optim,
-            self.device_config.fp8, self.loop.seed, self.device,
-            wrap=lambda model: runtime.wrap(model, self.dist, self.device))  # DDP, or FSDP2 shards in place
+            self.device_config.fp8, self.loop.seed, self.device,  # INIT_FROM's weights go in before any wrapper:
+            wrap=lambda model: runtime.wrap(self.start_from_parent(model), self.dist, self.device))  # DDP, FSDP2
         self.model, self.module, self.optimizer, self.fp8 = built.model, built.module, built.optimizer, built.fp8
         self.flops_per_token = self.model.flops_per_token()  # counted once, used at every log line
         self.optimizer_description = describe(self.optimizer)  # before DeepSpeed flattens the groups
@@ -88,7 +88,7 @@ class Trainer:
         self.tokens_per_step = loop.micro_batch * loop.grad_accum * loop.block_size * world
         self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
         self.tokens_per_byte = data.val_tokens_per_byte()  # per validation set, for bits per byte
-        self.best_bpb, self.parent, self.resumed = None, None, False  # parent: the INIT_FROM checkpoint
+        self.best_bpb, self.resumed = None, False
         self.downstream = EvalConfig.from_config(cfg, ROOT)  # EVAL_TASKS every EVAL_EVERY steps (0: never)
         self.last_downstream = 0  # the step of the last task evaluation (a resume: the step it starts from)
         # The clocks and the last step's record exist from here on, so every method works before run()
@@ -298,46 +298,46 @@ class Trainer:
         self.log(f"resumed from step {self.start_step} ({self.tokens_before(self.start_step):,} tokens"
                  f"{stage}) of {path.name}" + (" (INIT_FROM is not read again)" if self.loop.init_from else ""))
 
-    def warm_start(self) -> None:
-        """CONFIG_INIT_FROM: the parent checkpoint's weights (and, with INIT_FROM_OPTIMIZER, its optimizer
-        state), or a Hugging Face folder's weights (train/warm_start.py), into this fresh run at step 0.
-        Only for a run that does not resume its own checkpoint."""
-        if self.sharded:
-            raise CheckpointError(f"CONFIG_INIT_FROM is set but CONFIG_PARALLEL_{self.dist.engine.upper()} shards the "
-                                  "weights, which a warm start cannot load yet; use PARALLEL_NONE or PARALLEL_DDP")
+    def start_from_parent(self, model: GPT) -> GPT:
+        """CONFIG_INIT_FROM's weights into the freshly built model, before a wrapper, an engine or the
+        optimizer sees it (so FSDP2 shards and DeepSpeed copies the parent's weights). Not for a run that
+        will resume its own checkpoint: INIT_FROM is not read again."""
+        if self.loop.init_from and checkpoint.newest_intact_step(self.run_dir) is None:
+            if self.loop.init_from_optimizer and self.sharded:
+                raise CheckpointError(f"CONFIG_INIT_FROM_OPTIMIZER is set but CONFIG_PARALLEL_{self.dist.engine.upper()} "
+                                      "shards the optimizer state, which a warm start cannot carry yet; unset "
+                                      "INIT_FROM_OPTIMIZER (weights only) or use PARALLEL_NONE or PARALLEL_DDP")
+            self.parent, self.parent_state = load_parent(self.init_from_path(), self.loop.init_from_checkpoint, model,
+                                                         self.tokenizer, self.cfg, self.loop.init_from_optimizer,
+                                                         self.log)
+        return model
+
+    def init_from_path(self) -> Path:
         where = Path(self.loop.init_from).expanduser()
-        where = where if where.is_absolute() else ROOT / where
-        if is_hf_folder(where):  # a Hugging Face folder: weights only, through hf/'s reverse mapping
-            weights, self.parent = hf_parent(where, self.model, self.tokenizer, self.loop.init_from_optimizer, self.log)
-            self.model.load_state_dict(weights)
-            self.log(f"warm start from the Hugging Face folder {where}: weights, fresh optimizer, step 0")
-            return
-        path, state = checkpoint.init_source(where, self.loop.init_from_checkpoint)
-        parent_tokenizer = Tokenizer(state["tokenizer"])
-        if parent_tokenizer.sha256 != self.tokenizer.sha256:
-            raise CheckpointError(f"CONFIG_INIT_FROM: {path} was trained with another tokenizer ({parent_tokenizer.kind}, "
-                                  f"sha256 {parent_tokenizer.sha256[:12]}) than this run's ({self.tokenizer.kind}, "
-                                  f"sha256 {self.tokenizer.sha256[:12]}); use the parent's tokenizer settings "
-                                  "(TOKENIZER, VOCAB_SIZE, its data for a char vocabulary)")
-        mismatched = shape_mismatches(state["model"], self.model.state_dict())
-        if mismatched:
-            differing = incompatibilities(state["config"], self.cfg)
-            raise CheckpointError(f"CONFIG_INIT_FROM: the weights of {path} do not fit this model: "
-                                  + "; ".join(mismatched) + ". Model symbols that differ: "
-                                  + ("; ".join(differing) or "none") + ". Set them as in the parent run")
-        self.model.load_state_dict(state["model"])
-        if self.loop.init_from_optimizer:
+        return where if where.is_absolute() else ROOT / where
+
+    def warm_start(self) -> None:
+        """CONFIG_INIT_FROM at step 0 of a fresh run: the parent's weights (loaded when the model was built,
+        or here for a model built beside a checkpoint it did not resume) and, with INIT_FROM_OPTIMIZER, its
+        optimizer state."""
+        if self.parent is None:
+            self.parent, self.parent_state = load_parent(self.init_from_path(), self.loop.init_from_checkpoint,
+                                                         self.model, self.tokenizer, self.cfg,
+                                                         self.loop.init_from_optimizer, self.log)
+        if self.loop.init_from_optimizer and self.parent_state is not None:
             try:
-                self.optimizer.load_state_dict(state["optimizer"])
+                self.optimizer.load_state_dict(self.parent_state["optimizer"])
             except (ValueError, KeyError) as e:
-                raise CheckpointError(f"CONFIG_INIT_FROM_OPTIMIZER: the optimizer state of {path} does not fit this "
-                                      f"run's optimizer ({e}); use the parent's OPTIMIZER and parameter groups, or "
-                                      "unset INIT_FROM_OPTIMIZER for a fresh optimizer") from None
-        self.parent = {"path": str(path), "kind": "checkpoint", "step": state["step"],
-                       "weights_sha256": file_sha256(path), "val_loss": state["val_loss"],
-                       "optimizer": self.loop.init_from_optimizer}
-        self.log(f"warm start from {path} (step {state['step']}, val loss {state['val_loss']}): weights"
-                 + (" and optimizer state" if self.loop.init_from_optimizer else ", fresh optimizer") + ", step 0")
+                raise CheckpointError(f"CONFIG_INIT_FROM_OPTIMIZER: the optimizer state of {self.parent['path']} does "
+                                      f"not fit this run's optimizer ({e}); use the parent's OPTIMIZER and parameter "
+                                      "groups, or unset INIT_FROM_OPTIMIZER for a fresh optimizer") from None
+        self.parent_state = None  # the parent's checkpoint is not kept in memory for the run
+        p = self.parent
+        if p["kind"] == "hf":
+            self.log(f"warm start from the Hugging Face folder {p['path']}: weights, fresh optimizer, step 0")
+        else:
+            self.log(f"warm start from {p['path']} (step {p['step']}, val loss {p['val_loss']}): weights"
+                     + (" and optimizer state" if p["optimizer"] else ", fresh optimizer") + ", step 0")
 
     def run(self) -> dict:
         """Train from start_step to MAX_ITERS (or MAX_TIME, a stop signal, persistent NaN/Inf)."""

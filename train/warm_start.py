@@ -24,13 +24,15 @@ from pathlib import Path
 
 import torch
 
+from data.stream import file_sha256
 from data.tokenizer import Tokenizer
 from hf.architectures import ExportRefused
 from hf.read import read_hf_folder
 from hf.tokenizer import tokenizer_files
 from model.gpt import ModelConfig
 from parallel.errors import CheckpointError
-from train.state import shape_mismatches
+from train import checkpoint
+from train.state import incompatibilities, shape_mismatches
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # ModelConfig fields an HF config.json fixes, and the symbol that sets each in our configuration
@@ -38,6 +40,46 @@ ARCHITECTURE_SYMBOLS = {"block_size": "BLOCK_SIZE", "n_layer": "N_LAYER", "n_hea
                         "n_kv_head": "N_KV_HEAD", "n_embd": "N_EMBD", "norm": "NORM", "pos": "POS",
                         "rope_theta": "ROPE_THETA", "mlp": "MLP", "mlp_hidden": "MLP_RATIO", "qk_norm": "QK_NORM",
                         "bias": "BIAS", "tie_embeddings": "TIE_EMBEDDINGS", "vocab_size": "TOKENIZER"}
+
+
+def load_parent(where: Path, which: str | None, model: torch.nn.Module, tokenizer: Tokenizer, cfg,
+                carry_optimizer: bool, log=print) -> tuple[dict, dict | None]:
+    """CONFIG_INIT_FROM's weights into ``model`` (a plain GPT): a run directory's best or latest checkpoint,
+    a checkpoint file, or a Hugging Face folder. Returns (the parent record for summary.json, the checkpoint
+    state when its optimizer state is to be carried, else None); each mismatch is a named CheckpointError."""
+    if is_hf_folder(where):  # weights only, through hf/'s reverse mapping
+        weights, parent = hf_parent(where, model, tokenizer, carry_optimizer, log)
+        model.load_state_dict(weights)
+        return parent, None
+    path, state = checkpoint.init_source(where, which)
+    parent_tokenizer = Tokenizer(state["tokenizer"])
+    if parent_tokenizer.sha256 != tokenizer.sha256:
+        raise CheckpointError(f"CONFIG_INIT_FROM: {path} was trained with another tokenizer ({parent_tokenizer.kind}, "
+                              f"sha256 {parent_tokenizer.sha256[:12]}) than this run's ({tokenizer.kind}, "
+                              f"sha256 {tokenizer.sha256[:12]}); use the parent's tokenizer settings "
+                              "(TOKENIZER, VOCAB_SIZE, its data for a char vocabulary)")
+    mismatched = shape_mismatches(state["model"], model.state_dict())
+    if mismatched:
+        differing = incompatibilities(state["config"], cfg)
+        raise CheckpointError(f"CONFIG_INIT_FROM: the weights of {path} do not fit this model: "
+                              + "; ".join(mismatched) + ". Model symbols that differ: "
+                              + ("; ".join(differing) or "none") + ". Set them as in the parent run")
+    model.load_state_dict(state["model"])
+    parent = {"path": str(path), "kind": "checkpoint", "step": state["step"], "weights_sha256": checkpoint_sha256(path),
+              "val_loss": state["val_loss"], "optimizer": carry_optimizer}
+    return parent, state if carry_optimizer else None
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """SHA-256 of a checkpoint file, or of a sharded checkpoint folder's files (sorted by name) as one stream."""
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(f, "rb") as stream:
+            while chunk := stream.read(16 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def is_hf_folder(where: Path) -> bool:
