@@ -157,6 +157,13 @@ def test_bad_targets_are_named_with_our_linear_layers():
         apply_lora(model, LoraSettings(targets=("lm_head",)))
     untied = GPT(ModelConfig(**LLAMA))
     assert apply_lora(untied, LoraSettings(targets=("lm_head",))) == ["lm_head"]
+    from model.moe import MoEConfig
+
+    moe = GPT(ModelConfig(**LLAMA, moe=MoEConfig(n_experts=4, top_k=2, n_shared=1, expert_hidden=32)))
+    with pytest.raises(LoraError, match=r"'mlp.router' matches no Linear.*blocks\.<i>\.mlp\.shared\.c_fc"):
+        apply_lora(moe, LoraSettings(targets=("mlp.router",)))  # the MoE layer applies its weight itself
+    assert apply_lora(moe, LoraSettings(targets=("shared.c_fc",))) == ["blocks.0.mlp.shared.c_fc",
+                                                                       "blocks.1.mlp.shared.c_fc"]
 
 
 def test_grow_vocab_appends_initialised_rows_and_keeps_old_logits():

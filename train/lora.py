@@ -38,6 +38,7 @@ from data.stream import file_sha256
 from hf.read import read_hf_folder
 from kconfig.errors import NamedError
 from model.gpt import GPT, ModelConfig
+from model.moe import MoE
 from parallel.errors import CheckpointError
 from train import checkpoint
 from train.warm_start import is_hf_folder, weights_sha256, without_export_fill
@@ -85,15 +86,21 @@ class LoraSettings:
         return cls(**{**saved, "targets": tuple(saved["targets"])})
 
 
+def adaptable_linears(model: nn.Module) -> list[str]:
+    """Names of the Linear layers an adapter can go on: all but MoE routers, whose weight the MoE layer
+    applies itself (in fp32, model/moe.py's router_logits) without calling the Linear."""
+    routers = {f"{name}.router" for name, m in model.named_modules() if isinstance(m, MoE)}
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear and name not in routers]
+
+
 def linear_names(model: nn.Module) -> list[str]:
-    """Our Linear layers' names with block numbers as <i> (attn.c_attn shows as blocks.<i>.attn.c_attn)."""
-    names = [re.sub(r"\.\d+\.", ".<i>.", name) for name, m in model.named_modules() if type(m) is nn.Linear]
-    return list(dict.fromkeys(names))
+    """adaptable_linears with block numbers as <i> (attn.c_attn shows as blocks.<i>.attn.c_attn)."""
+    return list(dict.fromkeys(re.sub(r"\.\d+\.", ".<i>.", name) for name in adaptable_linears(model)))
 
 
 def matching_modules(model: nn.Module, settings: LoraSettings) -> list[str]:
     """Names of the Linear layers LORA_TARGETS selects; a target matching none is a LoraError."""
-    linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    linears = adaptable_linears(model)
     matched, unmatched = [], []
     for target in settings.targets:
         found = [name for name in linears if name == target or name.endswith("." + target)]
@@ -101,7 +108,7 @@ def matching_modules(model: nn.Module, settings: LoraSettings) -> list[str]:
     if unmatched:
         raise LoraError(f"CONFIG_LORA_TARGETS: {', '.join(repr(t) for t in unmatched)} matches no Linear layer of "
                         f"this model; its Linear layers are {', '.join(linear_names(model))} (name a suffix, "
-                        "e.g. attn.c_attn or mlp.c_fc)")
+                        "e.g. attn.c_attn or mlp.c_fc; an MoE router takes none)")
     matched = list(dict.fromkeys(matched))
     if "lm_head" in matched and model.config.tie_embeddings:
         raise LoraError("CONFIG_LORA_TARGETS names lm_head, whose weight is the token embedding "
