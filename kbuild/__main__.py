@@ -84,7 +84,7 @@ def cmd_list_defconfigs(args) -> int:
             print(f"  defconfig-{p.name:<32} {describe_defconfig(p)}")
     fragments = DEFCONFIGS / "fragments"
     if fragments.is_dir():
-        print("\nFragments (for CONFIG_ABLATION_STEPS and CONFIG_MATRIX_FRAGMENTS):")
+        print("\nFragments (for CONFIG_ABLATION_STEPS, CONFIG_MATRIX_FRAGMENTS and CONFIG_CHAIN_STAGES):")
         for p in sorted(fragments.iterdir()):
             if p.is_file():
                 print(f"  {p.name:<42} {describe_defconfig(p)}")

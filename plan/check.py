@@ -43,6 +43,7 @@ from train.memory import predict_run_memory
 from train.moe_stats import MoEStats
 from train.precision import Fp8Config, te_shape_problems, te_token_problem
 from train.trackers import tracker_problems
+from train.hf_parent import ARCHITECTURE_SYMBOLS
 
 CPU_PARAM_BUDGET = 30_000_000  # larger models are checked as a reduced twin
 GIB = 1024 ** 3
@@ -116,19 +117,31 @@ class Row:
 
 def parent_shape_problem(spec: RunSpec, parent: RunSpec) -> str | None:
     """Why a chain stage cannot start from its parent's weights: tensors whose shapes differ, or None. A tensor
-    only one side has (an adapter a stage adds) is the warm start's to judge, not this check's."""
-    def shapes(cfg: Config) -> dict:
+    only one side has (an adapter a stage adds) is the warm start's to judge, not this check's, and so is a
+    vocabulary the stage grows (special tokens added for a chat template)."""
+    def model(cfg: Config):
+        config = ModelConfig.from_config(cfg, check_vocab(cfg))
         with torch.device("meta"):
-            return GPT(ModelConfig.from_config(cfg, check_vocab(cfg))).state_dict()
+            return config, GPT(config).state_dict()
 
-    mine, theirs = shapes(spec.cfg), shapes(parent.cfg)
+    (mine_config, mine), (their_config, theirs) = model(spec.cfg), model(parent.cfg)
+    grown = (their_config.vocab_size, mine_config.vocab_size)
+
+    def fits(before: tuple, after: tuple) -> bool:
+        return len(before) == len(after) and all(a == b or (a, b) == grown and b > a for a, b in zip(before, after))
+
     differing = [f"{name} {tuple(theirs[name].shape)} -> {tuple(t.shape)}" for name, t in mine.items()
-                 if name in theirs and theirs[name].shape != t.shape]
+                 if name in theirs and not fits(tuple(theirs[name].shape), tuple(t.shape))]
     if not differing:
         return None
+    old, new = dataclasses.asdict(their_config), dataclasses.asdict(mine_config)
+    settings = [f"{field} {old[field]} -> {new[field]} (CONFIG_{symbol})"
+                for field, symbol in ARCHITECTURE_SYMBOLS.items()
+                if field in old and old[field] != new[field]]  # fields, not derived properties
     return (f"stage {spec.stage} cannot start from its parent {parent.name}: tensor shapes differ ("
             + ", ".join(differing[:3]) + (f" and {len(differing) - 3} more" if len(differing) > 3 else "")
-            + "); its fragments must keep the model's shape (N_LAYER, N_EMBD, N_HEAD, BLOCK_SIZE, the tokenizer...)")
+            + "); settings that differ: " + ("; ".join(settings) or "none named")
+            + "; a stage's fragments must keep its parent's model shape")
 
 
 def check_run(spec: RunSpec, parent: RunSpec | None = None) -> Row:

@@ -289,7 +289,8 @@ def test_check_builds_every_stage_without_reading_the_untrained_parents(tmp_path
     assert check_plan(layers, cfg) == 3
     out = capsys.readouterr().out
     assert re.search(r"\nwider +FAILED +[0-9.]+s  stage wider cannot start from its parent pretrain: tensor shapes "
-                     r"differ \(wte\.weight \(256, 32\) -> \(256, 64\), ", out), out
+                     r"differ \(wte\.weight \(256, 32\) -> \(256, 64\), .*\); settings that differ: n_embd 32 -> 64 \(CONFIG_N_EMBD\); "
+                     r"a stage's fragments must keep its parent's model shape\n", out), out
     assert re.search(r"\nsft-seed7 +FAILED +[0-9.]+s  stage sft cannot start from its parent wider", out)
     assert re.search(r"\nsft-bad +rejected .*CONFIG_NOPE: unknown symbol", out)
 
@@ -306,3 +307,12 @@ def test_make_check_and_make_slurm_on_a_chain(repo, make, tmp_path):
     assert f"submit with:\n  bash {submit}\n" in out
     assert "JOB_1=$(submit --array=1 --dependency=afterok:$JOB_0 --kill-on-invalid-dep=yes)  # sft after pretrain" \
         in submit.read_text()
+
+
+def test_check_lets_a_stage_grow_the_vocabulary_but_not_change_the_width(tmp_path, fragments):
+    from plan.check import parent_shape_problem
+
+    (fragments / "bpe").write_text("# bpe\nCONFIG_TOKENIZER_BPE=y\nCONFIG_BPE_VOCAB_SIZE=1024\n")
+    parent, grown, wide = specs_of(tmp_path, "pretrain= grown=bpe wide=wide")
+    assert grown.cfg.TOKENIZER == "bpe" and parent_shape_problem(grown, parent) is None, "special tokens may grow it"
+    assert parent_shape_problem(wide, grown).startswith("stage wide cannot start from its parent grown: ")
