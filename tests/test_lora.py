@@ -245,6 +245,9 @@ def test_checkpoint_weights_merge_over_the_recorded_base_and_check_it(tmp_path):
         torch.testing.assert_close(plain(idx, every_position=True)[0], model(idx, every_position=True)[0],
                                    atol=1e-5, rtol=0)
     assert checkpoint_weights({"model": {"x": torch.zeros(1)}})["x"].shape == (1,)  # not LoRA: as saved
+    without_rows = {**state, "model": {k: v for k, v in state["model"].items() if ".lora_" in k}}
+    with pytest.raises(LoraError, match="vocabulary of 128 but its base 64"):
+        checkpoint_weights(without_rows)
     base = checkpoint.load(base_path)
     base["model"]["ln_f.weight"] += 1
     checkpoint.save(base_path, base)

@@ -244,8 +244,14 @@ def lora_checkpoint_weights(state: dict, base_weights: dict[str, torch.Tensor]) 
             raise LoraError(f"the LoRA adapter of {layer!r} is {tuple(delta.shape)}, its base weight "
                             f"{tuple(merged[name].shape)}: the base is not the one it was trained on; check INIT_FROM")
         merged[name] = merged[name] + delta
-    if "model_config" in state and state["model_config"]["tie_embeddings"] and "lm_head.weight" in merged:
-        merged["lm_head.weight"] = merged["wte.weight"]  # a tied head is the (possibly grown) embedding
+    if "model_config" in state:
+        saved = state["model_config"]
+        if saved["tie_embeddings"] and "lm_head.weight" in merged:
+            merged["lm_head.weight"] = merged["wte.weight"]  # a tied head is the (possibly grown) embedding
+        if "wte.weight" in merged and merged["wte.weight"].size(0) != saved["vocab_size"]:
+            raise LoraError(f"this LoRA checkpoint's model has a vocabulary of {saved['vocab_size']} but its base "
+                            f"{merged['wte.weight'].size(0)}, and the checkpoint holds no grown wte.weight: save a "
+                            "grown embedding with the adapter (adapter_state's extra)")
     return merged
 
 
