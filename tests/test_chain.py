@@ -168,6 +168,31 @@ def test_a_failed_stage_blocks_its_branch_with_the_reason_and_the_other_branches
     assert runner.newest_unfinished_plan(tmp_path / "runs").path == plan.path, "blocked runs are continued"
 
 
+@pytest.mark.slow
+def test_on_several_gpus_siblings_train_at_once_and_children_wait_for_their_parent(tmp_path, fragments,
+                                                                                  monkeypatch):
+    cfg, layers = chain(tmp_path, "pretrain= sft=[seed7|drop] dpo=lr2", "CHAIN_EVAL=n")
+    plan = runner.create_plan(cfg, expand(layers, cfg))
+    started = fake_training(tmp_path, monkeypatch)
+    fake_start, seen = runner.start_run, []
+
+    def start(plan, name, gpu):  # what was training, and the parent's status, when each run started
+        parent = plan.run_by_name(name).get("parent")
+        seen.append((name, gpu, parent and plan.run_by_name(parent)["status"],
+                     sorted(r["name"] for r in plan.runs if r["status"] == "running")))
+        return fake_start(plan, name, gpu)
+
+    monkeypatch.setattr(runner, "start_run", start)
+    monkeypatch.setattr(runner, "_device_slots", lambda: ["0", "1"])
+    runner.execute(plan)
+    assert started == ["pretrain", "sft-seed7", "sft-drop", "dpo-seed7", "dpo-drop"]
+    assert seen[0] == ("pretrain", "0", None, []), "nothing else can start before the first stage is done"
+    assert seen[1] == ("sft-seed7", "0", "done", []) and seen[2] == ("sft-drop", "1", "done", ["sft-seed7"]), \
+        "siblings share the parent and train side by side"
+    assert all(parent_status == "done" for _, _, parent_status, _ in seen[1:])
+    assert {r["status"] for r in Plan.load(plan.path).runs} == {"done"}
+
+
 def test_a_failing_evaluation_is_recorded_and_the_chain_goes_on(tmp_path, fragments, monkeypatch):
     import evaluation.run
 
@@ -256,6 +281,7 @@ def test_slurm_submits_each_run_after_its_parents_task(tmp_path, fragments):
         "JOB_2=$(submit --array=2 --dependency=afterok:$JOB_0 --kill-on-invalid-dep=yes)  # sft-drop after pretrain",
         "JOB_3=$(submit --array=3 --dependency=afterok:$JOB_1 --kill-on-invalid-dep=yes)  # dpo-seed7 after sft-seed7",
         "JOB_4=$(submit --array=4 --dependency=afterok:$JOB_2 --kill-on-invalid-dep=yes)  # dpo-drop after sft-drop"]
+    assert f"# Submit: bash {submit} (a chain: each task after its parent stage's)\n" in (plan.path / "slurm.sbatch").read_text()
     runs = "\n".join(f"  {r['name']}" for r in plan.runs)
     assert f"RUNS=(\n{runs}\n)" in (plan.path / "slurm.sbatch").read_text(), "task i is run i of the script"
     with pytest.raises(slurm.RunRefused, match=r"run sft-seed7 of plan .* starts from its parent stage's run "
