@@ -51,8 +51,8 @@ class OurLM(TemplateLM):
         return self.block_size
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        try:
-            return self.tok.encode(string)
+        try:  # a chat template's special tokens, spelled in a prompt, are their ids (as in fine-tuning)
+            return self.tok.encode_special(string)
         except ValueError as e:  # a char vocabulary without some character of the task
             raise EvalError(f"the run's {self.tok.kind} tokenizer cannot encode task text {string[:60]!r}...: {e}; "
                             "evaluate on tasks in the run's alphabet, or train with CONFIG_TOKENIZER_BYTE, "

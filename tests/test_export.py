@@ -168,7 +168,7 @@ def test_sentencepiece_bpe_exports_with_our_ids_its_eos_and_our_logits(tmp_path)
         assert ids == tokenizer.encode(sample), sample[:40]
         assert hf.decode(ids) == tokenizer.decode(ids)
     assert hf.eos_token == "</s>" and hf.eos_token_id == tokenizer.eos_id == 3
-    from train.warm_start import check_tokenizer
+    from train.hf_parent import check_tokenizer
 
     check_tokenizer(folder, tokenizer, model.config.block_size)  # INIT_FROM accepts the folder's tokenizer as ours
     config = json.loads((folder / "config.json").read_text())

@@ -19,7 +19,7 @@ from model.gpt import GPT, ModelConfig
 from train import checkpoint
 from train.checkpoint import CheckpointError
 from train.trainer import Trainer
-from train.warm_start import without_export_fill
+from train.hf_parent import without_export_fill
 
 SETTINGS = ("DATA_PATH=corpus.txt DATA_CACHE_DIR=cache MODEL_SIZE_CUSTOM=y N_LAYER=1 N_HEAD=2 N_EMBD=32 "
             "BLOCK_SIZE=16 MICRO_BATCH=8 MAX_ITERS=30 WARMUP_ITERS=2 LR=3e-3 EVAL_INTERVAL=10 EVAL_BATCHES=2 "

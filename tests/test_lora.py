@@ -260,7 +260,7 @@ def test_checkpoint_weights_merge_over_the_recorded_base_and_check_it(tmp_path):
 
 def test_a_lora_run_on_a_hugging_face_parent_merges_over_the_folders_weights(tmp_path):
     from export.hf_folder import export_state
-    from train.warm_start import weights_sha256
+    from train.hf_parent import weights_sha256
 
     tokenizer = Tokenizer.fit("char", "abcdef")
     run, model, base_path = lora_run(tmp_path, tokenizer, LLAMA)

@@ -41,7 +41,7 @@ from model.gpt import GPT, ModelConfig
 from model.moe import MoE
 from parallel.errors import CheckpointError
 from train import checkpoint
-from train.warm_start import is_hf_folder, weights_sha256, without_export_fill
+from train.hf_parent import is_hf_folder, weights_sha256, without_export_fill
 
 ADAPTER = "default"  # peft's adapter name; ours is always the one
 ADAPTER_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<part>[AB])\.weight$")

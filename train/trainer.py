@@ -38,6 +38,8 @@ from train.signals import StopRequest
 from train.state import capture_rng, incompatibilities, restore_rng
 from train.system_metrics import sample_system
 from train.trackers import Trackers
+from train.lora import adapter_state, load_adapter_state
+from train.post_training import DPO_SHOWN, PostTraining
 from train.warm_start import load_parent
 
 
@@ -55,7 +57,9 @@ class Trainer:
         setup_backend(self.device_config, self.device, self.dist.local_world_size)
         self.dtype = resolve_dtype(self.device_config, self.device)
         self.device_name = device_name(self.device)
-        self.tokenizer = data.tokenizer
+        # SFT or DPO: the chat template's special tokens join the tokenizer (the model's vocabulary may grow)
+        self.post = PostTraining(cfg, data.tokenizer, self.log) if cfg.OBJECTIVE != "pretrain" else None
+        self.tokenizer = self.post.tokenizer if self.post else data.tokenizer
         self.parent, self.parent_state = None, None  # INIT_FROM's record for summary.json, and its checkpoint
         built = build_model_and_optimizer(
             ModelConfig.from_config(cfg, padded_vocab(self.tokenizer.vocab_size)), self.optim,
@@ -77,17 +81,24 @@ class Trainer:
         # Each sequence's source is drawn by weight; with one source these are plain Batches' draws. Every
         # rank draws the same global batch and trains on its own slice (parallel/runtime.py).
         loop, rank, world = self.loop, self.dist.rank, self.dist.world_size
-        self.batches = data.train_batches("train", loop.micro_batch, loop.block_size, self.device,
-                                          loop.seed).shard(rank, world)
-        # Evaluation reuses the same batches every time (fixed seed), so curves compare across steps and runs.
-        self.eval_train = data.train_batches("train", loop.micro_batch, loop.block_size, self.device,
-                                             loop.seed + 1).shard(rank, world)
-        self.val_sets = {name: batches.shard(rank, world) for name, batches in
-                         data.val_batches(loop.micro_batch, loop.block_size, self.device, loop.seed + 1).items()}
-        # Global tokens per optimizer step at full size (after any warmup), all ranks together.
-        self.tokens_per_step = loop.micro_batch * loop.grad_accum * loop.block_size * world
+        if self.post:  # SFT examples or DPO pairs; the corpus gives the tokenizer only
+            self.batches, self.eval_train, self.val_sets = self.post.batches(cfg, loop, self.device, rank, world,
+                                                                             ROOT, self.log)
+        else:
+            self.batches = data.train_batches("train", loop.micro_batch, loop.block_size, self.device,
+                                              loop.seed).shard(rank, world)
+            # Evaluation reuses the same batches every time (fixed seed), so curves compare across steps and runs.
+            self.eval_train = data.train_batches("train", loop.micro_batch, loop.block_size, self.device,
+                                                 loop.seed + 1).shard(rank, world)
+            self.val_sets = {name: batches.shard(rank, world) for name, batches in
+                             data.val_batches(loop.micro_batch, loop.block_size, self.device, loop.seed + 1).items()}
+        # Global tokens per optimizer step at full size (after any warmup), all ranks together (DPO: both
+        # responses of each pair).
+        rows = 2 if self.post and self.post.kind == "dpo" else 1
+        self.tokens_per_step = rows * loop.micro_batch * loop.grad_accum * loop.block_size * world
         self.start_step, self.best_val, self.best_step, self.elapsed_before = 0, float("inf"), 0, 0.0
-        self.tokens_per_byte = data.val_tokens_per_byte()  # per validation set, for bits per byte
+        # per validation set, for bits per byte (none for SFT/DPO's validation examples)
+        self.tokens_per_byte = ({name: None for name in self.val_sets} if self.post else data.val_tokens_per_byte())
         self.best_bpb, self.resumed = None, False
         self.downstream = EvalConfig.from_config(cfg, ROOT)  # EVAL_TASKS every EVAL_EVERY steps (0: never)
         self.last_downstream = 0  # the step of the last task evaluation (a resume: the step it starts from)
@@ -104,26 +115,41 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """{"train": loss, "val": the aggregate val_loss, "val_losses": {name: loss}, "val_bpb": the aggregate
-        bits per byte, "val_bpbs": {name: bits per byte}} (a bpb None where a set has no bytes)."""
+        bits per byte, "val_bpbs": {name: bits per byte}} (a bpb None where a set has no bytes); DPO adds
+        "val_metrics" (preference accuracy, rewards, margin, KL on the validation pairs)."""
         self.model.eval()
         train = self._mean_loss(self.eval_train)
-        val_losses = {name: self._mean_loss(batches) for name, batches in self.val_sets.items()}
+        metrics = {}
+        val_losses = {name: self._mean_loss(batches, metrics) for name, batches in self.val_sets.items()}
         self.model.train()
         # nats per token -> bits per byte: times tokens per byte of the same split, over ln 2
         bpbs = {name: None if self.tokens_per_byte[name] is None else loss * self.tokens_per_byte[name] / math.log(2)
                 for name, loss in val_losses.items()}
         bpb = None if None in bpbs.values() else self.data.aggregate(bpbs)
-        return {"train": train, "val": self.data.aggregate(val_losses), "val_losses": val_losses,
-                "val_bpb": bpb, "val_bpbs": bpbs}
+        val = val_losses[self.post.kind] if self.post else self.data.aggregate(val_losses)
+        result = {"train": train, "val": val, "val_losses": val_losses, "val_bpb": bpb, "val_bpbs": bpbs}
+        if metrics:
+            result["val_metrics"] = metrics
+        return result
 
-    def _mean_loss(self, batches) -> float:
+    def _mean_loss(self, batches, metrics: dict | None = None) -> float:
+        """The mean loss over EVAL_BATCHES batches; a post-training objective's terms averaged into ``metrics``."""
         batches.reset()
         total = torch.zeros((), device=self.device)
+        terms: dict[str, torch.Tensor] = {}
         for _ in range(self.loop.eval_batches):
-            x, y = batches.next()
+            batch = batches.next()
             with autocast(self.device, self.dtype), fp8_autocast(self.device_config.fp8):
-                _, loss = self.forward(x, y)
+                if self.post is None:
+                    x, y = batch
+                    _, loss = self.forward(x, y)
+                else:
+                    loss, parts = self.post.loss(self.forward, self.model, batch)
+                    for name, value in parts.items():
+                        terms[name] = terms.get(name, 0) + value / self.loop.eval_batches
             total += loss.float()
+        if metrics is not None:
+            metrics.update({name: runtime.mean(self.dist, value).item() for name, value in terms.items()})
         return runtime.mean(self.dist, total / self.loop.eval_batches).item()  # ranks' equal slices: the global mean
 
     def lr_at(self, step: int) -> float:
@@ -151,11 +177,15 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         self.parts = {}
         for i in range(accum):
-            x, y = self.batches.next(stage.micro_batch, stage.seq_len)
+            batch = self.batches.next(stage.micro_batch, stage.seq_len)
             # DDP/FSDP2 communicate gradients on the step's last micro-batch only.
             with runtime.gradient_sync(self.module, self.dist, sync=i == accum - 1):
                 with autocast(self.device, self.dtype), fp8_autocast(self.device_config.fp8):
-                    _, loss = self.forward(x, y)
+                    if self.post is None:
+                        x, y = batch
+                        _, loss = self.forward(x, y)
+                    else:
+                        loss, terms = self.post.loss(self.forward, self.model, batch)
                 if self.moe_stats:
                     self.moe_stats.collect()
                 if self.ds is not None:  # the engine divides by GRAD_ACCUM and steps on the last one
@@ -164,7 +194,8 @@ class Trainer:
                     self.ds.step()
                 else:
                     self.scaler.scale(loss / accum).backward()
-            parts = self.model.loss_parts or {"lm_loss": loss.detach()}
+            parts = ({"lm_loss": loss.detach(), **terms} if self.post else
+                     self.model.loss_parts or {"lm_loss": loss.detach()})
             loss_sum += parts["lm_loss"] / accum
             for name, value in parts.items():
                 if name != "lm_loss":
@@ -199,24 +230,35 @@ class Trainer:
     def step_streams(self) -> dict:
         """The random streams a training step draws from (data order, torch's CPU and CUDA generators),
         taken at each step's start (about a microsecond) so a step that fails can be checkpointed untaken."""
-        streams = {"data_rng": self.batches.generator.get_state(), "data_counts": self.batches.counts.copy(),
-                   "torch": torch.get_rng_state()}
+        streams = {**self.data_position(copy=True), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             streams["cuda"] = torch.cuda.get_rng_state_all()
         return streams
 
     def position(self, before: dict | None = None) -> dict:
         """The data position and every RNG state: now, or with ``before`` (step_streams) as of then."""
-        streams = before or {"data_rng": self.batches.generator.get_state(), "data_counts": self.batches.counts}
+        streams = before or self.data_position()
         rng = capture_rng()
         rng.update({k: v for k, v in (before or {}).items() if k in ("torch", "cuda")})
+        if self.post:
+            return {"data_state": streams["data_state"], "rng": rng}
         return {"data_rng": streams["data_rng"], "data_counts": streams["data_counts"].tolist(), "rng": rng}
+
+    def data_position(self, copy: bool = False) -> dict:
+        """Where the training batches are: the corpus sampler's generator and per-source counts, or the
+        SFT/DPO batches' epoch and cursor."""
+        if self.post:
+            return {"data_state": self.batches.state_dict()}
+        counts = self.batches.counts
+        return {"data_rng": self.batches.generator.get_state(), "data_counts": counts.copy() if copy else counts}
 
     def state(self, step: int, val_loss: float | None, elapsed: float, before: dict | None = None) -> dict:
         """Everything needed to continue exactly: weights, optimizer, scaler, step, data position, RNG
         (``before``: the streams at the start of a step that failed, which the checkpoint leaves untaken).
         Under a sharded engine, weights and optimizer state go to the engine's own files instead."""
-        weights = {} if self.sharded else {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        weights = {} if self.sharded else {"model": self.model_state(), "optimizer": self.optimizer.state_dict()}
+        if self.post and self.post.lora:  # the adapter apart from its base (INIT_FROM, recorded in init_from)
+            weights["lora"] = self.post.lora.to_dict()
         return {
             "format": 2,
             "step": step,
@@ -276,15 +318,21 @@ class Trainer:
                 raise CheckpointError(f"{path} is a {saved} checkpoint; this run uses {self.dist.engine}")
             runtime.load_sharded(self.dist, Path(state["sharded"]), self.model, self.optimizer, self.ds)
         else:
-            self.model.load_state_dict(state["model"])
+            if self.post and self.post.lora:  # the base came from INIT_FROM when the model was built
+                load_adapter_state(self.model, state["model"])
+            else:
+                self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         if state.get("world_size", 1) != self.dist.world_size:
             self.log(f"resuming on {self.dist.world_size} process(es) a run checkpointed on "
                      f"{state.get('world_size', 1)}")
         self.scaler.load_state_dict(state["scaler"])
-        self.batches.generator.set_state(state["data_rng"])
-        if len(state.get("data_counts", ())) == len(self.batches.counts):
-            self.batches.counts[:] = state["data_counts"]
+        if self.post:
+            self.batches.load_state_dict(state["data_state"])
+        else:
+            self.batches.generator.set_state(state["data_rng"])
+            if len(state.get("data_counts", ())) == len(self.batches.counts):
+                self.batches.counts[:] = state["data_counts"]
         restore_rng(state["rng"])
         self.start_step, self.elapsed_before = state["step"], state["wall_time_s"]
         self.last_downstream = self.start_step
@@ -302,15 +350,28 @@ class Trainer:
         """CONFIG_INIT_FROM's weights into the freshly built model, before a wrapper, an engine or the
         optimizer sees it (so FSDP2 shards and DeepSpeed copies the parent's weights). Not for a run that
         will resume its own checkpoint: INIT_FROM is not read again."""
-        if self.loop.init_from and checkpoint.newest_intact_step(self.run_dir) is None:
+        if self.post and not self.loop.init_from:
+            raise CheckpointError(f"CONFIG_OBJECTIVE_{self.post.kind.upper()} fine-tunes a trained model, but "
+                                  "CONFIG_INIT_FROM is empty; set it to a run directory, checkpoint or Hugging Face "
+                                  "folder (a chain plan, RUN_CHAIN, fills it from the parent stage)")
+        # SFT/DPO read the parent even when resuming: LoRA's frozen base and DPO's reference are its weights
+        if self.loop.init_from and (self.post or checkpoint.newest_intact_step(self.run_dir) is None):
             if self.loop.init_from_optimizer and self.sharded:
                 raise CheckpointError(f"CONFIG_INIT_FROM_OPTIMIZER is set but CONFIG_PARALLEL_{self.dist.engine.upper()} "
                                       "shards the optimizer state, which a warm start cannot carry yet; unset "
                                       "INIT_FROM_OPTIMIZER (weights only) or use PARALLEL_NONE or PARALLEL_DDP")
             self.parent, self.parent_state = load_parent(self.init_from_path(), self.loop.init_from_checkpoint, model,
                                                          self.tokenizer, self.cfg, self.loop.init_from_optimizer,
-                                                         self.log)
+                                                         self.log, base_tokenizer=self.data.tokenizer)
+        if self.post:
+            self.post.prepare(model, self.parent.get("embedding_rows"), self.log)
         return model
+
+    def model_state(self) -> dict:
+        """The checkpoint's "model": the state dict, or with LoRA the adapter (and what trains in full) alone."""
+        if self.post and self.post.lora:
+            return adapter_state(self.model, extra=self.post.trained_in_full)
+        return self.model.state_dict()
 
     def init_from_path(self) -> Path:
         where = Path(self.loop.init_from).expanduser()
@@ -323,7 +384,8 @@ class Trainer:
         if self.parent is None:
             self.parent, self.parent_state = load_parent(self.init_from_path(), self.loop.init_from_checkpoint,
                                                          self.model, self.tokenizer, self.cfg,
-                                                         self.loop.init_from_optimizer, self.log)
+                                                         self.loop.init_from_optimizer, self.log,
+                                                         base_tokenizer=self.data.tokenizer)
         if self.loop.init_from_optimizer and self.parent_state is not None:
             try:
                 self.optimizer.load_state_dict(self.parent_state["optimizer"])
@@ -491,11 +553,12 @@ class Trainer:
         record = dict(step=step, tokens=self.tokens_before(step), train_loss=loss_value, lr=lr,
                       grad_norm=norm_value, skipped_steps=self.guard.skipped, tokens_per_s=tps,
                       flops_per_s=flops, mfu=utilization, elapsed_s=self.elapsed(),
-                      data_share=self.batches.shares(self.data.names), **extra, **sample_system(self.device))
+                      **({} if self.post else {"data_share": self.batches.shares(self.data.names)}),
+                      **extra, **sample_system(self.device))
         self.metrics.write(**record)
         self.trackers.log(record, step)
         shown = {"mtp_loss": "mtp", "moe_aux_loss": "aux", "moe_z_loss": "z", "moe_load_max": "load max",
-                 "moe_dropped_frac": "dropped", "seq_len": "seq"}
+                 "moe_dropped_frac": "dropped", "seq_len": "seq", **DPO_SHOWN}
         self.log(f"step {step:>6}/{self.loop.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} "
                  f"| grad norm {norm_value:.3f} | {tps:,.0f} tok/s"
                  + (f" | MFU {100 * utilization:.1f}%" if utilization is not None else "")
@@ -511,6 +574,8 @@ class Trainer:
         record = dict(step=step, tokens=self.tokens_before(step), val_loss=result["val"],
                       train_eval_loss=result["train"], val_losses=result["val_losses"],
                       val_bpb=result["val_bpb"], val_bpbs=result["val_bpbs"], elapsed_s=self.elapsed())
+        if "val_metrics" in result:  # DPO on the validation pairs: preference accuracy, rewards, margin, KL
+            record.update({f"val_{name}": value for name, value in result["val_metrics"].items()})
         every = self.downstream.every
         if every and step and step >= (self.last_downstream // every + 1) * every:  # the first eval past a multiple
             record["eval"] = self.downstream_eval(step)
@@ -519,7 +584,9 @@ class Trainer:
         named = "".join(f" | {name} {loss:.4f}" for name, loss in result["val_losses"].items()
                         if list(result["val_losses"]) != ["val"])
         bpb = "" if result["val_bpb"] is None else f" | val bpb {result['val_bpb']:.4f}"
-        self.log(f"eval step {step}: train {result['train']:.4f} | val {result['val']:.4f}{named}{bpb}")
+        dpo = "".join(f" | {label} {result['val_metrics'][name]:.4f}" for name, label in DPO_SHOWN.items()
+                      if name in result.get("val_metrics", {}))
+        self.log(f"eval step {step}: train {result['train']:.4f} | val {result['val']:.4f}{named}{bpb}{dpo}")
         return result
 
     def downstream_eval(self, step: int) -> dict[str, dict[str, float]]:
@@ -562,6 +629,7 @@ class Trainer:
             "final_val_bpbs": last_eval["val_bpbs"],
             "best_val_bpb": self.best_bpb,
             "init_from": self.parent,
+            **({"post_training": self.post.summary()} if self.post else {}),
             "skipped_steps": self.guard.skipped,
             "unigram_entropy_nats": self.data.manifest["unigram_entropy_nats"],
             "tokens_per_s": tokens_per_s,
@@ -575,7 +643,7 @@ class Trainer:
             "parallel": self.dist.engine,
             "world_size": self.dist.world_size,
             "dtype": self.dtype,
-            "data_share": self.batches.shares(self.data.names),
+            **({} if self.post else {"data_share": self.batches.shares(self.data.names)}),
             "data": self.data.summary(),
             "sample": sample,
         }

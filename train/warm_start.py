@@ -1,72 +1,69 @@
-"""Warm starts from a Hugging Face folder (CONFIG_INIT_FROM naming one): its weights as this run's.
+"""Warm starts (CONFIG_INIT_FROM): a parent's weights into a freshly built model, before anything wraps it.
 
-A folder with config.json and model.safetensors (or model.safetensors.index.json and its shards)
-is read through hf/read.py, the export mapping traced backwards: safetensors and JSON only,
-nothing unpickled. What it must satisfy, each refusal named:
-
-- weights only: it holds no optimizer state, so CONFIG_INIT_FROM_OPTIMIZER is refused;
-- the architecture and settings our model computes (hf/read.py's ImportRefused names the setting);
-- the tokenizer: the folder's tokenizer.json must be the very one this run's tokenizer exports to
-  (compared as canonical JSON). A folder without one, or with another tokenizer (a foreign model's,
-  or another run's), is refused: ids would mean other strings;
-- shapes: the same listing as a checkpoint's mismatch, with the settings that differ as symbols.
-
-The export adds tensors our model may lack: zero biases (GPT-2 always has them; ours with
-CONFIG_BIAS=n does not) and zero embedding rows past a byte vocabulary (room for end-of-text).
-Those all-zero extras are dropped again, so an export reads back to the exact weights it came from.
+The parent is a run directory (its best or latest checkpoint), a checkpoint file or folder (a sharded
+FSDP2/DeepSpeed one's weights gathered; a LoRA run's adapter merged into its own base), or a Hugging
+Face folder (train/hf_parent.py). Its tokenizer must be this run's, or this run's before a chat
+template added special tokens (then the parent's embedding fills the first rows). Each mismatch is a
+named CheckpointError listing what differs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 from data.stream import file_sha256
 from data.tokenizer import Tokenizer
-from hf.architectures import ExportRefused
-from hf.read import read_hf_folder
-from hf.tokenizer import tokenizer_files
-from model.gpt import ModelConfig
 from parallel.errors import CheckpointError
 from train import checkpoint
+from train.hf_parent import hf_parent, is_hf_folder, with_new_rows
+from train.lora import checkpoint_weights
 from train.state import incompatibilities, shape_mismatches
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-# ModelConfig fields an HF config.json fixes, and the symbol that sets each in our configuration
-ARCHITECTURE_SYMBOLS = {"block_size": "BLOCK_SIZE", "n_layer": "N_LAYER", "n_head": "N_HEAD",
-                        "n_kv_head": "N_KV_HEAD", "n_embd": "N_EMBD", "norm": "NORM", "pos": "POS",
-                        "rope_theta": "ROPE_THETA", "mlp": "MLP", "mlp_hidden": "MLP_RATIO", "qk_norm": "QK_NORM",
-                        "bias": "BIAS", "tie_embeddings": "TIE_EMBEDDINGS", "vocab_size": "TOKENIZER"}
 
 
 def load_parent(where: Path, which: str | None, model: torch.nn.Module, tokenizer: Tokenizer, cfg,
-                carry_optimizer: bool, log=print) -> tuple[dict, dict | None]:
+                carry_optimizer: bool, log=print, base_tokenizer: Tokenizer | None = None) -> tuple[dict, dict | None]:
     """CONFIG_INIT_FROM's weights into ``model`` (a plain GPT): a run directory's best or latest checkpoint,
     a checkpoint file, or a Hugging Face folder. Returns (the parent record for summary.json, the checkpoint
-    state when its optimizer state is to be carried, else None); each mismatch is a named CheckpointError."""
+    state when its optimizer state is to be carried, else None); each mismatch is a named CheckpointError.
+
+    ``base_tokenizer``: this run's tokenizer before a chat template added its special tokens. A parent
+    trained with it is accepted too; its smaller embedding fills the first rows (the new tokens' rows
+    keep their initialisation), and the record says how many rows the parent had."""
     if is_hf_folder(where):  # weights only, through hf/'s reverse mapping
-        weights, parent = hf_parent(where, model, tokenizer, carry_optimizer, log)
+        try:
+            weights, parent = hf_parent(where, model, tokenizer, carry_optimizer, log)
+        except CheckpointError:
+            if base_tokenizer is None or base_tokenizer.sha256 == tokenizer.sha256:
+                raise
+            weights, parent = hf_parent(where, model, base_tokenizer, carry_optimizer, log, grow=True)
         model.load_state_dict(weights)
         return parent, None
     path, state = checkpoint.init_source(where, which)
     parent_tokenizer = Tokenizer(state["tokenizer"])
-    if parent_tokenizer.sha256 != tokenizer.sha256:
+    grow = base_tokenizer is not None and parent_tokenizer.sha256 == base_tokenizer.sha256
+    if parent_tokenizer.sha256 != tokenizer.sha256 and not grow:
         raise CheckpointError(f"CONFIG_INIT_FROM: {path} was trained with another tokenizer ({parent_tokenizer.kind}, "
                               f"sha256 {parent_tokenizer.sha256[:12]}) than this run's ({tokenizer.kind}, "
                               f"sha256 {tokenizer.sha256[:12]}); use the parent's tokenizer settings "
                               "(TOKENIZER, VOCAB_SIZE, its data for a char vocabulary)")
-    mismatched = shape_mismatches(state["model"], model.state_dict())
+    weights, rows = with_new_rows(checkpoint_weights(state), model.state_dict()) if grow else (
+        checkpoint_weights(state), None)
+    mismatched = shape_mismatches(weights, model.state_dict())
     if mismatched:
         differing = incompatibilities(state["config"], cfg)
         raise CheckpointError(f"CONFIG_INIT_FROM: the weights of {path} do not fit this model: "
                               + "; ".join(mismatched) + ". Model symbols that differ: "
                               + ("; ".join(differing) or "none") + ". Set them as in the parent run")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(weights)
+    if rows is not None:
+        log(f"warm start: the parent's {rows} embedding rows fill the first of this model's {model.config.vocab_size} "
+            "(the added special tokens' rows are new)")
     parent = {"path": str(path), "kind": "checkpoint", "step": state["step"], "weights_sha256": checkpoint_sha256(path),
-              "val_loss": state["val_loss"], "optimizer": carry_optimizer}
+              "val_loss": state["val_loss"], "optimizer": carry_optimizer,
+              **({"embedding_rows": rows} if rows is not None else {})}
     return parent, state if carry_optimizer else None
 
 
@@ -78,106 +75,5 @@ def checkpoint_sha256(path: Path) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         with open(f, "rb") as stream:
             while chunk := stream.read(16 << 20):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def is_hf_folder(where: Path) -> bool:
-    """A Hugging Face model folder: config.json beside safetensors weights (one file or an index)."""
-    return (where / "config.json").is_file() and any((where / name).is_file() for name in WEIGHT_FILES)
-
-
-def hf_parent(folder: Path, model: torch.nn.Module, tokenizer: Tokenizer, carry_optimizer: bool,
-              log=print) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict that loads into ``model``, the parent record for summary.json) of an HF folder."""
-    if carry_optimizer:
-        raise CheckpointError(f"CONFIG_INIT_FROM_OPTIMIZER is set but CONFIG_INIT_FROM={str(folder)!r} is a Hugging "
-                              "Face folder, which holds weights only (no optimizer state); unset INIT_FROM_OPTIMIZER")
-    check_tokenizer(folder, tokenizer, model.config.block_size)
-    config, weights = read_hf_folder(folder)
-    current = model.state_dict()
-    weights, dropped = without_export_fill(weights, current)
-    if dropped:
-        log(f"warm start: dropped the export's all-zero fill ({', '.join(dropped[:3])}"
-            + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "") + ")")
-    mismatched = shape_mismatches(weights, current)
-    if mismatched:
-        differing = differences(config, model.config)
-        raise CheckpointError(f"CONFIG_INIT_FROM: the weights of the Hugging Face folder {folder} do not fit this "
-                              "model: " + "; ".join(mismatched) + ". Settings that differ: "
-                              + ("; ".join(differing) or "none") + ". Set them as the folder's config.json has them")
-    return weights, {"path": str(folder), "kind": "hf", "step": None, "weights_sha256": weights_sha256(folder),
-                     "val_loss": None, "optimizer": False}
-
-
-def check_tokenizer(folder: Path, tokenizer: Tokenizer, block_size: int) -> None:
-    """The folder's tokenizer.json must be the one this run's tokenizer exports to, else a named error."""
-    theirs = folder / "tokenizer.json"
-    what_to_do = ("a warm start from a Hugging Face folder needs this run's own tokenizer: point INIT_FROM at a "
-                  "'make export' folder of a run with the same tokenizer settings (TOKENIZER, VOCAB_SIZE, its data "
-                  "for a char vocabulary), or at that run's directory")
-    if not theirs.is_file():
-        raise CheckpointError(f"CONFIG_INIT_FROM: {folder} holds no tokenizer.json, so nothing says its ids mean this "
-                              f"run's tokens; {what_to_do}")
-    try:
-        ours = tokenizer_files(tokenizer, block_size)["tokenizer.json"]
-    except ExportRefused as e:
-        raise CheckpointError(f"CONFIG_INIT_FROM: {folder} is a Hugging Face folder, and this run's tokenizer has no "
-                              f"tokenizer.json to compare its tokenizer with ({e})") from None
-    if canonical(theirs.read_text(encoding="utf-8")) != canonical(ours):
-        raise CheckpointError(f"CONFIG_INIT_FROM: the tokenizers differ: {theirs} is not the tokenizer.json this run's "
-                              f"tokenizer ({tokenizer.kind}, sha256 {tokenizer.sha256[:12]}) exports to; {what_to_do}")
-
-
-def canonical(tokenizer_json: str) -> str:
-    """tokenizer.json text in one spelling: re-serialised by the tokenizers library, keys sorted."""
-    from tokenizers import Tokenizer as HFTokenizer
-
-    try:
-        text = HFTokenizer.from_str(tokenizer_json).to_str()
-    except Exception:  # noqa: BLE001 - not a tokenizer this library reads: compare the JSON as written
-        text = tokenizer_json
-    return json.dumps(json.loads(text), sort_keys=True)
-
-
-def without_export_fill(weights: dict[str, torch.Tensor], current: dict[str, torch.Tensor]
-                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``weights`` less what the export adds: all-zero tensors the model lacks (GPT-2's biases for BIAS=n)
-    and all-zero embedding/head rows past the model's vocabulary (a byte vocabulary's end-of-text room)."""
-    out, dropped = {}, []
-    for name, tensor in weights.items():
-        if name not in current:
-            if not tensor.any():
-                dropped.append(name)
-                continue
-        elif name in ("wte.weight", "lm_head.weight") and tensor.size(0) > current[name].size(0):
-            rows = current[name].size(0)
-            if not tensor[rows:].any() and tensor.shape[1:] == current[name].shape[1:]:
-                dropped.append(f"{name} rows {rows}..{tensor.size(0) - 1}")
-                tensor = tensor[:rows]
-        out[name] = tensor
-    return out, dropped
-
-
-def differences(folder: ModelConfig, ours: ModelConfig) -> list[str]:
-    """``CONFIG_X: folder a, configuration b`` for each architecture setting the two disagree on."""
-    out = []
-    for field, symbol in ARCHITECTURE_SYMBOLS.items():
-        theirs, mine = getattr(folder, field), getattr(ours, field)
-        if theirs != mine:
-            what = {"mlp_hidden": " (MLP width)", "vocab_size": " (padded vocabulary)"}.get(field, "")
-            out.append(f"CONFIG_{symbol}{what}: folder {theirs!r}, configuration {mine!r}")
-    return out
-
-
-def weights_sha256(folder: Path) -> str:
-    """SHA-256 of the weights: model.safetensors, or the shards its index names, in order, as one stream."""
-    index = folder / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-             if index.is_file() else ["model.safetensors"])
-    h = hashlib.sha256()
-    for name in files:
-        with open(folder / name, "rb") as f:
-            while chunk := f.read(16 << 20):
                 h.update(chunk)
     return h.hexdigest()
