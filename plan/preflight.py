@@ -7,7 +7,7 @@ every run before the plan is created; 'make check' and 'make slurm' (which check
 for another) run it with ``here=False`` and report the device part as notes.
 
 ``data_problems(cfg, data)`` needs the prepared data: every split long enough for BLOCK_SIZE,
-and SAMPLE_PROMPT encodable by the tokenizer. The runner calls it after preparing a run's data,
+SAMPLE_PROMPT encodable by the tokenizer, and a fine-tuning run's SFT_DATA or DPO_DATA readable. The runner calls it after preparing a run's data,
 before the run trains.
 
 Each problem is one line naming the CONFIG_ symbols and what to change.
@@ -54,7 +54,23 @@ def config_problems(cfg: Config) -> list[str]:
             build()
         except (ValueError, StopStringError) as e:  # CurriculumError is a ValueError too; all name their symbols
             found.append(str(e))
-    return found + downstream_problems(cfg)
+    return found + post_training_problems(cfg) + downstream_problems(cfg)
+
+
+def post_training_problems(cfg: Config) -> list[str]:
+    """OBJECTIVE sft or dpo: a model to start from (INIT_FROM) and the data to train on."""
+    if cfg.OBJECTIVE == "pretrain":
+        return []
+    found = []
+    if not cfg.INIT_FROM:
+        found.append(f"CONFIG_OBJECTIVE_{cfg.OBJECTIVE.upper()} fine-tunes a trained model but CONFIG_INIT_FROM is "
+                     "empty: set it to a run directory, checkpoint or Hugging Face folder (a chain plan, RUN_CHAIN, "
+                     "fills it from the parent stage)")
+    data = ("SFT_DATA", cfg.SFT_DATA) if cfg.OBJECTIVE == "sft" else ("DPO_DATA", cfg.DPO_DATA)
+    if not data[1]:
+        found.append(f"CONFIG_OBJECTIVE_{cfg.OBJECTIVE.upper()} needs its data: CONFIG_{data[0]} is empty (a .jsonl, "
+                     ".json or .parquet file; see docs/post_training.md for the fields)")
+    return found
 
 
 def downstream_problems(cfg: Config) -> list[str]:
@@ -126,4 +142,25 @@ def data_problems(cfg: Config, data) -> list[str]:
                 "CONFIG_SAMPLE_PROMPT is empty, so samples start from a newline, but the run's")
         found.append(f"{what} {mix.tokenizer.kind} tokenizer cannot encode it ({e}); write a prompt from the "
                      f"corpus's characters, or use TOKENIZER_BYTE")
-    return found
+    return found + post_training_data_problems(cfg, mix.tokenizer)
+
+
+def post_training_data_problems(cfg: Config, tokenizer) -> list[str]:
+    """SFT_DATA or DPO_DATA read and tokenized as the run will (with the template's special tokens), so a
+    bad row is named before any stage of a plan trains."""
+    if cfg.OBJECTIVE == "pretrain" or (cfg.SFT_DATA if cfg.OBJECTIVE == "sft" else cfg.DPO_DATA) == "":
+        return []  # post_training_problems names the missing setting
+    from data.chat_template import tokens_needed
+    from data.errors import DataError
+    from data.preference import PreferenceData
+    from data.sft import SFTData
+    from data.tokenizer import with_special_tokens
+    from kconfig.tree import ROOT
+
+    tokenizer, _ = with_special_tokens(tokenizer, tokens_needed(cfg.CHAT_TEMPLATE))
+    kind = SFTData if cfg.OBJECTIVE == "sft" else PreferenceData
+    try:
+        kind.from_config(cfg, tokenizer, cfg.BLOCK_SIZE, ROOT, log=lambda message: None)
+    except DataError as e:
+        return [str(e)]
+    return []

@@ -135,5 +135,7 @@ def load_run(run_dir) -> tuple[torch.nn.Module, Tokenizer, SampleConfig]:
 
         model.load_state_dict(full_weights(state["sharded"], state["engine"]))
     else:
-        model.load_state_dict(state["model"])
+        from train.lora import checkpoint_weights  # a LoRA run: its adapter merged into its recorded base
+
+        model.load_state_dict(checkpoint_weights(state))
     return model, tokenizer, SampleConfig.from_config(Config({**ADDED_SAMPLING_SYMBOLS, **state["config"]}))

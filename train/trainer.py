@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from data.mix import PreparedMix, as_mix
 from data.cache import PreparedData
-from data.tokenizer import check_vocab_fits
 from harness.evaluate import EvalConfig
 from kconfig.tree import ROOT
 from model.gpt import GPT, ModelConfig
@@ -23,6 +21,7 @@ from parallel.launch import check_layout, deepspeed_batch_check
 from train import checkpoint
 from train.build import build_model_and_optimizer, padded_vocab
 from train.checkpoint import CheckpointError
+from train.checkpointing import Checkpointing
 from train.curriculum import Curriculum
 from train.device import (DeviceConfig, autocast, compile_model, device_name, resolve_device, resolve_dtype,
                           setup_backend)
@@ -35,15 +34,13 @@ from train.precision import fp8_autocast
 from train.progress import TrainProgress
 from train.sample import generate_text
 from train.signals import StopRequest
-from train.state import capture_rng, incompatibilities, restore_rng
 from train.system_metrics import sample_system
 from train.trackers import Trackers
-from train.lora import adapter_state, load_adapter_state
 from train.post_training import DPO_SHOWN, PostTraining
 from train.warm_start import load_parent
 
 
-class Trainer:
+class Trainer(Checkpointing):
     def __init__(self, cfg, data: PreparedData | PreparedMix, run_dir: Path, log=print, dist=None):
         self.cfg, self.data, self.run_dir = cfg, as_mix(data), Path(run_dir)
         data = self.data
@@ -227,125 +224,6 @@ class Trainer:
         """Weights and optimizer state are split over ranks: checkpoints are folders the engine writes."""
         return self.dist.engine in ("fsdp2", "deepspeed")
 
-    def step_streams(self) -> dict:
-        """The random streams a training step draws from (data order, torch's CPU and CUDA generators),
-        taken at each step's start (about a microsecond) so a step that fails can be checkpointed untaken."""
-        streams = {**self.data_position(copy=True), "torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            streams["cuda"] = torch.cuda.get_rng_state_all()
-        return streams
-
-    def position(self, before: dict | None = None) -> dict:
-        """The data position and every RNG state: now, or with ``before`` (step_streams) as of then."""
-        streams = before or self.data_position()
-        rng = capture_rng()
-        rng.update({k: v for k, v in (before or {}).items() if k in ("torch", "cuda")})
-        if self.post:
-            return {"data_state": streams["data_state"], "rng": rng}
-        return {"data_rng": streams["data_rng"], "data_counts": streams["data_counts"].tolist(), "rng": rng}
-
-    def data_position(self, copy: bool = False) -> dict:
-        """Where the training batches are: the corpus sampler's generator and per-source counts, or the
-        SFT/DPO batches' epoch and cursor."""
-        if self.post:
-            return {"data_state": self.batches.state_dict()}
-        counts = self.batches.counts
-        return {"data_rng": self.batches.generator.get_state(), "data_counts": counts.copy() if copy else counts}
-
-    def state(self, step: int, val_loss: float | None, elapsed: float, before: dict | None = None) -> dict:
-        """Everything needed to continue exactly: weights, optimizer, scaler, step, data position, RNG
-        (``before``: the streams at the start of a step that failed, which the checkpoint leaves untaken).
-        Under a sharded engine, weights and optimizer state go to the engine's own files instead."""
-        weights = {} if self.sharded else {"model": self.model_state(), "optimizer": self.optimizer.state_dict()}
-        if self.post and self.post.lora:  # the adapter apart from its base (INIT_FROM, recorded in init_from)
-            weights["lora"] = self.post.lora.to_dict()
-        return {
-            "format": 2,
-            "step": step,
-            "tokens": self.tokens_before(step),
-            "curriculum_stage": self.curriculum.stage_at(max(step - 1, 0)).index,
-            **weights,
-            "engine": self.dist.engine,
-            "world_size": self.dist.world_size,
-            "scaler": self.scaler.state_dict(),
-            "model_config": asdict(self.model.config),
-            "tokenizer": self.tokenizer.spec,
-            "config": dict(self.cfg),
-            "val_loss": val_loss,
-            "best_val_loss": self.best_val,
-            "best_val_step": self.best_step,
-            "best_val_bpb": self.best_bpb,
-            "init_from": self.parent,
-            "skipped_steps": self.guard.skipped,
-            "wall_time_s": elapsed,
-            **self.position(before),
-        }
-
-    def save_checkpoint(self, step: int, val_loss: float | None, elapsed: float, before: dict | None = None) -> None:
-        self._save(step, self.state(step, val_loss, elapsed, before))
-        self.last_save = self.clock()
-
-    def _save(self, step: int | None, state: dict) -> None:
-        """Write a step checkpoint (or best, step None). Every rank calls it; rank 0 writes files."""
-        if self.sharded:
-            tmp, final = checkpoint.sharded_paths(self.run_dir, step)
-            runtime.save_sharded(self.dist, tmp, self.model, self.optimizer, self.ds)
-            if self.dist.main:
-                checkpoint.complete_sharded(tmp, final, state)
-                if step is not None:
-                    checkpoint.prune(self.run_dir, self.loop.checkpoint_keep)
-        elif self.dist.main:
-            if step is None:
-                checkpoint.save_best(self.run_dir, state)
-            else:
-                checkpoint.save_step(self.run_dir, step, state, self.loop.checkpoint_keep)
-        runtime.barrier(self.dist)
-
-    def resume(self) -> None:
-        """Continue from the run directory's newest readable checkpoint."""
-        path, state = checkpoint.newest(self.run_dir, warn=self.log)
-        check_vocab_fits(self.tokenizer, state["model_config"]["vocab_size"], str(path))
-        problems = incompatibilities(state["config"], self.cfg)
-        if problems:
-            raise CheckpointError(f"{path} was trained with a different model; differing symbols: "
-                                  + "; ".join(problems))
-        saved = state.get("engine", "none")
-        if bool(state.get("sharded")) != self.sharded:
-            raise CheckpointError(f"{path} was written by CONFIG_PARALLEL_{saved.upper()}, which this run "
-                                  f"(PARALLEL_{self.dist.engine.upper()}) cannot read; continue with the same engine")
-        if self.sharded:
-            if saved != self.dist.engine:
-                raise CheckpointError(f"{path} is a {saved} checkpoint; this run uses {self.dist.engine}")
-            runtime.load_sharded(self.dist, Path(state["sharded"]), self.model, self.optimizer, self.ds)
-        else:
-            if self.post and self.post.lora:  # the base came from INIT_FROM when the model was built
-                load_adapter_state(self.model, state["model"])
-            else:
-                self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("world_size", 1) != self.dist.world_size:
-            self.log(f"resuming on {self.dist.world_size} process(es) a run checkpointed on "
-                     f"{state.get('world_size', 1)}")
-        self.scaler.load_state_dict(state["scaler"])
-        if self.post:
-            self.batches.load_state_dict(state["data_state"])
-        else:
-            self.batches.generator.set_state(state["data_rng"])
-            if len(state.get("data_counts", ())) == len(self.batches.counts):
-                self.batches.counts[:] = state["data_counts"]
-        restore_rng(state["rng"])
-        self.start_step, self.elapsed_before = state["step"], state["wall_time_s"]
-        self.last_downstream = self.start_step
-        self.best_val, self.best_step = state["best_val_loss"], state["best_val_step"]
-        # checkpoints written before bits per byte and warm starts lack these entries
-        self.best_bpb, self.parent, self.resumed = state.get("best_val_bpb"), state.get("init_from"), True
-        self.guard.skipped = state["skipped_steps"]
-        self.metrics.resume_at(self.start_step, warn=self.log)
-        stage = (f", curriculum stage {self.curriculum.stage_at(self.start_step).index}"
-                 if self.curriculum.active else "")
-        self.log(f"resumed from step {self.start_step} ({self.tokens_before(self.start_step):,} tokens"
-                 f"{stage}) of {path.name}" + (" (INIT_FROM is not read again)" if self.loop.init_from else ""))
-
     def start_from_parent(self, model: GPT) -> GPT:
         """CONFIG_INIT_FROM's weights into the freshly built model, before a wrapper, an engine or the
         optimizer sees it (so FSDP2 shards and DeepSpeed copies the parent's weights). Not for a run that
@@ -366,12 +244,6 @@ class Trainer:
         if self.post:
             self.post.prepare(model, self.parent.get("embedding_rows"), self.log)
         return model
-
-    def model_state(self) -> dict:
-        """The checkpoint's "model": the state dict, or with LoRA the adapter (and what trains in full) alone."""
-        if self.post and self.post.lora:
-            return adapter_state(self.model, extra=self.post.trained_in_full)
-        return self.model.state_dict()
 
     def init_from_path(self) -> Path:
         where = Path(self.loop.init_from).expanduser()
