@@ -7,7 +7,8 @@
 - DPO: batches of pairs (B chosen rows, then their B rejected rows, data/preference.py); the policy's
   and the frozen reference's log-probabilities of each response give the DPO/IPO loss and its metrics
   (train/dpo.py). The reference is the starting weights: a frozen copy, or with LoRA the same model
-  with its adapters switched off (no second copy).
+  with its adapters switched off (no second copy; what trains in full besides the adapters, a grown
+  embedding, is read from a copy of its starting values).
 - LoRA (train/lora.py): adapters on LORA_TARGETS, the base frozen; when the vocabulary grew, the
   embedding (and an untied head) train in full too, so the new tokens' rows learn.
 """
@@ -43,6 +44,7 @@ class PostTraining:
         self.dpo = DPOConfig.from_config(cfg) if self.kind == "dpo" else None
         self.reference: torch.nn.Module | None = None  # DPO without LoRA: the frozen starting weights
         self.trained_in_full: tuple[str, ...] = ()  # with LoRA: plain parameters trained besides the adapters
+        self.reference_full: dict[str, torch.Tensor] = {}  # DPO with LoRA: those parameters' starting values
         self.lora_layers: list[str] = []
         self.data: SFTData | PreferenceData | None = None
 
@@ -59,6 +61,9 @@ class PostTraining:
         self.trained_in_full = (("wte.weight",) + (() if model.config.tie_embeddings else ("lm_head.weight",))
                                 if grew else ())
         self.lora_layers = apply_lora(model, self.lora, also_train=self.trained_in_full)
+        if self.kind == "dpo":  # the adapters switch off for the reference; these train in full, so keep a copy
+            params = dict(model.named_parameters())
+            self.reference_full = {name: params[name].detach().clone() for name in self.trained_in_full}
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"lora: rank {self.lora.rank}, alpha {self.lora.alpha} on {len(self.lora_layers)} layers "
             f"({', '.join(sorted({n.split('.', 2)[-1] for n in self.lora_layers}))}); {trainable:,} trainable "
@@ -98,7 +103,8 @@ class PostTraining:
 
     @contextlib.contextmanager
     def reference_model(self, model):
-        """DPO's reference: the frozen copy, or ``model`` with its adapters off (LoRA)."""
+        """DPO's reference, a callable like the model: the frozen copy, or ``model`` with its adapters off
+        (LoRA) and the starting values of what trains in full (a grown embedding) in place of the live ones."""
         if self.reference is not None:
             yield self.reference
             return
@@ -106,7 +112,10 @@ class PostTraining:
         model.eval()  # the reference is the starting weights without dropout
         try:
             with adapters_disabled(model):
-                yield model
+                if not self.reference_full:
+                    yield model
+                else:  # the live parameters stay untouched (autograd holds them for the policy's backward)
+                    yield lambda *args, **kwargs: torch.func.functional_call(model, self.reference_full, args, kwargs)
         finally:
             model.train(was_training)
 
