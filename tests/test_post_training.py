@@ -214,6 +214,33 @@ def test_a_lora_run_exports_evaluates_and_samples_with_its_merged_weights(lora_r
     assert text.startswith("def ") and len(text) <= len("def ") + 4  # 4 bytes: at most 4 characters
 
 
+def exported(parent, tmp_path):
+    """`make export` of a copy of the parent (the module's parent stays as it is)."""
+    return export_run(shutil.copytree(parent, tmp_path / "exported"), "best", log=lambda message: None)
+
+
+@pytest.mark.slow
+def test_a_lora_run_from_a_hugging_face_folder_merges_into_that_base(parent, tmp_path):
+    folder = exported(parent, tmp_path)  # the byte tokenizer, without the template's tokens
+    t = sft(folder, tmp_path, "from_hf", LORA, MAX_ITERS=5)
+    t.run()
+    assert t.parent["kind"] == "hf" and t.post.trained_in_full == ("wte.weight",)
+    model, _, _ = load_checkpoint(t.run_dir, "latest")  # the adapter merged into the folder's weights, read again
+    merged = merged_weights(t.model)
+    for name, tensor in model.state_dict().items():
+        assert torch.allclose(tensor, merged[name], atol=1e-6), name
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="warm_start.load_parent's Hugging Face branch computes the parent's embedding "
+                   "rows (hf_parent grow=True) but leaves them out of the parent record and the log")
+def test_a_hugging_face_parent_records_its_embedding_rows_like_a_checkpoint(parent, tmp_path):
+    from_checkpoint = sft(parent, tmp_path, "from_pt")
+    assert from_checkpoint.parent["embedding_rows"] == 256
+    folder = exported(parent, tmp_path)
+    assert sft(folder, tmp_path, "from_hf").parent.get("embedding_rows") == 256
+
+
 # ------------------------------------------------------------------ DPO
 
 
