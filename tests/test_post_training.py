@@ -360,10 +360,10 @@ def test_a_parent_with_another_tokenizer_is_a_named_error(parent, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="resume re-reads INIT_FROM for LoRA's base and DPO's reference but does not "
-                   "compare it with the checkpoint's init_from record (weights_sha256): a changed parent is used silently")
+                   "compare it with the checkpoint's init_from record (weights_sha256): a changed parent is used "
+                   "silently")
 def test_resuming_after_the_parent_changed_is_a_named_error(parent, tmp_path):
-    shutil.copytree(parent, tmp_path / "parent")
-    moved = tmp_path / "parent"
+    moved = shutil.copytree(parent, tmp_path / "parent")
     sft(moved, tmp_path, "child", LORA, MAX_ITERS=5).run()
     state = checkpoint.load(moved / "checkpoints" / "best.pt")
     state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
