@@ -294,3 +294,149 @@ def test_run_prediction_is_the_largest_over_the_curriculum_for_the_configured_op
         predict_memory(config, 4, 128, "bf16", "muon", world_size=2, checkpoint_every=1, shard="zero1")))
     assert run != predict_run_memory(cfg, curriculum, dataclasses.replace(config, checkpoint_every=0), "bf16",
                                      world_size=2, shard="zero1")
+
+
+# -- post-training: SFT, DPO, LoRA (train/post_training.py's loss, measured as the trainer steps) --------------
+
+# name: (ModelConfig options, objective settings for config_of, micro_batch, seq_len, dtype, tolerance)
+POST_CONFIGS = {
+    "sft-padded": (SMALL, dict(SFT_PACKING=False), 8, 128, "fp32", TOLERANCE),
+    "sft-packed": (SMALL, {}, 8, 128, "fp32", TOLERANCE),
+    "sft-packed-llama": (LLAMA, {}, 8, 128, "fp32", TOLERANCE),
+    "sft-packed-reference-bf16": (dict(SMALL, attn="reference"), {}, 8, 128, "bf16", TOLERANCE),
+    "sft-packed-ckpt-every-2": (dict(SMALL, n_layer=4, checkpoint_every=2), {}, 8, 128, "fp32", TOLERANCE),
+    "dpo": (SMALL, {}, 4, 128, "fp32", TOLERANCE),
+    "dpo-bf16": (SMALL, {}, 4, 128, "bf16", TOLERANCE),
+    "dpo-lora": (SMALL, dict(LORA=True), 4, 128, "fp32", TOLERANCE),
+    "dpo-lora-bf16": (SMALL, dict(LORA=True), 4, 128, "bf16", TOLERANCE),
+    "dpo-lora-dropout-llama": (LLAMA, dict(LORA=True, LORA_DROPOUT="0.1"), 4, 128, "fp32", TOLERANCE),
+    "sft-lora-padded": (SMALL, dict(LORA=True, SFT_PACKING=False), 8, 128, "fp32", TOLERANCE),
+    "sft-lora-packed": (SMALL, dict(LORA=True), 8, 128, "fp32", TOLERANCE),
+    "sft-lora-all-targets": (SMALL, dict(LORA=True, SFT_PACKING=False,
+                                         LORA_TARGETS="attn.c_attn attn.c_proj mlp.c_fc mlp.c_proj"), 8, 128, "fp32",
+                             TOLERANCE),
+    "sft-lora-bf16": (SMALL, dict(LORA=True, SFT_PACKING=False), 8, 128, "bf16", TOLERANCE),
+    "sft-lora-llama": (LLAMA, dict(LORA=True, SFT_PACKING=False), 8, 128, "fp32", TOLERANCE),
+    "sft-lora-llama-head": (LLAMA, dict(LORA=True, SFT_PACKING=False, LORA_TARGETS="attn.c_attn lm_head"), 8, 128,
+                            "fp32", TOLERANCE),
+    "sft-lora-moe": (dict(SMALL, moe=MOE), dict(LORA=True, SFT_PACKING=False), 8, 128, "fp32", TOLERANCE),
+    "sft-lora-mtp": (dict(SMALL, mtp_heads=1), dict(LORA=True, SFT_PACKING=False), 8, 128, "fp32", TOLERANCE),
+    "sft-lora-ckpt-every-2": (dict(SMALL, n_layer=4, checkpoint_every=2), dict(LORA=True, SFT_PACKING=False), 8, 128,
+                              "fp32", TOLERANCE),
+    "sft-lora-ckpt-every-1": (dict(SMALL, n_layer=4, checkpoint_every=1), dict(LORA=True, SFT_PACKING=False), 8, 128,
+                              "fp32", TOLERANCE),
+    # A bf16 base under bf16 autocast is +7% (measured): wider tolerance.
+    "sft-lora-bf16-base": (SMALL, dict(LORA=True, SFT_PACKING=False, LORA_BASE_BF16=True), 8, 128, "bf16", 0.08),
+    "sft-lora-bf16-base-fp32": (SMALL, dict(LORA=True, SFT_PACKING=False, LORA_BASE_BF16=True), 8, 128, "fp32",
+                                TOLERANCE),
+}
+# Runs whose tokenizer has the chat template's tokens already (a parent trained with it): with LoRA the
+# embedding stays frozen (PostTraining trains it in full only for tokens it adds).
+KNOWN_TOKENS = {"dpo-lora-known-tokens": "dpo-lora", "sft-lora-padded-known-tokens": "sft-lora-padded",
+                "sft-lora-llama-known-tokens": "sft-lora-llama", "sft-lora-bf16-known-tokens": "sft-lora-bf16"}
+POST_CONFIGS.update({name: POST_CONFIGS[base] for name, base in KNOWN_TOKENS.items()})
+
+
+def _post_training(name: str):
+    """(cfg, ModelConfig, model with the objective's LoRA or reference, PostTraining, Objective) for
+    POST_CONFIGS[name]."""
+    from data.chat_template import tokens_needed
+    from data.tokenizer import Tokenizer, with_special_tokens
+    from train.memory import Objective
+    from train.post_training import PostTraining
+
+    options, symbols, *_ = POST_CONFIGS[name]
+    cfg = config_of("OBJECTIVE_DPO=y" if name.startswith("dpo") else "OBJECTIVE_SFT=y", **symbols)
+    tokenizer = Tokenizer.from_chars([97, 98])  # with the template's tokens: fewer ids than VOCAB
+    if name in KNOWN_TOKENS:
+        tokenizer = with_special_tokens(tokenizer, tokens_needed(cfg.CHAT_TEMPLATE))[0]
+    post = PostTraining(cfg, tokenizer, log=lambda *a: None)
+    config, model = _model({k: v for k, v in options.items() if k != "checkpoint_every"},
+                           options.get("checkpoint_every", 0))
+    post.prepare(model, None, log=lambda *a: None)
+    assert not (name in KNOWN_TOKENS and post.trained_in_full)
+    return cfg, config, model, post, Objective.from_config(cfg, config, embedding_trained=bool(post.trained_in_full))
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+@pytest.mark.parametrize("name", POST_CONFIGS)
+def test_post_training_prediction_matches_measured_peak(name):
+    """SFT (masked targets, packed with document ids or padded), DPO (2 x micro_batch rows, the frozen
+    reference or LoRA's adapters off) and LoRA (frozen base, adapters with grads and AdamW state, the
+    embedding in full when the template added tokens), each step through PostTraining.loss as the
+    trainer runs it."""
+    from train.lora import lora_parameters
+
+    _, _, batch, seq, dtype, tolerance = POST_CONFIGS[name]
+    cfg, config, model, post, objective = _post_training(name)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3, fused=True)
+    gen = torch.Generator().manual_seed(1)
+
+    def make_batch():
+        rows = 2 * batch if post.kind == "dpo" else batch
+        x = torch.randint(0, VOCAB, (rows, seq), generator=gen)
+        y = torch.randint(0, VOCAB, (rows, seq), generator=gen)
+        y[:, :seq // 4] = -100  # the prompt's positions
+        if post.kind == "dpo":
+            return x, y
+        doc = torch.randint(0, 3, (rows, seq), generator=gen).sort(dim=1).values if cfg.SFT_PACKING else None
+        return x, y, doc
+
+    also = (post.reference,) if post.reference is not None else ()
+    measured = measure_peak_memory(model, optimizer, make_batch, dtype, also=also,
+                                   step_loss=lambda b: post.loss(model, model, b)[0])
+    predicted = predict_memory(config, batch, seq, dtype, checkpoint_every=config.checkpoint_every,
+                               objective=objective)
+    error = (predicted.total - measured) / measured
+    assert abs(error) <= tolerance, (f"{name}: predicted {predicted.total:,} B, measured {measured:,} B "
+                                     f"({error:+.1%}, tolerance ±{tolerance:.0%}); {predicted.describe()}")
+
+
+@pytest.mark.parametrize("name", ["dpo", "dpo-lora", "dpo-lora-known-tokens", "sft-lora-all-targets",
+                                  "sft-lora-bf16-base", "sft-lora-llama", "sft-lora-llama-known-tokens"])
+def test_post_training_state_terms_are_what_the_model_holds(name):
+    """Weights: every parameter (bf16 with LORA_BASE_BF16), DPO's frozen reference too (with LoRA, its copy
+    of what trains in full); grads and AdamW's two moments: the trainable parameters alone, in their dtype."""
+    cfg, config, model, post, objective = _post_training(name)
+    held = [*model.parameters(), *(post.reference.parameters() if post.reference is not None else ()),
+            *post.reference_full.values()]
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    e = predict_memory(config, 4, 128, "fp32", objective=objective)
+    assert e.weights == sum(p.numel() * p.element_size() for p in held)
+    assert (e.grads, e.optimizer_state) == (trainable, 2 * trainable)
+
+
+def test_adapters_are_the_layers_apply_lora_matches():
+    cfg, config, model, post, objective = _post_training("sft-lora-all-targets")
+    assert [(f"blocks.{x.block}.{x.layer}", x.fan_in, x.fan_out) for x in objective.adapters] == [
+        (name, model.get_submodule(name).base_layer.in_features, model.get_submodule(name).base_layer.out_features)
+        for name in post.lora_layers]
+    assert objective.lora_rank == 8 and not objective.packing and objective.kind == "sft"
+
+
+def test_pretraining_objective_changes_nothing():
+    from train.memory import Objective
+
+    options, batch, seq, dtype = CONFIGS["gpt2"]
+    config = ModelConfig(vocab_size=VOCAB, **options)
+    assert Objective.from_config(config_of(), config) == Objective()
+    assert predict_memory(config, batch, seq, dtype, objective=Objective()) == predict_memory(config, batch, seq, dtype)
+    sft = Objective.from_config(config_of("OBJECTIVE_SFT=y", SFT_PACKING=False), config)
+    dpo = Objective.from_config(config_of("OBJECTIVE_DPO=y"), config)
+    plain = predict_memory(config, batch, seq, dtype)
+    # SFT drops the held logits (the loss keeps none); DPO doubles the rows and adds the reference.
+    assert predict_memory(config, batch, seq, dtype, objective=sft).total < plain.total
+    assert predict_memory(config, batch, seq, dtype, objective=dpo).total > predict_memory(
+        config, 2 * batch, seq, dtype).total
+
+
+def test_run_prediction_reads_the_objective_and_assumes_a_trained_embedding():
+    from train.memory import Objective
+
+    cfg = config_of("MODEL_SIZE_CUSTOM=y OBJECTIVE_DPO=y", LORA=True, N_LAYER=2, N_HEAD=4, N_EMBD=64, BLOCK_SIZE=128,
+                    MICRO_BATCH=4)
+    config, curriculum = ModelConfig.from_config(cfg, VOCAB), Curriculum.from_config(cfg)
+    run = predict_run_memory(cfg, curriculum, config, "fp32")
+    assert run == predict_memory(config, 4, 128, "fp32", cfg.OPTIMIZER, objective=Objective.from_config(cfg, config))
+    frozen = Objective.from_config(cfg, config, embedding_trained=False)
+    assert run.total > predict_memory(config, 4, 128, "fp32", cfg.OPTIMIZER, objective=frozen).total

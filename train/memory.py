@@ -3,6 +3,8 @@
 ``predict_memory`` counts the bytes one training step keeps alive, term by term, so a plan can be
 checked against a device before anything is allocated; ``predict_run_memory`` is its largest value
 over a run's curriculum. train/memory_measure.py measures the same peak on CPU (tests compare).
+Post-training (OBJECTIVE sft or dpo, LoRA) changes some terms: ``Objective`` and
+``post_training_memory`` below.
 
 When the peak happens: with ``zero_grad(set_to_none=True)`` no gradients exist during the forward,
 so the early candidate is the start of backward: weights + optimizer state + everything saved for
@@ -253,6 +255,16 @@ def logits_held(config: ModelConfig, step: Step) -> int:
 def activation_peak(config: ModelConfig, step: Step, counts: ParamCounts, checkpoint_every: int) -> int:
     """The activation term of the early moments: the start of backward, the last MLP's backward,
     the forward's end under autocast, and each checkpointed block's recompute."""
+    peak = saved_activations(config, step, counts, checkpoint_every) + logits_held(config, step)
+    peak += max(early_moments(config, step, counts, checkpoint_every))
+    for i in checkpointed_blocks(config, checkpoint_every):
+        peak = max(peak, recompute_peak(config, step, counts, checkpoint_every, i))
+    return peak
+
+
+def early_moments(config: ModelConfig, step: Step, counts: ParamCounts, checkpoint_every: int) -> tuple[int, int, int]:
+    """(start of backward, the last MLP's backward, the forward's end): bytes each adds to the saved
+    activations and the held logits."""
     c, N, a, f = config, step.tokens, step.act_bytes, FP32
     C, V = c.n_embd, c.vocab_size
     last = step.batch * (step.seq - c.mtp_heads)  # rows of the head whose backward runs first (the last MTP head's)
@@ -263,11 +275,7 @@ def activation_peak(config: ModelConfig, step: Step, counts: ParamCounts, checkp
     # Under autocast the forward's end can be higher still: the last logits' fp32 copy and ln_f's
     # fp32 output are alive next to the log-softmax, and the cache still holds every weight copy.
     at_forward_end = (last * V + N * C) * f + recast_bytes(c, step, counts, checkpoint_every) if step.autocast else 0
-    peak = saved_activations(c, step, counts, checkpoint_every) + logits_held(c, step)
-    peak += max(2 * last * V * f, at_mlp, at_forward_end)
-    for i in checkpointed_blocks(c, checkpoint_every):
-        peak = max(peak, recompute_peak(c, step, counts, checkpoint_every, i))
-    return peak
+    return 2 * last * V * f, at_mlp, at_forward_end
 
 
 # -- optimizer state and the late moment ---------------------------------------------------------
@@ -327,11 +335,215 @@ def apply_sharding(estimate: MemoryEstimate, late: int, counts: ParamCounts, sha
     return MemoryEstimate(weights, grads, state, activations, weights + state + max(activations, late))
 
 
+# -- post-training: SFT, DPO, LoRA ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Adapter:
+    """One LoRA adapter: the Linear it sits on (a suffix such as "mlp.c_fc", or "lm_head"), its sizes."""
+
+    layer: str
+    block: int | None  # its block: trunk block i, or n_layer + j - 1 for MTP block j; None for lm_head
+    fan_in: int
+    fan_out: int
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a post-training objective changes in a step's memory (train/post_training.py): its kind
+    (CONFIG_OBJECTIVE), SFT_PACKING's document mask, and LoRA's rank, adapters and frozen base."""
+
+    kind: str = "pretrain"  # "pretrain", "sft" or "dpo"
+    packing: bool = False
+    lora_rank: int = 0  # 0: no LoRA (full fine-tuning)
+    lora_dropout: bool = False
+    embedding_trained: bool = False  # with LoRA: wte (and an untied lm_head) train in full (added tokens)
+    base_bf16: bool = False
+    adapters: tuple[Adapter, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: Config, config: ModelConfig, embedding_trained: bool = True) -> Objective:
+        """``embedding_trained``: whether a LoRA run trains the embedding in full, as PostTraining does
+        when the chat template adds tokens to the tokenizer (its ``trained_in_full``); only the trainer
+        knows, so the default is the larger prediction."""
+        if cfg.OBJECTIVE == "pretrain":
+            return cls()
+        from train.lora import LoraSettings
+
+        lora = LoraSettings.from_config(cfg)
+        packing = cfg.OBJECTIVE == "sft" and cfg.SFT_PACKING
+        if lora is None:
+            return cls(cfg.OBJECTIVE, packing)
+        return cls(cfg.OBJECTIVE, packing, lora.rank, lora.dropout > 0, embedding_trained, lora.base_bf16,
+                   adapters(config, lora))
+
+
+def adapters(config: ModelConfig, lora) -> tuple[Adapter, ...]:
+    """The adapters train/lora.py puts on GPT(config) for LoraSettings ``lora`` (a model on the meta
+    device gives the matched Linear layers' sizes; an unmatched target is its LoraError)."""
+    import dataclasses
+
+    import torch
+
+    from model.gpt import GPT
+    from train.lora import matching_modules
+
+    with torch.device("meta"):  # shapes only; any kernel will do (flash-attn needs a GPU to build)
+        model = GPT(dataclasses.replace(config, attn="reference"))
+    modules = dict(model.named_modules())
+    out = []
+    for name in matching_modules(model, lora):
+        parts = name.split(".")
+        block = (int(parts[1]) if parts[0] == "blocks" else config.n_layer + int(parts[1]) if parts[0] == "mtp_blocks"
+                 else None)
+        layer = ".".join(parts[2:]) if parts[0] in ("blocks", "mtp_blocks") else name
+        out.append(Adapter(layer, block, modules[name].in_features, modules[name].out_features))
+    return tuple(out)
+
+
+def lora_activation_change(config: ModelConfig, step: Step, objective: Objective, checkpoint_every: int) -> int:
+    """What LoRA changes in the saved activations (negative: saves). A frozen Linear without an
+    adapter keeps no input (its weight alone gives the input's gradient): attn.c_attn's, mlp.c_fc's,
+    mlp.c_proj's (the activation's output), lm_head's, an MoE layer's router and experts'; a frozen
+    RMSNorm gain no normalized tensor; block 0's ln_1 nothing behind a frozen embedding. Each adapter
+    keeps its A-projection (rows x rank) for B's gradient, with LORA_DROPOUT its dropout's mask too,
+    and under autocast a low-precision copy of A and B; with LORA_BASE_BF16 under bf16 autocast the
+    base weights need no copy. attn.c_proj's input stays (SDPA keeps its output)."""
+    c, N, a, r = config, step.tokens, step.act_bytes, objective.lora_rank
+    adapted = {(x.layer, x.block) for x in objective.adapters}
+    change = 0
+    # A frozen RMSNorm gain needs no normalized tensor (its grad's input): ln_f's, each MTP head's.
+    rms = FP32 if c.norm == "rmsnorm" else 0
+    change -= (N + sum(step.batch * (step.seq - j) for j in range(1, c.mtp_heads + 1))) * c.n_embd * rms
+    for i in range(c.n_layer + c.mtp_heads):  # the trunk's blocks, then the MTP blocks (dense)
+        if i < c.n_layer and checkpoint_every and i % checkpoint_every == 0:
+            continue  # keeps its input only
+        change -= 2 * N * c.n_embd * rms  # ln_1's and ln_2's
+        if c.qk_norm:
+            change -= N * (c.n_head + c.n_kv_head) * c.head_dim * rms
+        if ("attn.c_attn", i) not in adapted:
+            change -= N * c.n_embd * a
+        if i < c.n_layer and c.is_moe_layer(i):  # frozen router and experts: their inputs (fitted: -3% measured)
+            change -= N * c.n_embd * FP32 + N * c.moe.top_k * (c.n_embd + c.moe.expert_hidden) * a
+        else:
+            change -= N * c.n_embd * a if ("mlp.c_fc", i) not in adapted else 0
+            change -= N * c.mlp_hidden * a if ("mlp.c_proj", i) not in adapted else 0
+    if objective.embedding_trained:
+        change += N * 8  # the embedding's backward keeps the token ids
+    elif not (checkpoint_every and 0 % checkpoint_every == 0):
+        change -= N * c.n_embd * FP32 + norm_saved(c, N, c.n_embd, FP32)  # block 0's ln_1 input and statistics
+    if ("lm_head", None) not in adapted and not objective.embedding_trained:  # its input, each MTP head's too
+        change -= (N + sum(step.batch * (step.seq - j) for j in range(1, c.mtp_heads + 1))) * c.n_embd * a
+    for x in objective.adapters:
+        if x.block is not None and x.block < c.n_layer and checkpoint_every and x.block % checkpoint_every == 0:
+            continue
+        change += N * r * a + (N * x.fan_in * a if objective.lora_dropout else 0)
+        change += r * (x.fan_in + x.fan_out) * a if step.autocast else 0
+    if objective.base_bf16 and a == 2 and step.autocast:
+        change -= param_counts(c).cast * a  # already bf16: autocast copies nothing
+    return change
+
+
+def lora_backward_change(config: ModelConfig, step: Step, objective: Objective) -> int:
+    """What LoRA changes at the last MLP's backward (early_moments' second): no weight grads for the
+    frozen lm_head and mlp.c_proj; what that moment frees of the head (lm_head's input, its weight
+    copy) lora_activation_change has taken out already."""
+    c, N, a = config, step.tokens, step.act_bytes
+    change = -c.vocab_size * c.n_embd * (FP32 - full_bytes(objective))  # the head's grad: none, or in bf16
+    change -= c.mlp_hidden * c.n_embd * FP32 if c.mtp_heads or not c.is_moe_layer(c.n_layer - 1) else 0
+    if not objective.embedding_trained and not any(x.layer == "lm_head" for x in objective.adapters):
+        change += N * c.n_embd * a
+    last = c.n_layer - 1
+    adapted = {(x.layer, x.block) for x in objective.adapters}
+    if not c.mtp_heads and not c.is_moe_layer(last) and ("mlp.c_proj", last) not in adapted:
+        # the MLP's gradient temporaries stand where c_proj's input was (fitted on GELU; SwiGLU -2%)
+        change += N * c.mlp_hidden * a - N * c.n_embd * FP32
+    if objective.base_bf16 and a == 2 and step.autocast:
+        change += c.vocab_size * c.n_embd * a
+    return change
+
+
+def full_bytes(objective: Objective) -> int:
+    """Bytes per element of what a LoRA run trains in full (its grads and AdamW state): 0 when nothing
+    does; 2 for a bf16 base (those parameters are bf16 too)."""
+    return 0 if not objective.embedding_trained else 2 if objective.base_bf16 else FP32
+
+
+def lora_params(objective: Objective) -> tuple[int, int]:
+    """(adapter parameters, those on lm_head): A is rank x in, B out x rank; lm_head's go to AdamW under Muon."""
+    r = objective.lora_rank
+    total = sum(r * (x.fan_in + x.fan_out) for x in objective.adapters)
+    return total, sum(r * (x.fan_in + x.fan_out) for x in objective.adapters if x.layer == "lm_head")
+
+
+def post_training_memory(config: ModelConfig, micro_batch: int, seq_len: int, act_bytes: int, optimizer: str,
+                         counts: ParamCounts, checkpoint_every: int, objective: Objective, shard: str,
+                         world_size: int) -> MemoryEstimate:
+    """predict_memory for OBJECTIVE sft or dpo (train/post_training.py's loss).
+
+    The loss keeps no logits past its return (``logits_held`` is not counted). SFT with packing adds
+    the document mask (model/attention.py's document_mask_bytes) and the ids GPT.forward derives.
+    DPO runs 2 x micro_batch rows (chosen, then rejected) through the policy, then the reference
+    under no_grad; the forward's end is a further moment: the saved set, the policy's and the
+    reference's logits and token_kl's five fp32 (2B, T, V) temporaries (two log-softmaxes, exp,
+    difference, product). Without LoRA the reference is a frozen fp32 copy of the weights (counted
+    in ``weights``); with LoRA it is the same model with its adapters off. LoRA: the base has no grads
+    and no optimizer state (bf16 with LORA_BASE_BF16), the adapters both (``lora_activation_change``
+    for the activations). With LoRA, ``embedding_trained`` adds the embedding's grads and state
+    (PostTraining's trained_in_full; bf16 under LORA_BASE_BF16), and a bf16 base computes in bf16
+    without autocast too. Measured on CPU within 5% (tests/test_memory.py); a bf16 base under bf16
+    autocast +7%."""
+    c, f = config, FP32
+    dpo, lora = objective.kind == "dpo", objective.lora_rank > 0
+    if lora and objective.base_bf16:
+        act_bytes = 2  # a bf16 base computes in bf16 without autocast too
+    step = Step(2 * micro_batch if dpo else micro_batch, seq_len, act_bytes)
+    N, V = step.tokens, c.vocab_size
+    late = step_end(c, step, counts, optimizer) - logits_held(c, step)
+    saved = saved_activations(c, step, counts, checkpoint_every)
+    if lora:
+        change = lora_activation_change(c, step, objective, checkpoint_every)
+        saved += change
+        start, at_mlp, at_forward_end = early_moments(c, step, counts, checkpoint_every)
+        activations = saved + max(start, at_mlp + lora_backward_change(c, step, objective), at_forward_end)
+        trained = lora_params(objective)[0] * f + V * c.n_embd * (1 + (not c.tie_embeddings)) * full_bytes(objective)
+        for i in checkpointed_blocks(c, checkpoint_every):  # with the trained parameters' grads, not the base's
+            base_grads = (sum(counts.blocks[i + 1:]) + counts.total - sum(counts.blocks) + c.mlp_hidden * c.n_embd) * f
+            activations = max(activations, recompute_peak(c, step, counts, checkpoint_every, i) + change
+                              - logits_held(c, step) - base_grads + trained)
+    else:
+        activations = activation_peak(c, step, counts, checkpoint_every) - logits_held(c, step)
+    if objective.packing:
+        # Each block keeps its converted mask; the (B, T, T) mask they share is gone when backward
+        # starts (measured), the document and position ids are not.
+        _, per_block = attention.document_mask_bytes(c, step.batch, step.seq, act_bytes)
+        kept = c.n_layer - len(checkpointed_blocks(c, checkpoint_every)) + c.mtp_heads
+        activations += kept * per_block + 2 * N * 8
+    if dpo:
+        forward_end = saved + 2 * N * V * step.act_bytes + 5 * N * V * f
+        activations = max(activations, forward_end)
+    weights, grads, state = counts.total * f, counts.total * f, optimizer_state_bytes(optimizer, counts)
+    if dpo and not lora:
+        weights += counts.total * f  # the frozen reference
+    if lora:
+        size, (adapter, on_head) = state_size(optimizer), lora_params(objective)
+        full = V * c.n_embd * (1 if c.tie_embeddings else 2)  # wte and an untied lm_head, when trained in full
+        weights = counts.total * (2 if objective.base_bf16 else f) + adapter * f
+        weights += full * full_bytes(objective) if dpo else 0  # the reference's copy of their starting values
+        grads = adapter * f + full * full_bytes(objective)
+        state = (size.matrices * (adapter - on_head) + size.others * on_head) * f
+        state += size.others * full * full_bytes(objective)
+        # the grads and token ids; with a tied head, wte's embedding grad and its sum with lm_head's;
+        # Newton-Schulz over a rank-r matrix is small
+        late = grads + 2 * N * 8 + (2 * V * c.n_embd * full_bytes(objective) if c.tie_embeddings else 0)
+    unsharded = MemoryEstimate(weights, grads, state, activations, total=0)
+    return apply_sharding(unsharded, late, counts, shard, world_size)
+
+
 # -- the prediction ------------------------------------------------------------------------------
 
 def predict_memory(config: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
                    optimizer: str = "adamw", world_size: int = 1, checkpoint_every: int = 0,
-                   shard: str = "none") -> MemoryEstimate:
+                   shard: str = "none", objective: Objective | None = None) -> MemoryEstimate:
     """Predicted peak bytes per device of one training step (forward, backward, optimizer step).
 
     Weights, grads and optimizer state are fp32 (autocast keeps parameters fp32). The caller is
@@ -340,6 +552,7 @@ def predict_memory(config: ModelConfig, micro_batch: int, seq_len: int, dtype: s
     ``shard`` says what data parallelism over ``world_size`` ranks splits (``apply_sharding``); the
     activations are per rank already: micro_batch is per rank. ``checkpoint_every`` is
     GPT.checkpoint_every: 0 = off, N = blocks i with i % N == 0 are recomputed in backward.
+    ``objective``: a post-training run's SFT, DPO and LoRA terms (``Objective``); None is pretraining.
     """
     if dtype not in ACT_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(ACT_BYTES)}")
@@ -350,8 +563,11 @@ def predict_memory(config: ModelConfig, micro_batch: int, seq_len: int, dtype: s
         raise ValueError(f"unknown shard {shard!r}; expected one of {SHARDING}")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0 (0 = off), got {checkpoint_every}")
-    step = Step(micro_batch, seq_len, ACT_BYTES[dtype])
     counts = param_counts(config)
+    if objective is not None and objective.kind != "pretrain":
+        return post_training_memory(config, micro_batch, seq_len, ACT_BYTES[dtype], optimizer, counts,
+                                    checkpoint_every, objective, shard, world_size)
+    step = Step(micro_batch, seq_len, ACT_BYTES[dtype])
     weights = grads = counts.total * FP32
     unsharded = MemoryEstimate(weights, grads, optimizer_state_bytes(optimizer, counts),
                                activation_peak(config, step, counts, checkpoint_every), total=0)
@@ -361,7 +577,9 @@ def predict_memory(config: ModelConfig, micro_batch: int, seq_len: int, dtype: s
 def predict_run_memory(cfg: Config, curriculum: Curriculum, config: ModelConfig, dtype: str, world_size: int = 1,
                        shard: str = "none") -> MemoryEstimate:
     """A run's predicted peak per device: the largest over its curriculum stages' batch shapes, for
-    the optimizer cfg.OPTIMIZER and the model's activation checkpointing."""
+    the optimizer cfg.OPTIMIZER, the model's activation checkpointing and the objective
+    (cfg.OBJECTIVE: SFT, DPO, LoRA; ``Objective.from_config``)."""
+    objective = Objective.from_config(cfg, config)
     return max((predict_memory(config, batch, seq, dtype, cfg.OPTIMIZER, world_size=world_size,
-                               checkpoint_every=config.checkpoint_every, shard=shard)
+                               checkpoint_every=config.checkpoint_every, shard=shard, objective=objective)
                 for batch, seq in curriculum.shapes()), key=lambda m: m.total)

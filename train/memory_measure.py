@@ -48,25 +48,33 @@ class LiveStorage(TorchDispatchMode):
         return out
 
 
-def measure_peak_memory(model, optimizer, make_batch, dtype: str = "fp32", steps: int = 2) -> int:
+def measure_peak_memory(model, optimizer, make_batch, dtype: str = "fp32", steps: int = 2, step_loss=None,
+                        also=()) -> int:
     """Measured peak bytes of live tensor storage over ``steps`` CPU training steps.
 
     Each step runs like train/trainer.py's: forward (under CPU autocast unless fp32), backward,
     optimizer.step(), zero_grad(set_to_none=True), with the logits referenced until the step
     ends (the trainer's ``_``). Parameters, buffers, existing grads and optimizer state count
     from the start; the peak is the largest number of bytes alive at once.
+
+    ``step_loss(batch) -> loss`` replaces the forward for a post-training objective (the trainer's
+    ``PostTraining.loss``, which keeps no logits past its return); ``also``: more modules alive
+    throughout, such as DPO's frozen reference.
     """
     if dtype not in ACT_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(ACT_BYTES)}")
-    before = [*model.parameters(), *model.buffers()]
+    before = [t for m in (model, *also) for t in (*m.parameters(), *m.buffers())]
     before += [p.grad for p in model.parameters() if p.grad is not None]
     before += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     tracker = LiveStorage(before)
     with tracker:
         for _ in range(steps):
-            x, y = make_batch()
+            batch = make_batch()
             with torch.autocast("cpu", dtype=AUTOCAST[dtype]) if dtype in AUTOCAST else contextlib.nullcontext():
-                logits, loss = model(x, y)  # noqa: F841 (referenced through the step, as in the trainer)
+                if step_loss is None:
+                    logits, loss = model(*batch)  # noqa: F841 (referenced through the step, as in the trainer)
+                else:
+                    logits, loss = None, step_loss(batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
