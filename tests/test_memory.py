@@ -325,7 +325,8 @@ POST_CONFIGS = {
                               "fp32", TOLERANCE),
     "sft-lora-ckpt-every-1": (dict(SMALL, n_layer=4, checkpoint_every=1), dict(LORA=True, SFT_PACKING=False), 8, 128,
                               "fp32", TOLERANCE),
-    # A bf16 base under bf16 autocast is +7% (measured): wider tolerance.
+    # A bf16 base under bf16 autocast measures -4.6%, under LoRA's other bf16 runs (-2% to -4%): some
+    # tensor of the bf16 step is not counted; wider tolerance.
     "sft-lora-bf16-base": (SMALL, dict(LORA=True, SFT_PACKING=False, LORA_BASE_BF16=True), 8, 128, "bf16", 0.08),
     "sft-lora-bf16-base-fp32": (SMALL, dict(LORA=True, SFT_PACKING=False, LORA_BASE_BF16=True), 8, 128, "fp32",
                                 TOLERANCE),
@@ -439,4 +440,6 @@ def test_run_prediction_reads_the_objective_and_assumes_a_trained_embedding():
     run = predict_run_memory(cfg, curriculum, config, "fp32")
     assert run == predict_memory(config, 4, 128, "fp32", cfg.OPTIMIZER, objective=Objective.from_config(cfg, config))
     frozen = Objective.from_config(cfg, config, embedding_trained=False)
-    assert run.total > predict_memory(config, 4, 128, "fp32", cfg.OPTIMIZER, objective=frozen).total
+    assert predict_run_memory(cfg, curriculum, config, "fp32", embedding_trained=False) == predict_memory(
+        config, 4, 128, "fp32", cfg.OPTIMIZER, objective=frozen)
+    assert run.total > predict_run_memory(cfg, curriculum, config, "fp32", embedding_trained=False).total

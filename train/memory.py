@@ -490,10 +490,13 @@ def post_training_memory(config: ModelConfig, micro_batch: int, seq_len: int, ac
     and no optimizer state (bf16 with LORA_BASE_BF16), the adapters both (``lora_activation_change``
     for the activations). With LoRA, ``embedding_trained`` adds the embedding's grads and state
     (PostTraining's trained_in_full; bf16 under LORA_BASE_BF16), and a bf16 base computes in bf16
-    without autocast too. Measured on CPU within 5% (tests/test_memory.py); a bf16 base under bf16
-    autocast +7%."""
+    without autocast too. Measured on CPU within 5% (tests/test_memory.py); under bf16 autocast LoRA
+    runs measure 2-5% above the prediction (some bf16-step tensor is not counted)."""
     c, f = config, FP32
     dpo, lora = objective.kind == "dpo", objective.lora_rank > 0
+    # A bf16 base under autocast keeps a bf16 residual stream (its embedding is bf16); without autocast
+    # the adapters' fp32 outputs promote it back to fp32.
+    bf16_stream = lora and objective.base_bf16 and act_bytes == 2
     if lora and objective.base_bf16:
         act_bytes = 2  # a bf16 base computes in bf16 without autocast too
     step = Step(2 * micro_batch if dpo else micro_batch, seq_len, act_bytes)
@@ -502,6 +505,10 @@ def post_training_memory(config: ModelConfig, micro_batch: int, seq_len: int, ac
     saved = saved_activations(c, step, counts, checkpoint_every)
     if lora:
         change = lora_activation_change(c, step, objective, checkpoint_every)
+        if bf16_stream:  # the norms' inputs (a checkpointed block's input) and LayerNorm's statistics
+            kept = c.n_layer - len(checkpointed_blocks(c, checkpoint_every)) + c.mtp_heads
+            stats = 2 * (2 * kept + 1) * N * 2 if c.norm == "layernorm" else 0
+            change -= (2 * kept + 1 + len(checkpointed_blocks(c, checkpoint_every))) * N * c.n_embd * 2 + stats
         saved += change
         start, at_mlp, at_forward_end = early_moments(c, step, counts, checkpoint_every)
         activations = saved + max(start, at_mlp + lora_backward_change(c, step, objective), at_forward_end)
@@ -575,11 +582,12 @@ def predict_memory(config: ModelConfig, micro_batch: int, seq_len: int, dtype: s
 
 
 def predict_run_memory(cfg: Config, curriculum: Curriculum, config: ModelConfig, dtype: str, world_size: int = 1,
-                       shard: str = "none") -> MemoryEstimate:
+                       shard: str = "none", embedding_trained: bool = True) -> MemoryEstimate:
     """A run's predicted peak per device: the largest over its curriculum stages' batch shapes, for
     the optimizer cfg.OPTIMIZER, the model's activation checkpointing and the objective
-    (cfg.OBJECTIVE: SFT, DPO, LoRA; ``Objective.from_config``)."""
-    objective = Objective.from_config(cfg, config)
+    (cfg.OBJECTIVE: SFT, DPO, LoRA; ``Objective.from_config``, whose ``embedding_trained`` the
+    trainer knows: bool(PostTraining.trained_in_full))."""
+    objective = Objective.from_config(cfg, config, embedding_trained)
     return max((predict_memory(config, batch, seq, dtype, cfg.OPTIMIZER, world_size=world_size,
                                checkpoint_every=config.checkpoint_every, shard=shard, objective=objective)
                 for batch, seq in curriculum.shapes()), key=lambda m: m.total)
