@@ -41,6 +41,8 @@ class OurLM(TemplateLM):
         # embedding has no row for it, an empty context is a newline instead.
         eot = eos_id(tokenizer)
         self._eot = eot if eot < self.vocab_rows else tokenizer.encode("\n")[-1]
+        self.stop_ids = {tokenizer.special_id(name) for name in tokenizer.added} | (
+            {tokenizer.eos_id} if tokenizer.eos_id is not None else set())
 
     @property
     def eot_token_id(self) -> int:
@@ -116,7 +118,8 @@ class OurLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or, with do_sample, sampled) continuation of each context up to max_gen_toks tokens,
-        cut before the first of the ``until`` strings; generation stops there or at end-of-text."""
+        cut before the first of the ``until`` strings; generation stops there, at end-of-text, or at a
+        special token a chat template added (its end of turn)."""
         out = []
         for request in requests:
             context, kwargs = request.args
@@ -130,8 +133,7 @@ class OurLM(TemplateLM):
             start = len(self.tok.decode(ids))
 
             def stop(idx: torch.Tensor) -> bool:
-                last = int(idx[0, -1])
-                if self.tok.eos_id is not None and last == self.tok.eos_id:
+                if int(idx[0, -1]) in self.stop_ids:  # end of text, or a chat template's end of turn
                     return True
                 return bool(until) and first_stop(self.tok.decode(idx[0].tolist()), tuple(until), start) is not None
 

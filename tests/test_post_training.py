@@ -232,8 +232,6 @@ def test_a_lora_run_from_a_hugging_face_folder_merges_into_that_base(parent, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="warm_start.load_parent's Hugging Face branch computes the parent's embedding "
-                   "rows (hf_parent grow=True) but leaves them out of the parent record and the log")
 def test_a_hugging_face_parent_records_its_embedding_rows_like_a_checkpoint(parent, tmp_path):
     from_checkpoint = sft(parent, tmp_path, "from_pt")
     assert from_checkpoint.parent["embedding_rows"] == 256
@@ -359,9 +357,6 @@ def test_a_parent_with_another_tokenizer_is_a_named_error(parent, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="resume re-reads INIT_FROM for LoRA's base and DPO's reference but does not "
-                   "compare it with the checkpoint's init_from record (weights_sha256): a changed parent is used "
-                   "silently")
 def test_resuming_after_the_parent_changed_is_a_named_error(parent, tmp_path):
     moved = shutil.copytree(parent, tmp_path / "parent")
     sft(moved, tmp_path, "child", LORA, MAX_ITERS=5).run()

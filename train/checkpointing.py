@@ -106,6 +106,13 @@ class Checkpointing:
         if problems:
             raise CheckpointError(f"{path} was trained with a different model; differing symbols: "
                                   + "; ".join(problems))
+        recorded = state.get("init_from") or {}
+        if self.post and self.parent and recorded.get("weights_sha256") != self.parent.get("weights_sha256"):
+            raise CheckpointError(
+                f"{path}: the weights of CONFIG_INIT_FROM changed since this run started ({self.parent['path']} sha256 "
+                f"{str(self.parent.get('weights_sha256'))[:12]}, recorded {recorded.get('path')} sha256 "
+                f"{str(recorded.get('weights_sha256'))[:12]}); {self.post.kind.upper()} reads them again on resume "
+                "(LoRA's frozen base, DPO's reference): restore the original parent there, or start a new run directory")
         saved = state.get("engine", "none")
         if bool(state.get("sharded")) != self.sharded:
             raise CheckpointError(f"{path} was written by CONFIG_PARALLEL_{saved.upper()}, which this run "

@@ -30,6 +30,7 @@ from hf.read import read_hf_folder
 from hf.tokenizer import tokenizer_files
 from model.gpt import ModelConfig
 from parallel.errors import CheckpointError
+from train.build import padded_vocab
 from train.state import shape_mismatches
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -57,7 +58,7 @@ def hf_parent(folder: Path, model: torch.nn.Module, tokenizer: Tokenizer, carry_
     weights, dropped = without_export_fill(weights, current)
     rows = None
     if grow:  # the folder has this run's base tokenizer: a chat template added tokens (new embedding rows)
-        weights, rows = with_new_rows(weights, current)
+        weights, rows = with_new_rows(base_rows(weights, padded_vocab(tokenizer.vocab_size)), current)
     if dropped:
         log(f"warm start: dropped the export's all-zero fill ({', '.join(dropped[:3])}"
             + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "") + ")")
@@ -67,8 +68,11 @@ def hf_parent(folder: Path, model: torch.nn.Module, tokenizer: Tokenizer, carry_
         raise CheckpointError(f"CONFIG_INIT_FROM: the weights of the Hugging Face folder {folder} do not fit this "
                               "model: " + "; ".join(mismatched) + ". Settings that differ: "
                               + ("; ".join(differing) or "none") + ". Set them as the folder's config.json has them")
+    if rows is not None:
+        log(f"warm start: the folder's {rows} embedding rows fill the first of this model's "
+            f"{model.config.vocab_size} (the added special tokens' rows are new)")
     return weights, {"path": str(folder), "kind": "hf", "step": None, "weights_sha256": weights_sha256(folder),
-                     "val_loss": None, "optimizer": False}
+                     "val_loss": None, "optimizer": False, **({"embedding_rows": rows} if rows is not None else {})}
 
 
 def check_tokenizer(folder: Path, tokenizer: Tokenizer, block_size: int) -> None:
@@ -142,6 +146,17 @@ def weights_sha256(folder: Path) -> str:
             while chunk := f.read(16 << 20):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def base_rows(weights: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """The embedding (and untied head) cut to the base model's ``rows`` where the rows past them are the
+    export's all-zero room for end-of-text (a byte vocabulary's), so the added tokens' rows start fresh."""
+    out = dict(weights)
+    for name in ("wte.weight", "lm_head.weight"):
+        w = weights.get(name)
+        if w is not None and w.size(0) > rows and not w[rows:].any():
+            out[name] = w[:rows]
+    return out
 
 
 def with_new_rows(weights: dict[str, torch.Tensor], current: dict[str, torch.Tensor]

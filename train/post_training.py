@@ -57,9 +57,11 @@ class PostTraining:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         if self.lora is None:
             return
+        # Tokens this run added (in padding rows the parent never trained, or in rows the embedding grew by)
+        # must learn: the embedding (and an untied head) train in full beside the adapters.
         grew = parent_rows is not None and parent_rows < model.config.vocab_size
         self.trained_in_full = (("wte.weight",) + (() if model.config.tie_embeddings else ("lm_head.weight",))
-                                if grew else ())
+                                if grew or self.added else ())
         self.lora_layers = apply_lora(model, self.lora, also_train=self.trained_in_full)
         if self.kind == "dpo":  # the adapters switch off for the reference; these train in full, so keep a copy
             params = dict(model.named_parameters())
@@ -67,7 +69,7 @@ class PostTraining:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log(f"lora: rank {self.lora.rank}, alpha {self.lora.alpha} on {len(self.lora_layers)} layers "
             f"({', '.join(sorted({n.split('.', 2)[-1] for n in self.lora_layers}))}); {trainable:,} trainable "
-            f"parameters" + (f", {' and '.join(self.trained_in_full)} in full (new token rows)"
+            f"parameters" + (f", {' and '.join(self.trained_in_full)} in full (the added tokens' rows)"
                              if self.trained_in_full else "") + (", base in bf16" if self.lora.base_bf16 else ""))
 
     # ------------------------------------------------------------------ data
