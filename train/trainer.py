@@ -405,7 +405,9 @@ class Trainer(Checkpointing):
         """This run's predicted peak memory per device, in words: 'make check''s predictor and layout."""
         try:
             world, shard, _ = check_layout(self.cfg, self.curriculum.grad_accum_at(0) != self.loop.grad_accum)
-            memory = predict_run_memory(self.cfg, self.curriculum, self.model.config, self.dtype, world, shard)
+            trained = bool(self.post.trained_in_full) if self.post else True  # LoRA: the embedding too?
+            memory = predict_run_memory(self.cfg, self.curriculum, self.model.config, self.dtype, world, shard,
+                                        embedding_trained=trained)
             return f"{memory.total / 2**30:.1f} GiB"
         except Exception as e:  # advice must not hide the error it advises on
             return f"(no prediction: {type(e).__name__}: {e})"
