@@ -23,7 +23,7 @@ from data.chat_template import render, stop_token
 from data.errors import DataError
 from data.records import read_records
 from data.sft import Example, encode_segments, fit_length, require_template_tokens, split_rows
-from data.sft_batches import row_arrays, to_device
+from data.sft_batches import EpochBatches, row_arrays, to_device
 from data.tokenizer import Tokenizer
 
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -134,10 +134,8 @@ class PreferenceData:
                            pad_id=self.pad_id)
 
 
-class PairBatches:
+class PairBatches(EpochBatches):
     """``next() -> (x, y)`` of (2B, block_size): B chosen sequences, then the B rejected ones of the same pairs."""
-
-    rank, world = 0, 1
 
     def __init__(self, pairs: Sequence[TokenPair], batch_size: int, block_size: int, device: torch.device,
                  seed: int, pad_id: int = 0):
@@ -152,35 +150,8 @@ class PairBatches:
         self.seed, self.pad_id = seed, pad_id
         self.reset()
 
-    def reset(self) -> None:
-        self.epoch, self.cursor = 0, 0
-        self._order = self._epoch_order(0)
-
-    def shard(self, rank: int, world: int) -> "PairBatches":
-        """Keep this rank's slice of each global batch of pairs."""
-        self.rank, self.world = rank, world
-        return self
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._order = self._epoch_order(self.epoch)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-
-    def _take(self, n: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < n:
-            if self.cursor == len(self._order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._epoch_order(self.epoch)
-            step = min(n - len(out), len(self._order) - self.cursor)
-            out += [int(i) for i in self._order[self.cursor:self.cursor + step]]
-            self.cursor += step
-        return out
+    def _epoch_items(self, epoch: int) -> list[int]:
+        return [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))]
 
     def next(self, batch_size: int | None = None, seq_len: int | None = None):
         """This rank's (x, y): (2 * batch_size, block_size) int64 tensors, chosen rows first."""

@@ -53,10 +53,48 @@ def row_arrays(examples, capacity: int, pad_id: int) -> tuple[np.ndarray, np.nda
     return tokens, train, doc
 
 
-class SFTBatches:
-    """``next() -> (x, y, doc)`` over tokenized examples (objects with int64 ``ids`` and bool ``mask``)."""
+class EpochBatches:
+    """Items (SFT rows, DPO pairs) in a seeded order per epoch, drawn in that order across epochs; the
+    position is (epoch, cursor), and every rank draws the same global batch and keeps its slice."""
 
     rank, world = 0, 1
+
+    def _epoch_items(self, epoch: int) -> list:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Back to the first batch of the first epoch."""
+        self.epoch, self.cursor = 0, 0
+        self._items = self._epoch_items(0)
+
+    def shard(self, rank: int, world: int):
+        """Keep this rank's slice of each global batch."""
+        self.rank, self.world = rank, world
+        return self
+
+    def state_dict(self) -> dict:
+        """Where the batches are (JSON-serializable): an exact resume restores it with load_state_dict."""
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._items = self._epoch_items(self.epoch)
+
+    def _take(self, n: int) -> list:
+        """The next ``n`` items of the global order, across epochs."""
+        items = []
+        while len(items) < n:
+            if self.cursor == len(self._items):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._items = self._epoch_items(self.epoch)
+            step = min(n - len(items), len(self._items) - self.cursor)
+            items += self._items[self.cursor:self.cursor + step]
+            self.cursor += step
+        return items
+
+
+class SFTBatches(EpochBatches):
+    """``next() -> (x, y, doc)`` over tokenized examples (objects with int64 ``ids`` and bool ``mask``)."""
 
     def __init__(self, examples: Sequence, batch_size: int, block_size: int, device: torch.device, seed: int,
                  packing: bool, pad_id: int = 0):
@@ -71,46 +109,16 @@ class SFTBatches:
         self.seed, self.packing, self.pad_id = seed, packing, pad_id
         self.reset()
 
-    def reset(self) -> None:
-        """Back to the first batch of the first epoch."""
-        self.epoch, self.cursor = 0, 0
-        self._rows = self._epoch_rows(0)
-
-    def shard(self, rank: int, world: int) -> "SFTBatches":
-        """Keep this rank's slice of each global batch."""
-        self.rank, self.world = rank, world
-        return self
-
-    def state_dict(self) -> dict:
-        """Where the batches are (JSON-serializable): an exact resume restores it with load_state_dict."""
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._rows = self._epoch_rows(self.epoch)
-
     @property
     def rows_per_epoch(self) -> int:
-        return len(self._rows)
+        return len(self._items)
 
-    def _epoch_rows(self, epoch: int) -> list[list[int]]:
+    def _epoch_items(self, epoch: int) -> list[list[int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
         if not self.packing:
             return [[int(i)] for i in order]
         return [[int(order[j]) for j in row]
                 for row in pack_rows([len(self.examples[i].ids) for i in order], self.block_size + 1)]
-
-    def _take(self, n: int) -> list[list[int]]:
-        """The next ``n`` rows of the global order, across epochs."""
-        rows = []
-        while len(rows) < n:
-            if self.cursor == len(self._rows):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._rows = self._epoch_rows(self.epoch)
-            step = min(n - len(rows), len(self._rows) - self.cursor)
-            rows += self._rows[self.cursor:self.cursor + step]
-            self.cursor += step
-        return rows
 
     def next(self, batch_size: int | None = None, seq_len: int | None = None):
         """This rank's (x, y, doc): (batch_size, block_size) int64 tensors; doc is None without packing."""
