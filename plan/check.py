@@ -30,8 +30,9 @@ import torch
 from kconfig.tree import ROOT, Assignment, drift
 
 from kconfig.values import Config
+from data.tokenizer import Tokenizer
 from model.gpt import GPT, ModelConfig
-from optim.optimizers import OptimizerConfig, set_lr
+from optim.optimizers import OptimizerConfig, build_optimizer, set_lr
 from optim.schedule import lr_at
 from plan.expand import FRAGMENTS, RunSpec, cell_pairs, expand
 from plan.preflight import check_vocab, config_problems, device_problems
@@ -41,6 +42,7 @@ from train.curriculum import Curriculum
 from train.device import DeviceConfig, target_dtype
 from train.memory import predict_run_memory
 from train.moe_stats import MoEStats
+from train.post_training import PostTraining
 from train.precision import Fp8Config, te_shape_problems, te_token_problem
 from train.trackers import tracker_problems
 from train.hf_parent import ARCHITECTURE_SYMBOLS
@@ -76,6 +78,11 @@ def step_twice(cfg: Config) -> dict:
     cpu_fp8 = dataclasses.replace(fp8, emulate=True) if fp8.backend == "torchao" else Fp8Config()
     built = build_model_and_optimizer(model_config, optimizer_config, cpu_fp8, cfg.SEED, torch.device("cpu"))
     model, optimizer = built.model, built.optimizer
+    post = None
+    if cfg.OBJECTIVE != "pretrain":  # the stage's own loss and LoRA, on random ids (INIT_FROM is not read)
+        post = PostTraining(cfg, Tokenizer({"kind": "byte"}), log=lambda message: None)  # the tokenizer only names
+        post.prepare(model, None)  # the template's tokens; LoRA's targets are matched here (named errors)
+        optimizer = build_optimizer(model, optimizer_config, torch.device("cpu"))  # over what trains
     moe_stats = MoEStats(model.moe_layers, torch.device("cpu"))
     dtype = target_dtype(device_config)  # bf16 stands in for fp16 on CPU
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype != "fp32" else contextlib.nullcontext()
@@ -86,7 +93,10 @@ def step_twice(cfg: Config) -> dict:
         batch, seq = min(stage.micro_batch, 4), min(stage.seq_len, model_config.block_size, 64)
         x = torch.randint(0, model_config.vocab_size, (batch, seq))
         with autocast:
-            _, loss = model(x, torch.roll(x, -1, dims=1))
+            if post is None:
+                _, loss = model(x, torch.roll(x, -1, dims=1))
+            else:
+                loss, _ = post.loss(model, model, post_training_batch(post, cfg, batch, seq, model_config.vocab_size))
         if not torch.isfinite(loss):
             raise RuntimeError(f"step {step + 1}: loss is {loss.item()}")
         if moe_stats:
@@ -105,6 +115,19 @@ def step_twice(cfg: Config) -> dict:
     memory = predict_run_memory(cfg, curriculum, full_config, dtype, world_size=world, shard=shard)
     return {"params": params, "active_params": active, "flops_per_token": flops, "twin": twin,
             "losses": losses, "memory": memory, "notes": notes}
+
+
+def post_training_batch(post, cfg: Config, batch: int, seq: int, vocab: int) -> tuple:
+    """A random batch shaped as the objective's: SFT (x, y, doc) with each row two examples whose prompts
+    are masked (doc ids when packing); DPO (x, y) of chosen and rejected rows."""
+    rows = 2 * batch if post.kind == "dpo" else batch
+    x = torch.randint(0, vocab, (rows, seq))
+    y = torch.roll(x, -1, dims=1)
+    y[:, : seq // 4] = -100  # a prompt
+    if post.kind == "dpo":
+        return x, y
+    doc = (torch.arange(seq) >= seq // 2).long().expand(rows, seq).contiguous() if cfg.SFT_PACKING else None
+    return x, y, doc
 
 
 @dataclasses.dataclass

@@ -366,3 +366,21 @@ def test_resuming_after_the_parent_changed_is_a_named_error(parent, tmp_path):
     resumed = sft(moved, tmp_path, "child", LORA, MAX_ITERS=10)
     with pytest.raises(CheckpointError, match="changed"):
         resumed.resume()
+
+
+@pytest.mark.slow
+def test_make_check_steps_each_objective_with_its_own_loss_and_lora(config):
+    """plan/check.py's two steps run the stage's objective (SFT's masked loss, DPO's pair loss, LoRA applied)
+    on random ids, without reading INIT_FROM, and a LORA_TARGETS that matches nothing is named there."""
+    import math
+
+    from plan.check import step_twice
+    from train.lora import LoraError
+
+    common = dict(INIT_FROM="runs/not/trained/yet", MICRO_BATCH=2)
+    sft_run = step_twice(config("OBJECTIVE_SFT=y", "LORA=y", SFT_DATA="x.jsonl", **common))
+    dpo_run = step_twice(config("OBJECTIVE_DPO=y", DPO_DATA="x.jsonl", **common))
+    assert all(math.isfinite(v) for v in sft_run["losses"])
+    assert dpo_run["losses"][0] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the first step
+    with pytest.raises(LoraError, match="CONFIG_LORA_TARGETS: 'attn.nope' matches no Linear layer"):
+        step_twice(config("OBJECTIVE_SFT=y", "LORA=y", SFT_DATA="x.jsonl", LORA_TARGETS="attn.nope", **common))
