@@ -152,10 +152,14 @@ def save_sharded(d: Dist, folder, model, optimizer, ds) -> None:
         ds.save_checkpoint(str(folder.parent), tag=folder.name)
     else:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-        weights, optim = get_state_dict(model, optimizer)
-        dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=str(folder))
+        if not optimizer.state:  # before the first step (a warm start's step-0 best): the weights alone, since
+            # get_state_dict would create the optimizer's state by a zero-gradient step (Adam's step count 1)
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder))
+        else:
+            weights, optim = get_state_dict(model, optimizer)
+            dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=str(folder))
     barrier(d)
 
 

@@ -132,6 +132,10 @@ def test_a_sharded_run_warm_starts_from_a_single_process_run(tmp_path, single_ru
     train(run_dir, cfg)
     best = min(v for (kind, _), v in parent.items() if kind == "val")
     assert abs(losses(run_dir)[("val", 0)] - best) < TOLERANCE
+    # and trains on as one process does (the step-0 best checkpoint must not start the optimizer's state)
+    one_dir, one_cfg = configure(tmp_path, "one", f'MICRO_BATCH=8 MAX_ITERS=4 INIT_FROM="{parent_dir}"')
+    train(one_dir, one_cfg)
+    assert_close(losses(run_dir), losses(one_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["init_from"]["path"] == str(parent_dir / "checkpoints" / "best.pt")
     # And back: one process warm-starts from the sharded run, its best weights gathered.
@@ -156,3 +160,38 @@ def test_launch_commands():
     with pytest.raises(RuntimeError, match="NPROC_PER_NODE=0 starts one process per GPU"):
         command("PARALLEL_DDP=y")
     assert sys.executable == command("")[0]
+
+
+def write_pairs_and_chats(tmp_path) -> tuple[str, str]:
+    """SFT chats and DPO pairs in the test corpus's alphabet (a char tokenizer fitted on it encodes them)."""
+    words = [f"{a}{b}" for a in ("cat", "dog", "fox", "owl") for b in ("one", "two", "six")]
+    chats = [{"messages": [{"role": "user", "content": f"{w} {w}"}, {"role": "assistant", "content": w}]}
+             for w in words * 4]
+    pairs = [{"prompt": f"{w} {w}", "chosen": w, "rejected": words[(i + 1) % len(words)]}
+             for i, w in enumerate(words * 4)]
+    sft, dpo = tmp_path / "sft.jsonl", tmp_path / "dpo.jsonl"
+    sft.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    dpo.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return str(sft), str(dpo)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["SFT", "DPO"])
+@pytest.mark.parametrize("engine", ["DDP", "FSDP2", "DEEPSPEED"])
+def test_fine_tuning_on_two_processes_matches_one(tmp_path, single_run, objective, engine):
+    """SFT (packed, document masking) and DPO (frozen reference) under DDP and FSDP2: the same losses as one
+    process with the same global batch. Templates use plain text here (the alpaca template needs only an
+    end-of-text token, added to the char vocabulary)."""
+    parent_dir, _ = single_run
+    sft, dpo = write_pairs_and_chats(tmp_path)
+    data = f'SFT_DATA="{sft}"' if objective == "SFT" else f'DPO_DATA="{dpo}"'
+    stage = (f'OBJECTIVE_{objective}=y {data} INIT_FROM="{parent_dir}" CHAT_TEMPLATE_PLAIN=y MAX_ITERS=6 '
+             'EVAL_INTERVAL=3 SFT_VAL_FRACTION="0.25"')
+    one_dir, one_cfg = configure(tmp_path, "one", f"MICRO_BATCH=8 {stage}")
+    train(one_dir, one_cfg)
+    two_dir, two_cfg = configure(tmp_path, engine, f"MICRO_BATCH=4 PARALLEL_{engine}=y NPROC_PER_NODE=2 {stage}")
+    train(two_dir, two_cfg)
+    assert_close(losses(two_dir), losses(one_dir))
+    if objective == "DPO":
+        records = [json.loads(line) for line in (two_dir / "metrics.jsonl").read_text().splitlines()]
+        assert any("val_dpo_accuracy" in r for r in records)

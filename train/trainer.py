@@ -253,7 +253,10 @@ class Trainer(Checkpointing):
         """CONFIG_INIT_FROM at step 0 of a fresh run: the parent's weights (loaded when the model was built,
         or here for a model built beside a checkpoint it did not resume) and, with INIT_FROM_OPTIMIZER, its
         optimizer state."""
-        if self.parent is None:
+        if self.parent is None:  # built beside a checkpoint of its own that it did not resume
+            if self.sharded:
+                raise CheckpointError(f"{self.run_dir} holds a checkpoint of its own: resume it ('make continue') "
+                                      "instead of warm-starting it again from CONFIG_INIT_FROM")
             self.parent, self.parent_state = load_parent(self.init_from_path(), self.loop.init_from_checkpoint,
                                                          self.model, self.tokenizer, self.cfg,
                                                          self.loop.init_from_optimizer, self.log,
