@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from data.progress import use_bar
 from data.tokenizer import Tokenizer, check_vocab_fits
 from kconfig.errors import NamedError
 from model.gpt import first_stop
@@ -71,9 +72,12 @@ class SampleConfig:
 
 
 def generate_text(model, tokenizer: Tokenizer, sample: SampleConfig, device: torch.device,
-                  use_cache: bool = True) -> str:
+                  use_cache: bool = True, progress: bool | None = False, stream=None) -> str:
     """Prompt plus up to ``sample.tokens`` generated tokens (an empty prompt starts from a newline),
-    cut before the first stop string the generated text holds (the stop string excluded)."""
+    cut before the first stop string the generated text holds (the stop string excluded).
+
+    progress: a tqdm bar of tokens generated on ``stream`` (default stderr); None: only when it is a
+    terminal; False (the default: a trainer's ranks, evaluation): never. The tokens drawn are the same."""
     prompt = sample.prompt or "\n"
     try:
         ids = tokenizer.encode(prompt)
@@ -91,12 +95,27 @@ def generate_text(model, tokenizer: Tokenizer, sample: SampleConfig, device: tor
         text = tokenizer.decode(idx[0].tolist())
         return first_stop(text, sample.stop, generated_from(text)) is not None
 
+    bar = None
+    if use_bar(stream if stream is not None else sys.stderr, progress):
+        from tqdm import tqdm
+
+        bar = tqdm(total=sample.tokens, desc="sample", unit="tok", file=stream, leave=False, dynamic_ncols=True)
+
+    def counted(idx: torch.Tensor) -> bool:  # generate calls it after each token: count the token there
+        bar.update(1)
+        return bool(sample.stop) and stopped(idx)
+
+    check = counted if bar is not None else stopped if sample.stop else None
     was_training = model.training
     model.eval()
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model.generate(idx, sample.tokens, temperature=sample.temperature, top_k=sample.top_k,
-                         top_p=sample.top_p, generator=generator, vocab_limit=tokenizer.vocab_size,
-                         stop=stopped if sample.stop else None, use_cache=use_cache)
+    try:
+        out = model.generate(idx, sample.tokens, temperature=sample.temperature, top_k=sample.top_k,
+                             top_p=sample.top_p, generator=generator, vocab_limit=tokenizer.vocab_size,
+                             stop=check, use_cache=use_cache)
+    finally:
+        if bar is not None:
+            bar.close()
     model.train(was_training)
     text = tokenizer.decode(out[0].tolist())
     cut = first_stop(text, sample.stop, generated_from(text))
@@ -104,17 +123,33 @@ def generate_text(model, tokenizer: Tokenizer, sample: SampleConfig, device: tor
 
 
 def sample_from(run_dir, prompt: str | None = None, tokens: int | None = None, top_p: float | None = None,
-                stop: tuple[str, ...] | None = None) -> str:
+                stop: tuple[str, ...] | None = None, report=None, progress: bool | None = None) -> str:
     """Generate from a run directory's checkpoint with the run's own sampling settings; prompt, tokens,
-    top_p and stop (None: the run's) override them."""
-    model, tokenizer, sample = load_run(run_dir)
+    top_p and stop (None: the run's) override them. 'make sample': ``report`` (default: a line on
+    stderr) gets which run and checkpoint is sampled (``provenance``), and a bar of tokens shows on a
+    terminal (``progress`` as generate_text's); the text itself is returned."""
+    model, tokenizer, sample = load_run(run_dir, report=report or (lambda line: print(line, file=sys.stderr)))
     overrides = dict(prompt=prompt, tokens=tokens, top_p=top_p, stop=stop)
     sample = dataclasses.replace(sample, **{k: v for k, v in overrides.items() if v is not None})
-    return generate_text(model, tokenizer, sample, torch.device("cpu"))
+    return generate_text(model, tokenizer, sample, torch.device("cpu"), progress=progress)
 
 
-def load_run(run_dir) -> tuple[torch.nn.Module, Tokenizer, SampleConfig]:
-    """A run directory's newest checkpoint as a plain GPT on CPU, its tokenizer and its SampleConfig."""
+def provenance(run_dir, path, step: int, planned: int | None = None, best_step: int | None = None,
+               best_val: float | None = None) -> str:
+    """One line naming the run, the checkpoint (``path``) and its step (of ``planned``, MAX_ITERS), and
+    whether it is the run's best by val loss: 'sample: run runs/x, checkpoint
+    runs/x/checkpoints/step-00000200.pt (step 200 of 200, latest; the best val loss 1.2345 was at step 150)'."""
+    where = f"step {step}" + (f" of {planned}" if planned else "") + ", latest"
+    if best_step is not None and best_step == step:
+        where += ", also the best by val loss"
+    elif best_step is not None and best_val is not None:
+        where += f"; the best val loss {best_val:.4f} was at step {best_step}"
+    return f"sample: run {run_dir}, checkpoint {path} ({where})"
+
+
+def load_run(run_dir, report=None) -> tuple[torch.nn.Module, Tokenizer, SampleConfig]:
+    """A run directory's newest checkpoint as a plain GPT on CPU, its tokenizer and its SampleConfig;
+    ``report(line)``, when given, gets the checkpoint's ``provenance`` line."""
     from pathlib import Path
 
     from kconfig.values import Config
@@ -123,6 +158,9 @@ def load_run(run_dir) -> tuple[torch.nn.Module, Tokenizer, SampleConfig]:
     from train.state import te_layers
 
     path, state = checkpoint.newest(Path(run_dir), warn=lambda message: print(message, file=sys.stderr))
+    if report is not None:
+        report(provenance(run_dir, path, state["step"], state["config"].get("MAX_ITERS"), state.get("best_val_step"),
+                          state.get("best_val_loss")))
     tokenizer = Tokenizer(state["tokenizer"])
     check_vocab_fits(tokenizer, state["model_config"]["vocab_size"], str(path))
     if te_layers(state["config"]):
