@@ -5,7 +5,8 @@
 #
 # Variables: SET="SYM=value ..." (one-shot overrides), PYTHON (interpreter that makes
 # the venv), VENV (its path), TORCH_SPEC (pip requirement for torch), SKIP_SETUP=1
-# (use PYTHON as is, install nothing).
+# (use PYTHON as is, install nothing), KCONFIG_CONFIG (the configuration file, default .config).
+# 'make help' lists every variable.
 # SET reaches kbuild exactly as the shell passes it (make expands nothing in it): write
 # SET='SAMPLE_PROMPT=$HOME' in single quotes and the value is the five characters $HOME.
 
@@ -20,6 +21,9 @@ export SET
 endif
 
 PYTHON ?= python3
+# The configuration file every target reads and writes (the kernel's variable); kbuild reads it too.
+KCONFIG_CONFIG ?= .config
+export KCONFIG_CONFIG
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 
@@ -28,11 +32,31 @@ include scripts/config.mk
 include scripts/run.mk
 include scripts/test.mk
 
+# Variables 'make help' lists (one '#= NAME: text' line each).
+#= SET="SYM=value ...": one-shot overrides for this command (make setconfig writes them into .config)
+#= KCONFIG_CONFIG=<file>: the configuration every target reads and writes (default .config)
+#= A=<x> B=<y>: make diffconfig's two sides: .config files, run or plan directories
+#= PLAN=runs/<plan>: the plan make report and make eval use (default: the newest)
+#= RUN_DIR=runs/<plan>/<run>: the run make sample, export and eval use (default: the newest)
+#= PROMPT=<text>: make sample's prompt (default: the run's SAMPLE_PROMPT)
+#= TOKENS=<n>: how many tokens make sample generates (default: SAMPLE_TOKENS)
+#= TOP_P=<p>: make sample's top-p mass within [0, 1], 1 = off (default: SAMPLE_TOP_P)
+#= STOP=<a|b>: make sample's stop strings, '|'-separated, \n a newline (default: SAMPLE_STOP)
+#= CHECKPOINT=best|latest: the checkpoint make export and make eval read (default best)
+#= REPREPARE=1: make data deletes this configuration's prepared data first
+#= PYTEST_ARGS=<options>: passed to pytest by make test and test-fast, e.g. PYTEST_ARGS="-k kconfig"
+#= PYTHON=<interpreter>: the interpreter that creates the virtualenv (default python3)
+#= VENV=<dir>: the virtualenv's folder (default .venv)
+#= TORCH_SPEC=<requirement>: the pip requirement for torch (default torch==2.13.0)
+#= SKIP_SETUP=1: use PYTHON as it is and install nothing
 .PHONY: help
 ## help: list every target, one line each
 help:
 	@echo "Targets:"
-	@sed -n 's/^## \([^:]*\): /  \1|/p' $(MAKEFILE_LIST) | awk -F'|' '{printf "  %-26s %s\n", $$1, $$2}'
+	@sed -n 's/^## \([^:]*\): /  \1\t/p' $(MAKEFILE_LIST) | awk -F'\t' '{printf "  %-26s %s\n", $$1, $$2}'
+	@echo ""
+	@echo "Variables (make VAR=value target):"
+	@sed -n 's/^#= \([^:]*\): /\1\t/p' $(firstword $(MAKEFILE_LIST)) | awk -F'\t' '{printf "  %-26s %s\n", $$1, $$2}'
 	@echo ""
 	@echo "SET=\"SYM=value ...\" overrides symbols for one command, passed as written: make expands"
 	@echo "no \$$ in it; quote for the shell, e.g. make SET='SAMPLE_PROMPT=\$$HOME' gives the text \$$HOME."

@@ -8,26 +8,49 @@ savedefconfig, list-defconfigs) start in a fraction of a second without importin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
 import sys
 from pathlib import Path
 
+from kconfig.atomic import write_text_if_changed
+from kconfig.diff import config_values, diff_files, diff_lines
 from kconfig.errors import ConfigError, NamedError
 from kconfig.tree import (ROOT, completeness_problem, load, load_layers, parse_file, parse_overrides, resolve,
                           write_min_config, write_outputs)
 from kconfig.values import values
 
-DOT_CONFIG = ROOT / ".config"
-CONFIG_PY = ROOT / "config.py"
 DEFCONFIGS = ROOT / "defconfigs"
+
+
+def typed_view(config_file: Path) -> Path:
+    """Where the typed view of a configuration goes: config.py beside a .config, else <file>.py."""
+    name = "config.py" if config_file.name == ".config" else config_file.name + ".py"
+    return config_file.with_name(name)
+
+
+# The configuration every command reads and writes: $KCONFIG_CONFIG (as in the kernel), else .config.
+DOT_CONFIG = Path(os.environ.get("KCONFIG_CONFIG") or ROOT / ".config").absolute()
+CONFIG_PY = typed_view(DOT_CONFIG)
+
+
+def shown(path: Path) -> Path:
+    """A path as messages show it: relative to the current folder when inside it."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def defconfig_path(name: str) -> Path:
     p = Path(name)
     if p.exists():
         return p
+    if "/" in name:
+        raise ConfigError([f"{name}: no such file; 'make savedefconfig' writes ./defconfig, or choose a preset "
+                           f"with 'make defconfig-<name>' (see 'make list-defconfigs')"])
     p = DEFCONFIGS / name
     if not p.is_file():
         raise ConfigError([f"no defconfig named {name!r} in {DEFCONFIGS}; see 'make list-defconfigs'"])
@@ -46,7 +69,8 @@ def cmd_defconfig(args) -> int:
     path = defconfig_path(args.name)
     kconf, _ = resolve(parse_file(path), parse_overrides(args.set))
     write_outputs(kconf, DOT_CONFIG, CONFIG_PY)
-    print(f"configured from {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: wrote .config and config.py")
+    print(f"configured from {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: "
+          f"wrote {shown(DOT_CONFIG)} and {shown(CONFIG_PY)}")
     return 0
 
 
@@ -59,7 +83,7 @@ def cmd_olddefconfig(args) -> int:
         print(f"warning: {gap.split('; run ')[0]}; symbols it lacks now have their defaults: check them "
               f"with 'make menuconfig'", file=sys.stderr)
     write_outputs(kconf, DOT_CONFIG, CONFIG_PY)
-    print("updated .config and config.py to the current Kconfig tree")
+    print(f"updated {shown(DOT_CONFIG)} and {shown(CONFIG_PY)} to the current Kconfig tree")
     return 0
 
 
@@ -67,7 +91,63 @@ def cmd_syncconfig(args) -> int:
     """After menuconfig: validate .config strictly (float fields are free text there) and regenerate config.py."""
     kconf, _ = load(DOT_CONFIG)
     write_outputs(kconf, DOT_CONFIG, CONFIG_PY)
-    print("validated .config and regenerated config.py")
+    print(f"validated {shown(DOT_CONFIG)} and regenerated {shown(CONFIG_PY)}")
+    return 0
+
+
+def cmd_setconfig(args) -> int:
+    """A persistent edit (the kernel's scripts/config): SET applied to the configuration, strictly."""
+    if not args.set.strip():
+        raise ConfigError(["setconfig: SET is empty: name the values to write, e.g. "
+                           "make setconfig SET='LR=1e-3 MAX_ITERS=200'"])
+    kconf, _ = load(DOT_CONFIG, args.set)  # every assignment and rule checked; nothing written on failure
+    before, old_values = DOT_CONFIG.read_text(encoding="utf-8"), config_values(DOT_CONFIG)
+    old = DOT_CONFIG.with_name(DOT_CONFIG.name + ".old")
+    staged = DOT_CONFIG.with_name(f".{DOT_CONFIG.name}.setconfig")  # the new text, to compare before writing
+    try:
+        write_outputs(kconf, staged, staged.with_name(staged.name + ".py"))
+        after, changes = staged.read_text(encoding="utf-8"), diff_lines(old_values, config_values(staged))
+    finally:
+        staged.unlink(missing_ok=True)
+        staged.with_name(staged.name + ".py").unlink(missing_ok=True)
+    if after == before:
+        print(f"no change: {shown(DOT_CONFIG)} already holds these values")
+        return 0
+    write_text_if_changed(old, before)  # the kernel's .config.old: the previous configuration
+    write_outputs(kconf, DOT_CONFIG, CONFIG_PY)
+    for line in changes:
+        print(line)
+    print(f"wrote {shown(DOT_CONFIG)} (the previous one is {shown(old)}) and {shown(CONFIG_PY)}")
+    return 0
+
+
+def config_file_of(name: str) -> Path:
+    """A configuration file named for diffconfig: a file, a run directory (its .config) or a plan
+    directory (its baseline run's .config, found in plan.json)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    if (p / ".config").is_file():
+        return p / ".config"
+    if (p / "plan.json").is_file():
+        runs = json.loads((p / "plan.json").read_text(encoding="utf-8"))["runs"]
+        base = [r["name"] for r in runs if r.get("baseline")]
+        if base and (p / base[0] / ".config").is_file():
+            return p / base[0] / ".config"
+        names = ", ".join(r["name"] for r in runs)
+        raise ConfigError([f"{p}: the plan has no baseline run with a .config to compare; name one of its "
+                           f"runs instead ({names}), e.g. {p / runs[0]['name']}" if runs else
+                           f"{p}: the plan has no runs"])
+    raise ConfigError([f"{name}: not a configuration file, a run directory (with .config) or a plan "
+                       f"directory (with plan.json)"])
+
+
+def cmd_diffconfig(args) -> int:
+    """The kernel's scripts/diffconfig between two configurations (default: <config>.old and <config>)."""
+    a = args.a or str(DOT_CONFIG) + ".old"
+    b = args.b or str(DOT_CONFIG)
+    for line in diff_files(config_file_of(a), config_file_of(b)):
+        print(line)
     return 0
 
 
@@ -298,6 +378,12 @@ def main(argv=None) -> int:
     add("defconfig", cmd_defconfig, "load a defconfig strictly").add_argument("name")
     add("olddefconfig", cmd_olddefconfig, "update .config to the current Kconfig tree")
     add("syncconfig", cmd_syncconfig, "validate .config strictly and regenerate config.py")
+    add("setconfig", cmd_setconfig, "write SET's values into .config, strictly (the previous one kept as .config.old)")
+    p = add("diffconfig", cmd_diffconfig, "differences between two configurations, as scripts/diffconfig prints them")
+    p.add_argument("a", nargs="?", default=os.environ.get("A", ""),
+                   help=".config file, run directory or plan directory (default: $A, else .config.old)")
+    p.add_argument("b", nargs="?", default=os.environ.get("B", ""),
+                   help="the same for the other side (default: $B, else .config)")
     add("savedefconfig", cmd_savedefconfig, "write a minimal defconfig").add_argument("--out", default="defconfig")
     add("list-defconfigs", cmd_list_defconfigs, "list presets")
     add("run", cmd_run, "run the configured plan")
