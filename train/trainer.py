@@ -32,7 +32,7 @@ from train.metrics import MetricsLog, Throughput, mfu
 from train.moe_stats import MoEStats
 from train.precision import fp8_autocast
 from train.progress import TrainProgress
-from train.sample import generate_text
+from train.sample import generate_text, provenance
 from train.signals import StopRequest
 from train.system_metrics import sample_system
 from train.trackers import Trackers
@@ -486,7 +486,11 @@ class Trainer(Checkpointing):
         return scores
 
     def summary(self, step: int, last_eval: dict) -> dict:
-        sample = generate_text(self.model, self.tokenizer, self.loop.sample, self.device)
+        saved = checkpoint.step_paths(self.run_dir)  # the final step's checkpoint is written just before
+        if self.dist.main and saved:
+            self.log(provenance(self.run_dir, saved[-1], step, self.loop.max_iters, self.best_step, self.best_val))
+        sample = generate_text(self.model, self.tokenizer, self.loop.sample, self.device,
+                               progress=None if self.dist.main and self.cfg.PROGRESS_BAR else False)
         if self.dist.main:
             (self.run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
         tokens_per_s = self.speed.average
