@@ -67,7 +67,8 @@ def describe_defconfig(path: Path) -> str:
 
 def cmd_defconfig(args) -> int:
     path = defconfig_path(args.name)
-    kconf, _ = resolve(parse_file(path), parse_overrides(args.set))
+    # savedefconfig writes nothing but a blank file for an all-default configuration
+    kconf, _ = resolve(parse_file(path, allow_empty=args.saved), parse_overrides(args.set))
     write_outputs(kconf, DOT_CONFIG, CONFIG_PY)
     print(f"configured from {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: "
           f"wrote {shown(DOT_CONFIG)} and {shown(CONFIG_PY)}")
@@ -375,7 +376,10 @@ def main(argv=None) -> int:
         p.set_defaults(fn=fn)
         return p
 
-    add("defconfig", cmd_defconfig, "load a defconfig strictly").add_argument("name")
+    p = add("defconfig", cmd_defconfig, "load a defconfig strictly")
+    p.add_argument("name")
+    p.add_argument("--saved", action="store_true",
+                   help="the file is savedefconfig's output, which is empty for an all-default configuration")
     add("olddefconfig", cmd_olddefconfig, "update .config to the current Kconfig tree")
     add("syncconfig", cmd_syncconfig, "validate .config strictly and regenerate config.py")
     add("setconfig", cmd_setconfig, "write SET's values into .config, strictly (the previous one kept as .config.old)")

@@ -16,7 +16,7 @@ $(DEFCONFIG_TARGETS): defconfig-%: $(CORE)
 
 ## defconfig: load ./defconfig (what 'make savedefconfig' writes) strictly, write .config and config.py
 defconfig: $(CORE)
-	@$(PY) -m kbuild defconfig ./defconfig
+	@$(PY) -m kbuild defconfig --saved ./defconfig
 
 ## menuconfig: edit .config in a terminal menu, then validate it and regenerate config.py
 menuconfig: $(CORE)

@@ -38,6 +38,16 @@ def test_savedefconfig_then_defconfig_gives_the_same_config(repo, make):
     assert (repo / ".config").read_bytes() == full and (repo / "config.py").read_bytes() == typed
 
 
+def test_an_all_default_configuration_round_trips_too(repo, make):
+    make("alldefconfig")
+    full = (repo / ".config").read_bytes()
+    make("savedefconfig")
+    assert (repo / "defconfig").read_text() == ""
+    (repo / ".config").unlink()
+    make("defconfig")
+    assert (repo / ".config").read_bytes() == full
+
+
 def test_defconfig_without_a_saved_one_says_what_to_do(repo, make):
     p = make("defconfig", check=False)
     assert p.returncode == 2 and "./defconfig: no such file; 'make savedefconfig' writes ./defconfig" in p.stderr
