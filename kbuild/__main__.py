@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import shlex
 import shutil
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 from kconfig.atomic import write_text_if_changed
 from kconfig.diff import config_values, diff_files, diff_lines
 from kconfig.errors import ConfigError, NamedError
-from kconfig.tree import (ROOT, completeness_problem, load, load_layers, parse_file, parse_overrides, resolve,
+from kconfig.tree import (KCONFIG, ROOT, completeness_problem, load, load_layers, parse_file, parse_overrides, resolve,
                           write_min_config, write_outputs)
 from kconfig.values import values
 
@@ -93,6 +94,26 @@ def cmd_syncconfig(args) -> int:
     kconf, _ = load(DOT_CONFIG)
     write_outputs(kconf, DOT_CONFIG, CONFIG_PY)
     print(f"validated {shown(DOT_CONFIG)} and regenerated {shown(CONFIG_PY)}")
+    return 0
+
+
+def cmd_oldconfig(args) -> int:
+    """kconfiglib's oldconfig (asks for the symbols the configuration does not set); 'make oldconfig'
+    then validates its result strictly (syncconfig)."""
+    argv, cwd = sys.argv, os.getcwd()
+    os.environ["KCONFIG_CONFIG"] = str(DOT_CONFIG)
+    sys.argv = ["oldconfig", str(KCONFIG)]
+    os.chdir(ROOT)  # Kconfig's 'source' paths are relative to the top of the tree
+    try:
+        runpy.run_module("oldconfig", run_name="__main__")
+    except EOFError:
+        raise ConfigError([f"oldconfig: the input ended before every new symbol had an answer; nothing was "
+                           f"written to {shown(DOT_CONFIG)}. Answer on a terminal, feed the answers "
+                           f"(printf '7\\n' | make oldconfig), or give new symbols their defaults with "
+                           f"'make olddefconfig'"]) from None
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
     return 0
 
 
@@ -382,6 +403,7 @@ def main(argv=None) -> int:
                    help="the file is savedefconfig's output, which is empty for an all-default configuration")
     add("olddefconfig", cmd_olddefconfig, "update .config to the current Kconfig tree")
     add("syncconfig", cmd_syncconfig, "validate .config strictly and regenerate config.py")
+    add("oldconfig", cmd_oldconfig, "ask for the symbols the configuration does not set yet (kconfiglib's oldconfig)")
     add("setconfig", cmd_setconfig, "write SET's values into .config, strictly (the previous one kept as .config.old)")
     p = add("diffconfig", cmd_diffconfig, "differences between two configurations, as scripts/diffconfig prints them")
     p.add_argument("a", nargs="?", default=os.environ.get("A", ""),

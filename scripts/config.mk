@@ -37,7 +37,7 @@ guiconfig: $(CORE)
 
 ## oldconfig: ask only for the symbols .config does not set yet (new ones), then validate it
 oldconfig: $(CORE)
-	@$(PY) -m oldconfig Kconfig
+	@$(PY) -m kbuild oldconfig
 	@$(SYNCCONFIG)
 
 ## listnewconfig: list the symbols .config does not set yet, with their defaults

@@ -169,6 +169,18 @@ def test_oldconfig_asks_only_the_new_symbols_and_listnewconfig_lists_them(repo, 
     assert make("listnewconfig").stdout == ""
 
 
+def test_oldconfig_without_answers_writes_nothing_and_says_why(repo, make):
+    make("defconfig-quickstart")
+    dot = repo / ".config"
+    dot.write_text("".join(line for line in dot.read_text().splitlines(keepends=True)
+                           if not line.startswith("CONFIG_SEED=")))
+    before = dot.read_bytes()
+    p = _make_with_input(repo, "oldconfig", "")
+    assert p.returncode == 2 and "oldconfig: the input ended before every new symbol had an answer; nothing " \
+        "was written to .config" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert dot.read_bytes() == before and not (repo / ".config.old").exists()
+
+
 def test_oldconfig_result_is_checked_strictly(repo, make):
     make("defconfig-quickstart")
     dot = repo / ".config"
