@@ -217,3 +217,48 @@ def test_check_dry_runs_the_configuration_kconfig_config_names(repo, make):
     p = make("check", "KCONFIG_CONFIG=quick.config", timeout=300)
     assert "check passed" in p.stdout, p.stdout
     assert (repo / ".config").read_text() == 'CONFIG_LR="fast"\n'
+
+
+def _menuconfig_save_and_quit(repo, *args: str) -> int:
+    """Run 'make menuconfig' on a pseudo-terminal, press Q, answer y to 'Save configuration?'."""
+    import os
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: make on the terminal
+        os.chdir(repo)
+        os.environ.update(TERM="xterm", LINES="40", COLUMNS="120")
+        os.execvp("make", ["make", "--no-print-directory", "SKIP_SETUP=1", f"PYTHON={sys.executable}",
+                           "menuconfig", *args])
+    out = b""
+
+    def read_until(done, limit=30.0):
+        nonlocal out
+        end = time.monotonic() + limit
+        while time.monotonic() < end and not done():
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:  # the child closed the terminal
+                    return
+
+    read_until(lambda: b"Toggle/enter" in out)  # the key bar at the bottom of the menu
+    os.write(fd, b"Q")
+    read_until(lambda: b"Save configuration?" in out)
+    os.write(fd, b"y")
+    read_until(lambda: False, limit=15.0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_menuconfig_edits_the_file_kconfig_config_names(repo, make):
+    make("defconfig-quickstart")
+    dot = (repo / ".config").read_bytes()
+    make("defconfig-moe-tiny", "KCONFIG_CONFIG=moe.config")
+    (repo / "moe.config.py").unlink()
+    assert _menuconfig_save_and_quit(repo, "KCONFIG_CONFIG=moe.config") == 0
+    assert (repo / "moe.config").read_text().endswith(f"{END_MARKER}\n"), "syncconfig validated and rewrote it"
+    assert "MOE: bool = True" in (repo / "moe.config.py").read_text()
+    assert (repo / ".config").read_bytes() == dot
