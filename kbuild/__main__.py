@@ -90,8 +90,26 @@ def cmd_olddefconfig(args) -> int:
 
 
 def cmd_syncconfig(args) -> int:
-    """After menuconfig: validate .config strictly (float fields are free text there) and regenerate config.py."""
-    kconf, _ = load(DOT_CONFIG)
+    """After menuconfig: validate .config strictly (float fields are free text there) and regenerate config.py.
+    With --after-edit (the menus), a configuration that fails is set aside as <file>.rejected and the one
+    before the edit (<file>.old, which the menus keep) is put back, if it passes: a bad save never
+    replaces the last good configuration."""
+    try:
+        kconf, _ = load(DOT_CONFIG)
+    except ConfigError as e:
+        old = DOT_CONFIG.with_name(DOT_CONFIG.name + ".old")
+        if not args.after_edit or not old.is_file():
+            raise
+        try:
+            load(old)
+        except ConfigError:
+            raise e from None  # the previous one fails too: nothing good to put back
+        rejected = DOT_CONFIG.with_name(DOT_CONFIG.name + ".rejected")
+        os.replace(DOT_CONFIG, rejected)
+        shutil.copy2(old, DOT_CONFIG)
+        raise ConfigError(e.problems + [f"the edit was not kept: it is in {shown(rejected)}; {shown(DOT_CONFIG)} is "
+                                        f"the configuration from before it ({shown(old)}); run the menu again and "
+                                        "fix the values named above"]) from None
     write_outputs(kconf, DOT_CONFIG, CONFIG_PY)
     print(f"validated {shown(DOT_CONFIG)} and regenerated {shown(CONFIG_PY)}")
     return 0
@@ -402,7 +420,9 @@ def main(argv=None) -> int:
     p.add_argument("--saved", action="store_true",
                    help="the file is savedefconfig's output, which is empty for an all-default configuration")
     add("olddefconfig", cmd_olddefconfig, "update .config to the current Kconfig tree")
-    add("syncconfig", cmd_syncconfig, "validate .config strictly and regenerate config.py")
+    add("syncconfig", cmd_syncconfig, "validate .config strictly and regenerate config.py").add_argument(
+        "--after-edit", action="store_true",
+        help="after a menu: a failing configuration is set aside as <file>.rejected and <file>.old put back")
     add("oldconfig", cmd_oldconfig, "ask for the symbols the configuration does not set yet (kconfiglib's oldconfig)")
     add("setconfig", cmd_setconfig, "write SET's values into .config, strictly (the previous one kept as .config.old)")
     p = add("diffconfig", cmd_diffconfig, "differences between two configurations, as scripts/diffconfig prints them")

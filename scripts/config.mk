@@ -9,6 +9,9 @@ DEFCONFIG_TARGETS := $(addprefix defconfig-,$(DEFCONFIGS))
 
 # After a kconfiglib tool wrote the configuration: check it strictly (floats, rules) and regenerate config.py.
 SYNCCONFIG = $(PY) -m kbuild syncconfig || { echo "fix the values above with 'make menuconfig'"; exit 2; }
+# After a menu (menuconfig, nconfig, guiconfig): the same, but a save that fails is set aside and the
+# configuration from before the edit put back.
+MENUSYNC = $(PY) -m kbuild syncconfig --after-edit || exit 2
 
 ## defconfig-<name>: load defconfigs/<name> strictly, write .config and config.py
 $(DEFCONFIG_TARGETS): defconfig-%: $(CORE)
@@ -21,19 +24,19 @@ defconfig: $(CORE)
 ## menuconfig: edit .config in a terminal menu, then validate it and regenerate config.py
 menuconfig: $(CORE)
 	@$(PY) -m menuconfig Kconfig
-	@$(SYNCCONFIG)
+	@$(MENUSYNC)
 
 ## nconfig: the same terminal menu as menuconfig (kconfiglib's; it has no separate nconfig)
 nconfig: $(CORE)
 	@$(PY) -m menuconfig Kconfig
-	@$(SYNCCONFIG)
+	@$(MENUSYNC)
 
 ## guiconfig: edit .config in a Tk window (needs tkinter and a display), then validate it
 guiconfig: $(CORE)
 	@$(PY) -c "import tkinter" 2>/dev/null || { echo "error: make guiconfig needs tkinter, which $(PY) lacks: install it (Debian/Ubuntu: apt install python3-tk; Fedora: dnf install python3-tkinter; macOS: brew install python-tk), or use 'make menuconfig'" >&2; exit 2; }
 	@$(PY) -c "import tkinter; tkinter.Tk().destroy()" 2>/dev/null || { echo "error: make guiconfig needs a display (DISPLAY is '$$DISPLAY'; over ssh use ssh -X), or use 'make menuconfig'" >&2; exit 2; }
 	@$(PY) -m guiconfig Kconfig
-	@$(SYNCCONFIG)
+	@$(MENUSYNC)
 
 ## oldconfig: ask only for the symbols .config does not set yet (new ones), then validate it
 oldconfig: $(CORE)

@@ -262,3 +262,71 @@ def test_menuconfig_edits_the_file_kconfig_config_names(repo, make):
     assert (repo / "moe.config").read_text().endswith(f"{END_MARKER}\n"), "syncconfig validated and rewrote it"
     assert "MOE: bool = True" in (repo / "moe.config.py").read_text()
     assert (repo / ".config").read_bytes() == dot
+
+
+def test_a_failing_menu_save_is_set_aside_and_the_previous_configuration_kept(repo, make):
+    """What a menu leaves when a value fails the strict check (LR typed as 'fast'): the edit goes to
+    .config.rejected and the configuration from before it (.config.old, which the menus write) comes back."""
+    import subprocess
+
+    make("defconfig-quickstart")
+    good = (repo / ".config").read_text()
+    (repo / ".config.old").write_text(good)
+    (repo / ".config").write_text(good.replace('CONFIG_LR="2e-3"', 'CONFIG_LR="fast"'))
+    config_py = (repo / "config.py").read_bytes()
+    p = subprocess.run([sys.executable, "-m", "kbuild", "syncconfig", "--after-edit"], cwd=repo,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "CONFIG_LR" in p.stderr and "fast" in p.stderr
+    assert "the edit was not kept: it is in .config.rejected" in p.stderr
+    assert (repo / ".config").read_text() == good and (repo / "config.py").read_bytes() == config_py
+    assert 'CONFIG_LR="fast"' in (repo / ".config.rejected").read_text()
+
+
+def _menuconfig_session(repo, keys: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+    """'make menuconfig' on a pseudo-terminal: for each (wait_for, send), wait until the screen shows
+    ``wait_for`` (b"" = send at once) and type ``send``; returns (exit code, everything shown)."""
+    import os
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(repo)
+        os.environ.update(TERM="xterm", LINES="40", COLUMNS="120")
+        os.execvp("make", ["make", "--no-print-directory", "SKIP_SETUP=1", f"PYTHON={sys.executable}", "menuconfig"])
+    out = b""
+
+    def read_until(done, limit=30.0):
+        nonlocal out
+        end = time.monotonic() + limit
+        while time.monotonic() < end and not done():
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:
+                    return
+
+    for wait_for, send in keys:
+        seen = len(out)
+        read_until(lambda: wait_for in out[seen:] if wait_for else True, limit=30.0)
+        time.sleep(0.3)
+        os.write(fd, send)
+    read_until(lambda: False, limit=15.0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), out
+
+
+@pytest.mark.slow
+def test_menuconfig_refuses_a_bad_float_typed_into_the_menu(repo, make):
+    """Typed into the real menu on a pseudo-terminal: LR set to 'fast' and saved. The check names CONFIG_LR,
+    the edit goes to .config.rejected and .config stays the configuration from before the edit."""
+    make("defconfig-quickstart")
+    good = (repo / ".config").read_text()
+    keys = [(b"Toggle/enter", b"/"), (b"", b"^LR$"), (b"", b"\n"), (b"", b"\n"),  # jump to LR, edit it
+            (b"", b"\x7f" * 12 + b"fast\n"), (b"", b"Q"), (b"Save configuration?", b"y")]
+    code, out = _menuconfig_session(repo, keys)
+    assert code == 2
+    assert b'CONFIG_LR="fast": not a number' in out and b"the edit was not kept" in out
+    assert (repo / ".config").read_text() == good
+    assert 'CONFIG_LR="fast"' in (repo / ".config.rejected").read_text()
