@@ -63,13 +63,6 @@ def model_weights(path: Path, state: dict) -> dict[str, torch.Tensor]:
     if te_layers(state["config"]):
         raise ExportRefused(f"{path}: trained with CONFIG_FP8_TE=y, whose TransformerEngine layers store the weights "
                             "under their own names; train with CONFIG_FP8_TORCHAO or without FP8 to export")
-    if state.get("sharded"):  # FSDP2 or DeepSpeed: gather the shards into one state dict
-        from parallel.runtime import full_weights
-
-        if "lora" in state:
-            raise ExportRefused(f"{path}: a sharded LoRA checkpoint; merging its adapter needs a single-file one "
-                                "(train the LoRA stage with PARALLEL_NONE or DDP)")
-        return full_weights(state["sharded"], state["engine"])
     return checkpoint_weights(state)
 
 

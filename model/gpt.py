@@ -16,7 +16,6 @@ and samples with temperature, top-k and top-p (sample_next).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -378,31 +377,6 @@ class GPT(nn.Module):
             if stop is not None and stop(idx):
                 break
         return idx
-
-
-def grow_vocab(model: GPT, rows: int, multiple: int = 64) -> int:
-    """Append at least ``rows`` rows to the token embedding (and to an untied output head), rounded
-    up so the vocabulary stays a multiple of ``multiple`` (as train/build.py's padded_vocab pads it);
-    returns the new vocabulary size, which model.config.vocab_size then holds. New rows are drawn as
-    _init_weights draws embeddings (normal, std init_std, from torch's global generator); old rows
-    and every other weight are untouched. rows <= 0 changes nothing. Call it before LoRA, FP8, a
-    data-parallel wrapper or the optimizer see the parameters: they hold the old ones."""
-    c = model.config
-    if rows <= 0:
-        return c.vocab_size
-    vocab = multiple * math.ceil((c.vocab_size + rows) / multiple)
-
-    def grown(old: nn.Parameter) -> nn.Parameter:
-        new = torch.empty(vocab - old.size(0), old.size(1), dtype=old.dtype, device=old.device)
-        nn.init.normal_(new, mean=0.0, std=c.init_std)
-        return nn.Parameter(torch.cat([old.detach(), new]), requires_grad=old.requires_grad)
-
-    model.wte.weight = grown(model.wte.weight)
-    model.wte.num_embeddings = vocab
-    model.lm_head.weight = model.wte.weight if c.tie_embeddings else grown(model.lm_head.weight)
-    model.lm_head.out_features = vocab
-    model.config = dataclasses.replace(c, vocab_size=vocab)
-    return vocab
 
 
 def first_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int | None:

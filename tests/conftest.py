@@ -73,3 +73,27 @@ def run_make(repo: Path, *args: str, env: dict | None = None, check: bool = True
 @pytest.fixture
 def make(repo):
     return lambda *args, **kw: run_make(repo, *args, **kw)
+
+
+def merged_lora_weights(model) -> dict:
+    """A LoRA model's plain state dict with each adapter added in through peft's own delta (W + scale B A),
+    fp32: an oracle independent of train/lora.py's checkpoint merge, which the tests compare with it."""
+    import torch
+
+    from train.lora import ADAPTER, lora_layers
+
+    merged = {}
+    for key, tensor in model.state_dict().items():
+        if ".lora_" not in key:
+            tensor = tensor.detach()
+            merged[key.replace(".base_layer.", ".")] = tensor.float() if tensor.is_floating_point() else tensor
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            merged[f"{name}.weight"] = layer.base_layer.weight.float() + layer.get_delta_weight(ADAPTER).float()
+    return merged
+
+
+def trainable(model) -> list:
+    """The parameters an optimizer trains: those that require grad (LoRA's adapters and what trains in full)."""
+    return [p for p in model.parameters() if p.requires_grad]
+

@@ -221,36 +221,8 @@ def test_check_dry_runs_the_configuration_kconfig_config_names(repo, make):
 
 def _menuconfig_save_and_quit(repo, *args: str) -> int:
     """Run 'make menuconfig' on a pseudo-terminal, press Q, answer y to 'Save configuration?'."""
-    import os
-    import pty
-    import select
-    import time
-
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: make on the terminal
-        os.chdir(repo)
-        os.environ.update(TERM="xterm", LINES="40", COLUMNS="120")
-        os.execvp("make", ["make", "--no-print-directory", "SKIP_SETUP=1", f"PYTHON={sys.executable}",
-                           "menuconfig", *args])
-    out = b""
-
-    def read_until(done, limit=30.0):
-        nonlocal out
-        end = time.monotonic() + limit
-        while time.monotonic() < end and not done():
-            if select.select([fd], [], [], 0.1)[0]:
-                try:
-                    out += os.read(fd, 65536)
-                except OSError:  # the child closed the terminal
-                    return
-
-    read_until(lambda: b"Toggle/enter" in out)  # the key bar at the bottom of the menu
-    os.write(fd, b"Q")
-    read_until(lambda: b"Save configuration?" in out)
-    os.write(fd, b"y")
-    read_until(lambda: False, limit=15.0)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    keys = [(b"Toggle/enter", b"Q"), (b"Save configuration?", b"y")]  # the key bar at the bottom of the menu
+    return _menuconfig_session(repo, keys, *args)[0]
 
 
 def test_menuconfig_edits_the_file_kconfig_config_names(repo, make):
@@ -282,8 +254,8 @@ def test_a_failing_menu_save_is_set_aside_and_the_previous_configuration_kept(re
     assert 'CONFIG_LR="fast"' in (repo / ".config.rejected").read_text()
 
 
-def _menuconfig_session(repo, keys: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
-    """'make menuconfig' on a pseudo-terminal: for each (wait_for, send), wait until the screen shows
+def _menuconfig_session(repo, keys: list[tuple[bytes, bytes]], *args: str) -> tuple[int, bytes]:
+    """'make menuconfig [args]' on a pseudo-terminal: for each (wait_for, send), wait until the screen shows
     ``wait_for`` (b"" = send at once) and type ``send``; returns (exit code, everything shown)."""
     import os
     import pty
@@ -294,7 +266,8 @@ def _menuconfig_session(repo, keys: list[tuple[bytes, bytes]]) -> tuple[int, byt
     if pid == 0:
         os.chdir(repo)
         os.environ.update(TERM="xterm", LINES="40", COLUMNS="120")
-        os.execvp("make", ["make", "--no-print-directory", "SKIP_SETUP=1", f"PYTHON={sys.executable}", "menuconfig"])
+        os.execvp("make", ["make", "--no-print-directory", "SKIP_SETUP=1", f"PYTHON={sys.executable}", "menuconfig",
+                           *args])
     out = b""
 
     def read_until(done, limit=30.0):
@@ -304,7 +277,7 @@ def _menuconfig_session(repo, keys: list[tuple[bytes, bytes]]) -> tuple[int, byt
             if select.select([fd], [], [], 0.1)[0]:
                 try:
                     out += os.read(fd, 65536)
-                except OSError:
+                except OSError:  # the child closed the terminal
                     return
 
     for wait_for, send in keys:

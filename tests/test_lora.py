@@ -1,6 +1,7 @@
 """LoRA through peft on our GPT (train/lora.py): only adapters train, merged weights compute what base
 plus adapter compute, adapter state round-trips, a bf16 base, named refusals, and 'make export' of a
-LoRA checkpoint as merged Hugging Face weights; vocabulary growth (model/gpt.py's grow_vocab)."""
+LoRA checkpoint as merged Hugging Face weights; a vocabulary grown as the trainer grows it (train/hf_parent.py's
+with_new_rows: a model of the larger vocabulary, the parent's rows loaded into it)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import config_of
+from conftest import config_of, merged_lora_weights, trainable
 
 from data.tokenizer import Tokenizer
-from model.gpt import GPT, ModelConfig, grow_vocab
+from model.gpt import GPT, ModelConfig
 from parallel.errors import CheckpointError
 from train import checkpoint
 from train.build import padded_vocab
+from train.hf_parent import with_new_rows
 from train.lora import (LoraError, LoraSettings, adapter_state, adapters_disabled, apply_lora, checkpoint_weights,
-                        load_adapter_state, lora_checkpoint_weights, lora_parameters, merged_weights)
+                        load_adapter_state, lora_checkpoint_weights)
 
 pytest.importorskip("peft")
 
@@ -36,7 +38,7 @@ def trained_lora(fields=TINY, steps=3, **settings):
     model = GPT(ModelConfig(**fields))
     base = {k: v.clone() for k, v in model.state_dict().items()}
     matched = apply_lora(model, LoraSettings(**settings))
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-2)
     idx, targets = batch()
     for _ in range(steps):
         optimizer.zero_grad()
@@ -71,7 +73,7 @@ def test_only_adapter_parameters_change_and_the_base_is_frozen():
 def test_merged_weights_give_the_logits_of_base_plus_adapter(fields):
     model, _, _ = trained_lora(fields, targets=ALL_FOUR, rank=4, alpha=8)
     plain = GPT(ModelConfig(**fields)).eval()
-    merged = merged_weights(model)
+    merged = merged_lora_weights(model)
     assert set(merged) == set(plain.state_dict())
     plain.load_state_dict(merged)
     idx, _ = batch(seed=2)
@@ -96,7 +98,7 @@ def test_adapter_state_round_trips_and_rebuilds_the_merged_weights():
         assert torch.equal(fresh.eval()(idx, every_position=True)[0], model(idx, every_position=True)[0])
     rebuilt = lora_checkpoint_weights({"model": state, "lora": LoraSettings(targets=("attn.c_attn", "mlp.c_proj"))
                                        .to_dict()}, base)
-    merged = merged_weights(model)
+    merged = merged_lora_weights(model)
     assert set(rebuilt) == set(merged)
     for key in merged:
         torch.testing.assert_close(rebuilt[key], merged[key], atol=1e-6, rtol=0)
@@ -111,7 +113,7 @@ def test_a_bf16_base_keeps_fp32_adapters_and_trains():
     for name, p in model.named_parameters():
         assert p.dtype == (torch.float32 if ".lora_" in name else torch.bfloat16), name
     assert model.rope_cos.dtype == torch.float32
-    assert all(v.dtype == torch.float32 for v in merged_weights(model).values())
+    assert all(v.dtype == torch.float32 for v in merged_lora_weights(model).values())
     logits, loss = model(*batch())
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
 
@@ -132,13 +134,12 @@ def test_with_adapters_disabled_the_model_computes_its_base():
 
 def test_also_train_keeps_a_grown_embedding_trainable():
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**LLAMA))
-    grow_vocab(model, 1)
+    model = grown(GPT(ModelConfig(**LLAMA)), 1)
     apply_lora(model, LoraSettings(base_bf16=True), also_train=("wte.weight",))
     old = model.wte.weight.detach().clone()
     assert model.wte.weight.dtype == torch.bfloat16 and model.wte.weight.requires_grad  # in the bf16 base's forward
     assert not model.lm_head.weight.requires_grad
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-2)
     model(*batch())[1].backward()
     optimizer.step()
     assert not torch.equal(model.wte.weight, old)
@@ -166,26 +167,36 @@ def test_bad_targets_are_named_with_our_linear_layers():
                                                                        "blocks.1.mlp.shared.c_fc"]
 
 
-def test_grow_vocab_appends_initialised_rows_and_keeps_old_logits():
+def grown(model: GPT, rows: int) -> GPT:
+    """The trainer's vocabulary growth: a model of the larger padded vocabulary (its new rows initialised
+    as any model's), the old model's weights loaded into it through with_new_rows."""
+    if rows <= 0:
+        return model
+    bigger = GPT(dataclasses.replace(model.config, vocab_size=padded_vocab(model.config.vocab_size + rows)))
+    weights, kept = with_new_rows(model.state_dict(), bigger.state_dict())
+    assert kept == model.config.vocab_size
+    bigger.load_state_dict(weights)
+    return bigger
+
+
+def test_a_grown_vocabulary_keeps_the_old_rows_and_their_logits():
     for fields in (TINY, LLAMA):
         torch.manual_seed(0)
         model = GPT(ModelConfig(**fields)).eval()
         idx, _ = batch()
         with torch.no_grad():
             before = model(idx, every_position=True)[0]
-        old_wte, old_head = model.wte.weight.detach().clone(), model.lm_head.weight.detach().clone()
-        assert grow_vocab(model, 0) == 64
-        assert grow_vocab(model, 2) == 128 == model.config.vocab_size == padded_vocab(66)
-        assert model.wte.weight.shape == model.lm_head.weight.shape == (128, 32)
-        assert torch.equal(model.wte.weight[:64], old_wte) and torch.equal(model.lm_head.weight[:64], old_head)
-        assert (model.lm_head.weight is model.wte.weight) == fields.get("tie_embeddings", True)
-        new = model.wte.weight[64:].detach()
+        bigger = grown(model, 2).eval()
+        assert bigger.config.vocab_size == 128 == padded_vocab(66)
+        assert bigger.wte.weight.shape == bigger.lm_head.weight.shape == (128, 32)
+        assert torch.equal(bigger.wte.weight[:64], model.wte.weight)
+        assert torch.equal(bigger.lm_head.weight[:64], model.lm_head.weight)
+        assert (bigger.lm_head.weight is bigger.wte.weight) == fields.get("tie_embeddings", True)
+        new = bigger.wte.weight[64:].detach()
         assert 0.01 < new.std().item() < 0.03 and abs(new.mean().item()) < 0.005  # normal(0, init_std = 0.02)
         with torch.no_grad():
-            after = model(idx, every_position=True)[0]
-        assert after.shape[-1] == 128
+            after = bigger(idx, every_position=True)[0]
         torch.testing.assert_close(after[..., :64], before, atol=1e-6, rtol=0)
-        GPT(model.config).load_state_dict(model.state_dict())  # strict: a model of the new config fits it
 
 
 def lora_run(tmp_path, tokenizer, fields, grow=0):
@@ -197,11 +208,11 @@ def lora_run(tmp_path, tokenizer, fields, grow=0):
                                            "tokenizer": tokenizer.spec, "config": dict(config_of()), **extra}
     base_path = tmp_path / "base" / checkpoint.FOLDER / "step-00000004.pt"
     checkpoint.save(base_path, state_of(model, model.state_dict()))
-    grow_vocab(model, grow)
+    model = grown(model, grow)
     settings = LoraSettings(rank=4, alpha=8, targets=ALL_FOUR)
     apply_lora(model, settings)
     with torch.no_grad():
-        for p in lora_parameters(model):
+        for p in trainable(model):
             p.add_(torch.randn_like(p) * 0.1)
     parent = {"path": str(base_path), "kind": "checkpoint", "step": 4,
               "weights_sha256": checkpoint_file_sha(base_path), "val_loss": None, "optimizer": False}

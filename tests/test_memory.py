@@ -366,11 +366,10 @@ def test_post_training_prediction_matches_measured_peak(name):
     reference or LoRA's adapters off) and LoRA (frozen base, adapters with grads and AdamW state, the
     embedding in full when the template added tokens), each step through PostTraining.loss as the
     trainer runs it."""
-    from train.lora import lora_parameters
 
     _, _, batch, seq, dtype, tolerance = POST_CONFIGS[name]
     cfg, config, model, post, objective = _post_training(name)
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-3, fused=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     gen = torch.Generator().manual_seed(1)
 
     def make_batch():

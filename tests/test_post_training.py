@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import config_of
+from conftest import config_of, merged_lora_weights
 from data.chat_template import IM_END, IM_START
 from data.errors import DataError
 from data.prepare import prepare
@@ -21,7 +21,6 @@ from export.hf_folder import export_run
 from hf.read import read_hf_folder
 from parallel.errors import CheckpointError
 from train import checkpoint
-from train.lora import merged_weights
 from train.sample import sample_from
 from train.trainer import Trainer
 
@@ -195,7 +194,7 @@ def test_lora_changes_only_the_adapters_and_the_grown_embedding(parent, lora_run
 @pytest.mark.slow
 def test_a_lora_run_exports_evaluates_and_samples_with_its_merged_weights(lora_run):
     t, _ = lora_run
-    merged = merged_weights(t.model)  # the live model after its last step, the latest checkpoint's weights
+    merged = merged_lora_weights(t.model)  # the live model after its last step, the latest checkpoint's weights
     folder = export_run(t.run_dir, "latest", log=lambda message: None)
     _, exported = read_hf_folder(folder)
     tied = {"lm_head.weight"} if t.model.config.tie_embeddings else set()
@@ -226,7 +225,7 @@ def test_a_lora_run_from_a_hugging_face_folder_merges_into_that_base(parent, tmp
     t.run()
     assert t.parent["kind"] == "hf" and t.post.trained_in_full == ("wte.weight",)
     model, _, _ = load_checkpoint(t.run_dir, "latest")  # the adapter merged into the folder's weights, read again
-    merged = merged_weights(t.model)
+    merged = merged_lora_weights(t.model)
     for name, tensor in model.state_dict().items():
         assert torch.allclose(tensor, merged[name], atol=1e-6), name
 

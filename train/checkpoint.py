@@ -173,16 +173,16 @@ def has_checkpoint(run_dir: Path) -> bool:
 def init_source(where: Path, which: str) -> tuple[Path, dict]:
     """The checkpoint a warm start (CONFIG_INIT_FROM) reads and its loaded state: ``where`` is a run
     directory (its best checkpoint for ``which`` "best", its newest readable step checkpoint for
-    "latest") or a checkpoint (a file, or a sharded FSDP2/DeepSpeed folder, whose weights are gathered
-    into one state dict)."""
+    "latest") or a checkpoint (a file, or a sharded FSDP2/DeepSpeed folder: its state says "sharded", and
+    train/lora.py's checkpoint_weights gathers its weights)."""
     where = Path(where)
     if where.is_dir():
         if (where / EXTRA).is_file():  # a sharded checkpoint folder itself
-            return where, gathered(where, load(where / EXTRA))
+            return where, {**load(where / EXTRA), "sharded": str(where)}
         if which == "best":
             sharded = where / FOLDER / BEST_SHARDED
             if (sharded / EXTRA).is_file():
-                return sharded, gathered(sharded, load(sharded / EXTRA))
+                return sharded, {**load(sharded / EXTRA), "sharded": str(sharded)}
             path = where / FOLDER / BEST
             if not path.is_file():
                 raise CheckpointError(f"CONFIG_INIT_FROM={str(where)!r}: no {FOLDER}/{BEST} there (the run never "
@@ -192,9 +192,7 @@ def init_source(where: Path, which: str) -> tuple[Path, dict]:
             if found is None:
                 raise CheckpointError(f"CONFIG_INIT_FROM={str(where)!r}: no readable step checkpoint in "
                                       f"{where / FOLDER}; name a run directory that has trained, or a checkpoint file")
-            path, state = found
-            if state.get("sharded"):
-                return path, gathered(path, state)
+            return found  # a sharded one's weights are read through train/lora.py's checkpoint_weights
     elif where.is_file():
         path = where
     else:
@@ -205,11 +203,3 @@ def init_source(where: Path, which: str) -> tuple[Path, dict]:
         raise CheckpointError(f"CONFIG_INIT_FROM: {path} holds no weights (a sharded checkpoint's extra.pt?); "
                               "name the sharded checkpoint's folder, or its run directory")
     return path, state
-
-
-def gathered(folder: Path, state: dict) -> dict:
-    """A sharded checkpoint's state with its whole model's weights gathered in under "model" (no optimizer
-    state: an FSDP2/DeepSpeed optimizer's shards are not carried)."""
-    from parallel.runtime import full_weights
-
-    return {**state, "model": full_weights(folder, state["engine"])}

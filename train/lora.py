@@ -9,7 +9,7 @@ frozen; with LORA_BASE_BF16 the frozen ones are held in bf16 while the adapters 
 Names. Our state dict with adapters is the plain one with ``<layer>.weight`` moved to
 ``<layer>.base_layer.weight`` and the adapters under ``<layer>.lora_A.default.weight``; the adapter
 state this module saves and loads uses peft's saved names, ``<layer>.lora_A.weight`` and
-``<layer>.lora_B.weight``. ``merged_weights`` is the plain state dict again (adapters added into
+``<layer>.lora_B.weight``. ``lora_checkpoint_weights`` gives the plain state dict again (adapters added into
 the weights, fp32), which loads into a GPT without LoRA: for export and for a later stage's
 INIT_FROM.
 
@@ -149,12 +149,6 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What the optimizer trains: the adapter parameters and apply_lora's ``also_train`` ones (the
-    parameters that require grad; call it outside ``adapters_disabled``)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """Inside the block the model computes its base alone (every adapter off): DPO's reference model
@@ -171,7 +165,7 @@ def adapters_disabled(model: nn.Module):
 
 def adapter_state(model: nn.Module, extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The adapters' tensors (``<layer>.lora_A.weight``, ``<layer>.lora_B.weight``), detached, plus the
-    plain parameters named in ``extra`` (their plain names, e.g. wte.weight after grow_vocab)."""
+    plain parameters named in ``extra`` (their plain names, e.g. wte.weight grown for a template's tokens)."""
     from peft import get_peft_model_state_dict
 
     state = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
@@ -203,22 +197,6 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
                 if name not in plain or plain[name].shape != tensor.shape:
                     raise LoraError(f"the adapter state's {name!r} fits no parameter of this model")
                 plain[name].copy_(tensor)
-
-
-def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our plain state dict (names as without LoRA, floating tensors fp32) with each adapter added
-    into its layer's weight: W + (alpha / rank) * B A."""
-    layers = lora_layers(model)
-    merged = {}
-    for key, tensor in model.state_dict().items():
-        if ".lora_" in key:
-            continue
-        tensor = tensor.detach()
-        merged[key.replace(".base_layer.", ".")] = tensor.float() if tensor.is_floating_point() else tensor
-    with torch.no_grad():
-        for name, layer in layers.items():
-            merged[f"{name}.weight"] = layer.base_layer.weight.float() + layer.get_delta_weight(ADAPTER).float()
-    return merged
 
 
 def lora_checkpoint_weights(state: dict, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -256,8 +234,16 @@ def lora_checkpoint_weights(state: dict, base_weights: dict[str, torch.Tensor]) 
 
 
 def checkpoint_weights(state: dict) -> dict[str, torch.Tensor]:
-    """A single-file checkpoint state's plain model weights: its "model" slot, or for a LoRA run the
-    adapter merged into its base (base_weights of its "init_from" record)."""
+    """A checkpoint state's plain model weights, whoever reads them (warm starts, export, eval, sample): its
+    "model" slot, a sharded (FSDP2/DeepSpeed) checkpoint's weights gathered into one state dict, or for a
+    LoRA run the adapter merged into its base (base_weights of its "init_from" record)."""
+    if state.get("sharded"):
+        if "lora" in state:
+            raise CheckpointError(f"{state['sharded']}: a sharded LoRA checkpoint; merging its adapter needs a "
+                                  "single-file one (train the LoRA stage with PARALLEL_NONE or DDP)")
+        from parallel.runtime import full_weights
+
+        return full_weights(state["sharded"], state["engine"])
     if "lora" not in state:
         return state["model"]
     return lora_checkpoint_weights(state, base_weights(state.get("init_from"),

@@ -168,12 +168,7 @@ def load_run(run_dir, report=None) -> tuple[torch.nn.Module, Tokenizer, SampleCo
                            "weights under their own names, which 'make sample' (a plain model on CPU) cannot "
                            "load; the run's own end-of-training sample is in its samples.txt")
     model = GPT(ModelConfig.from_dict(state["model_config"]))
-    if state.get("sharded"):  # FSDP2 or DeepSpeed: gather the shards into one state dict
-        from parallel.runtime import full_weights
+    from train.lora import checkpoint_weights  # sharded ones gathered; a LoRA run's adapter merged into its base
 
-        model.load_state_dict(full_weights(state["sharded"], state["engine"]))
-    else:
-        from train.lora import checkpoint_weights  # a LoRA run: its adapter merged into its recorded base
-
-        model.load_state_dict(checkpoint_weights(state))
+    model.load_state_dict(checkpoint_weights(state))
     return model, tokenizer, SampleConfig.from_config(Config({**ADDED_SAMPLING_SYMBOLS, **state["config"]}))

@@ -135,19 +135,22 @@ class Trainer(Checkpointing):
         total = torch.zeros((), device=self.device)
         terms: dict[str, torch.Tensor] = {}
         for _ in range(self.loop.eval_batches):
-            batch = batches.next()
             with autocast(self.device, self.dtype), fp8_autocast(self.device_config.fp8):
-                if self.post is None:
-                    x, y = batch
-                    _, loss = self.forward(x, y)
-                else:
-                    loss, parts = self.post.loss(self.forward, self.model, batch)
-                    for name, value in parts.items():
-                        terms[name] = terms.get(name, 0) + value / self.loop.eval_batches
+                loss, parts = self.batch_loss(batches.next())
+            for name, value in parts.items():
+                terms[name] = terms.get(name, 0) + value / self.loop.eval_batches
             total += loss.float()
         if metrics is not None:
             metrics.update({name: runtime.mean(self.dist, value).item() for name, value in terms.items()})
         return runtime.mean(self.dist, total / self.loop.eval_batches).item()  # ranks' equal slices: the global mean
+
+    def batch_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective's loss on one micro-batch and its extra detached terms (none for pretraining, whose
+        MTP/MoE terms the model keeps in loss_parts)."""
+        if self.post is None:
+            x, y = batch
+            return self.forward(x, y)[1], {}
+        return self.post.loss(self.forward, self.model, batch)
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, self.optim.schedule) * self.curriculum.lr_scale_at(step)
@@ -178,11 +181,7 @@ class Trainer(Checkpointing):
             # DDP/FSDP2 communicate gradients on the step's last micro-batch only.
             with runtime.gradient_sync(self.module, self.dist, sync=i == accum - 1):
                 with autocast(self.device, self.dtype), fp8_autocast(self.device_config.fp8):
-                    if self.post is None:
-                        x, y = batch
-                        _, loss = self.forward(x, y)
-                    else:
-                        loss, terms = self.post.loss(self.forward, self.model, batch)
+                    loss, terms = self.batch_loss(batch)
                 if self.moe_stats:
                     self.moe_stats.collect()
                 if self.ds is not None:  # the engine divides by GRAD_ACCUM and steps on the last one
