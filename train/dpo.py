@@ -38,17 +38,17 @@ class DPOConfig:
         return cls(loss=cfg.DPO_LOSS, beta=cfg.DPO_BETA, label_smoothing=smoothing)
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B,) sum of log p(target) over each row's positions whose target is not IGNORE; logits (B, T, V)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+def sequence_logps(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of log p(target) over each row's positions whose target is not IGNORE; ``logp`` (B, T, V) are
+    log-probabilities (log_softmax of the logits, computed once for this and token_kl)."""
     keep = targets != IGNORE
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * keep).sum(-1)
 
 
-def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over response positions (targets not IGNORE) of KL(pi || ref) between next-token distributions."""
-    logp, logq = F.log_softmax(policy_logits.float(), -1), F.log_softmax(ref_logits.float(), -1)
+def token_kl(logp: torch.Tensor, logq: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over response positions (targets not IGNORE) of KL(pi || ref) between next-token distributions,
+    from the policy's and the reference's log-probabilities."""
     kl = (logp.exp() * (logp - logq)).sum(-1)
     keep = targets != IGNORE
     return (kl * keep).sum() / keep.sum().clamp(min=1)

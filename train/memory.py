@@ -484,8 +484,8 @@ def post_training_memory(config: ModelConfig, micro_batch: int, seq_len: int, ac
     the document mask (model/attention.py's document_mask_bytes) and the ids GPT.forward derives.
     DPO runs 2 x micro_batch rows (chosen, then rejected) through the policy, then the reference
     under no_grad; the forward's end is a further moment: the saved set, the policy's and the
-    reference's logits and token_kl's five fp32 (2B, T, V) temporaries (two log-softmaxes, exp,
-    difference, product). Without LoRA the reference is a frozen fp32 copy of the weights (counted
+    reference's logits and five fp32 (2B, T, V) temporaries (the two log-softmaxes the loss and
+    token_kl share, and token_kl's exp, difference and product). Without LoRA the reference is a frozen fp32 copy of the weights (counted
     in ``weights``); with LoRA it is the same model with its adapters off. LoRA: the base has no grads
     and no optimizer state (bf16 with LORA_BASE_BF16), the adapters both (``lora_activation_change``
     for the activations). With LoRA, ``embedding_trained`` adds the embedding's grads and state

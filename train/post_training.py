@@ -19,6 +19,7 @@ import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from data.chat_template import tokens_needed
 from data.preference import PreferenceData
@@ -97,10 +98,11 @@ class PostTraining:
         logits, _ = forward(x, every_position=True)
         with torch.no_grad(), self.reference_model(model) as reference:
             ref_logits, _ = reference(x, every_position=True)
-        policy, ref = sequence_logps(logits, y), sequence_logps(ref_logits, y)
+        logp, ref_logp = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)
+        policy, ref = sequence_logps(logp, y), sequence_logps(ref_logp, y)
         b = x.size(0) // 2
         loss, metrics = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], self.dpo)
-        metrics["dpo_kl"] = token_kl(logits.detach(), ref_logits, y)
+        metrics["dpo_kl"] = token_kl(logp.detach(), ref_logp, y)
         return loss, metrics
 
     @contextlib.contextmanager
