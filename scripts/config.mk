@@ -23,19 +23,19 @@ defconfig: $(CORE)
 
 ## menuconfig: edit .config in a terminal menu, then validate it and regenerate config.py
 menuconfig: $(CORE)
-	@$(PY) -m menuconfig Kconfig
+	@$(PY) -m kconfig.menus menuconfig Kconfig
 	@$(MENUSYNC)
 
 ## nconfig: the same terminal menu as menuconfig (kconfiglib's; it has no separate nconfig)
 nconfig: $(CORE)
-	@$(PY) -m menuconfig Kconfig
+	@$(PY) -m kconfig.menus menuconfig Kconfig
 	@$(MENUSYNC)
 
 ## guiconfig: edit .config in a Tk window (needs tkinter and a display), then validate it
 guiconfig: $(CORE)
 	@$(PY) -c "import tkinter" 2>/dev/null || { echo "error: make guiconfig needs tkinter, which $(PY) lacks: install it (Debian/Ubuntu: apt install python3-tk; Fedora: dnf install python3-tkinter; macOS: brew install python-tk), or use 'make menuconfig'" >&2; exit 2; }
 	@$(PY) -c "import tkinter; tkinter.Tk().destroy()" 2>/dev/null || { echo "error: make guiconfig needs a display (DISPLAY is '$$DISPLAY'; over ssh use ssh -X), or use 'make menuconfig'" >&2; exit 2; }
-	@$(PY) -m guiconfig Kconfig
+	@$(PY) -m kconfig.menus guiconfig Kconfig
 	@$(MENUSYNC)
 
 ## oldconfig: ask only for the symbols .config does not set yet (new ones), then validate it
