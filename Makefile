@@ -4,7 +4,8 @@
 #   make test                             the test suite
 #
 # Variables: SET="SYM=value ..." (one-shot overrides), PYTHON (interpreter that makes
-# the venv), VENV (its path), TORCH_SPEC (pip requirement for torch), SKIP_SETUP=1
+# the venv), VENV (its path), TORCH_SPEC (pip requirement for torch), TORCH_INDEX=cpu (CPU
+# torch, no CUDA wheels), SKIP_SETUP=1
 # (use PYTHON as is, install nothing), KCONFIG_CONFIG (the configuration file, default .config).
 # 'make help' lists every variable.
 # SET reaches kbuild exactly as the shell passes it (make expands nothing in it): write
@@ -46,8 +47,10 @@ include scripts/test.mk
 #= REPREPARE=1: make data deletes this configuration's prepared data first
 #= PYTEST_ARGS=<options>: passed to pytest by make test and test-fast, e.g. PYTEST_ARGS="-k kconfig"
 #= PYTHON=<interpreter>: the interpreter that creates the virtualenv (default python3)
-#= VENV=<dir>: the virtualenv's folder (default .venv)
+#= VENV=<dir>: the virtualenv's folder (default .venv); an existing one that has everything is reused, nothing installed
 #= TORCH_SPEC=<requirement>: the pip requirement for torch (default torch==2.13.0)
+#= TORCH_INDEX=cpu|cu126|<url>: PyTorch's index for the torch install (default empty: pip's own; cpu avoids 2.2 GB of CUDA wheels)
+#= PYPI_INDEX=<url>: the index for torch's dependencies when TORCH_INDEX is set (default https://pypi.org/simple)
 #= SKIP_SETUP=1: use PYTHON as it is and install nothing
 .PHONY: help
 ## help: list every target, one line each

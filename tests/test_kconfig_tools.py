@@ -303,3 +303,13 @@ def test_menuconfig_refuses_a_bad_float_typed_into_the_menu(repo, make):
     assert b'CONFIG_LR="fast": not a number' in out and b"the edit was not kept" in out
     assert (repo / ".config").read_text() == good
     assert 'CONFIG_LR="fast"' in (repo / ".config.rejected").read_text()
+
+
+@pytest.mark.slow
+def test_menuconfigs_help_screen_says_a_floats_type_and_range(repo, make):
+    """'?' on LR in the real menu: the help screen says what the value must be, not only "Type: string"."""
+    make("defconfig-quickstart")
+    keys = [(b"Toggle/enter", b"/"), (b"", b"^LR$"), (b"", b"\n"), (b"", b"?"),  # jump to LR, its help
+            (b"Type: float within [0, 10]", b"\x1b"), (b"", b"Q")]
+    code, out = _menuconfig_session(repo, keys)
+    assert code == 0 and b"Type: float within [0, 10]" in out
