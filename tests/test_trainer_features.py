@@ -110,7 +110,8 @@ def test_wandb_offline_run_has_metrics_and_config_and_no_secret(tmp_path, quiet_
     assert config["MAX_ITERS"] == 10 and config["TRACK_WANDB"] is True
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
-    assert [h["_step"] for h in history if "train_loss" in h] == [5, 10]
-    assert any("val_loss" in h for h in history) and all(h.get("cpu_rss_gib", 1) > 0 for h in history)
+    assert [h["_step"] for h in history if "train/loss" in h] == [5, 10]  # the trackers' names (TRACKER_KEYS)
+    assert any("val/loss" in h for h in history) and all(h.get("system/cpu_rss_gib", 1) > 0 for h in history)
+    assert [h["tokens"] for h in history if "train/loss" in h] == [t.tokens_before(5), t.tokens_before(10)]
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert leaked == []

@@ -11,6 +11,12 @@ What goes where:
 - trackio: its local database (TRACKIO_DIR, default ~/.cache/huggingface/trackio) or a Space.
 - TensorBoard: ``<run_dir>/tensorboard/`` event files.
 - ``<run_dir>/trackers.json``: the W&B run id, so a resumed run continues the same tracker runs.
+
+Every tracker gets the same names: TRACKER_KEYS maps metrics.jsonl's keys (which stay as they are:
+the report reads them) to namespaced ones (``train/loss``, ``val/<set>/loss``, ``perf/tokens_per_s``,
+``eval/<task>/<metric>``), and FINAL_KEYS maps summary.json's to ``final/...``. ``tokens`` is W&B's x
+axis; the resolved configuration is the W&B run config and TensorBoard's hparams, so runs of an
+ablation compare in W&B's runs table and TensorBoard's HPARAMS tab.
 """
 
 from __future__ import annotations
@@ -130,6 +136,98 @@ def flatten(record: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+# --------------------------------------------------------------------------- tracker keys
+
+# metrics.jsonl's keys, nested dicts flattened to parent/child (flatten), -> the key every tracker logs.
+# A trailing '*' matches the rest of the key, which fills the template's '{}'; the first row that matches
+# wins; a key no row matches is logged under its own name (nothing is dropped).
+TRACKER_KEYS = (
+    ("tokens", "tokens"),  # tokens trained on before the step, all ranks: W&B's x axis
+    ("train_loss", "train/loss"),  # nats/token
+    ("lr", "train/lr"),
+    ("grad_norm", "train/grad_norm"),  # before clipping
+    ("skipped_steps", "train/skipped_steps"),  # non-finite steps skipped so far
+    ("train_eval_loss", "train/eval_loss"),  # the train split on EVAL_BATCHES batches, at each evaluation
+    ("mtp_loss", "train/mtp_loss"),
+    ("dpo_*", "train/dpo_{}"),  # DPO's loss terms, rewards, accuracy, KL on the training batches
+    ("val_loss", "val/loss"),  # the aggregate over the validation sets (the one checkpoints/best.pt follows)
+    ("val_bpb", "val/bpb"),  # bits per byte
+    ("val_losses/*", "val/{}/loss"),  # one per validation set (VAL_SETS; 'val' alone by default)
+    ("val_bpbs/*", "val/{}/bpb"),
+    ("val_dpo_*", "val/dpo_{}"),  # DPO's terms on the validation pairs
+    ("eval/*", "eval/{}"),  # EVAL_TASKS during training: eval/<task>/<metric>
+    ("tokens_per_s", "perf/tokens_per_s"),
+    ("flops_per_s", "perf/flops_per_s"),
+    ("mfu", "perf/mfu"),  # model FLOPs utilization, 0..1 (GPUs with a known peak only)
+    ("elapsed_s", "perf/elapsed_s"),
+    ("moe_aux_loss", "moe/aux_loss"),
+    ("moe_z_loss", "moe/z_loss"),
+    ("moe_load_max", "moe/load_max"),
+    ("moe_dropped_frac", "moe/dropped_frac"),
+    ("curriculum_stage", "curriculum/stage"),
+    ("seq_len", "curriculum/seq_len"),
+    ("tokens_per_step", "curriculum/tokens_per_step"),
+    ("data_share/*", "data/share/{}"),  # each source's share of the tokens so far
+    ("cpu_rss_gib", "system/cpu_rss_gib"),
+    ("gpu_*", "system/gpu_{}"),
+)
+
+# summary.json's keys -> the final metrics (W&B's run summary; TensorBoard's HPARAMS columns). Unmatched
+# keys are left out: summary.json has them all.
+FINAL_KEYS = (
+    ("final_train_loss", "final/train/loss"),
+    ("final_val_loss", "final/val/loss"),
+    ("best_val_loss", "final/val/best_loss"),
+    ("best_val_step", "final/val/best_step"),
+    ("final_val_bpb", "final/val/bpb"),
+    ("best_val_bpb", "final/val/best_bpb"),
+    ("final_val_losses/*", "final/val/{}/loss"),
+    ("final_val_bpbs/*", "final/val/{}/bpb"),
+    ("steps", "final/steps"),
+    ("tokens", "final/tokens"),
+    ("skipped_steps", "final/train/skipped_steps"),
+    ("tokens_per_s", "final/perf/tokens_per_s"),
+    ("mfu", "final/perf/mfu"),
+    ("wall_time_s", "final/perf/wall_time_s"),
+    ("params", "final/params"),
+    ("params_non_embedding", "final/params_non_embedding"),
+    ("params_active", "final/params_active"),
+)
+
+
+def tracker_key(key: str, table=TRACKER_KEYS) -> str | None:
+    """``key``'s name in ``table`` (None where no row matches)."""
+    for pattern, template in table:
+        if pattern.endswith("*"):
+            if key.startswith(pattern[:-1]) and len(key) > len(pattern) - 1:
+                return template.format(key[len(pattern) - 1:])
+        elif key == pattern:
+            return template
+    return None
+
+
+def tracker_metrics(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record's finite scalars under the trackers' names."""
+    return {tracker_key(key) or key: value for key, value in flatten(record).items()}
+
+
+def final_metrics(summary: dict) -> dict[str, float]:
+    """The run summary's comparable numbers under their ``final/...`` names."""
+    return {name: value for key, value in flatten(summary).items() if (name := tracker_key(key, FINAL_KEYS))}
+
+
+def namespaces() -> list[str]:
+    """The first path segments of the tracker keys (W&B plots each against tokens)."""
+    return sorted({template.split("/")[0] for _, template in TRACKER_KEYS if "/" in template})
+
+
+def hparams(cfg) -> dict[str, bool | int | float | str]:
+    """The resolved configuration as TensorBoard hyperparameters: unset symbols (None) left out, lists as
+    their text."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in public_config(cfg).items() if v is not None}
+
+
 # --------------------------------------------------------------------------- the trackers
 
 
@@ -147,12 +245,17 @@ class WandbTracker:
             # stdout stays ours (train.log has it); no code upload
             settings=wandb.Settings(console="off", save_code=False))
         self.id = self.run.id
+        # Charts against tokens trained on (steps mislead under curriculum and batch warmup); _step stays
+        # the optimizer step, selectable as the x axis in the UI.
+        self.run.define_metric("tokens")
+        for namespace in namespaces():
+            self.run.define_metric(f"{namespace}/*", step_metric="tokens")
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
 
     def finish(self, summary: dict) -> None:
-        self.run.summary.update(flatten(summary))
+        self.run.summary.update(final_metrics(summary))
         failed = summary.get("status") not in (None, "done")
         self.run.finish(exit_code=1 if failed else 0)
 
@@ -178,12 +281,23 @@ class TrackioTracker:
 
 
 class TensorBoardTracker:
+    """Scalars under the tracker keys, and the hparams plugin's session records in the run's own folder
+    (SummaryWriter.add_hparams would open a second run beside it). The plugin's experiment record is
+    left out on purpose: TensorBoard takes the first run's as every run's, so a symbol set in one run
+    only would get no column; without it the HPARAMS tab's columns are the union of the runs'
+    configurations and its metrics every scalar tag (the last value of each)."""
+
     name = "tensorboard"
 
     def __init__(self, cfg, run_dir: Path, plan_name: str, run_name: str):
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=30)
+        # At the start, so a run in progress is in the HPARAMS tab (status unknown until it is done);
+        # TensorBoard keeps the first of a tag's records, so a resumed run shows its first attempt's.
+        _, session_start, self.session_end = hparams_summaries(hparams(cfg), {})
+        self.writer.file_writer.add_summary(session_start)
         lines = [f"    {k} = {v!r}" for k, v in public_config(cfg).items()]  # indented: markdown code block
         self.writer.add_text("config", "\n".join(lines), global_step=0)
 
@@ -192,7 +306,12 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, value, global_step=step)
 
     def finish(self, summary: dict) -> None:
-        self.writer.add_text("summary", "    " + json.dumps(summary, default=str), global_step=summary.get("steps"))
+        step = summary.get("steps")
+        for key, value in final_metrics(summary).items():
+            self.writer.add_scalar(key, value, global_step=step)
+        if summary.get("status") == "done":  # "success"; a stopped run stays "unknown" until it completes
+            self.writer.file_writer.add_summary(self.session_end)
+        self.writer.add_text("summary", "    " + json.dumps(summary, default=str), global_step=step)
         self.writer.close()
 
 
@@ -248,7 +367,7 @@ class Trackers:
         """Send a metrics record's scalars to every tracker; a failure never reaches the caller."""
         if not self.trackers:
             return
-        metrics = flatten(record)
+        metrics = tracker_metrics(record)
         if metrics:
             for tracker in list(self.trackers):
                 self._call(tracker, "log", metrics, step)
