@@ -289,18 +289,27 @@ def cmd_run_one(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """One plan's report into its folder; several (PLANS) into one report across them (REPORT_DIR, else
+    runs/report-<a>+<b>/ beside the first)."""
+    from plan.plots_curves import CurveOptions
     from plan.report import write_report
     from plan.runner import runs_dir
 
-    if args.plan:
-        path = Path(args.plan)
-    else:
+    plans = [Path(p) for p in args.plans.split()] or ([Path(args.plan)] if args.plan else [])
+    if not plans:
         root = runs_dir(load(DOT_CONFIG)[1]) if DOT_CONFIG.exists() else ROOT / "runs"
-        path = newest_plan_dir(root)
-        if path is None:
+        newest = newest_plan_dir(root)
+        if newest is None:
             print(f"error: no plan under {root}; run 'make' first", file=sys.stderr)
             return 1
-    for p in write_report(path):
+        plans = [newest]
+    missing = [str(p) for p in plans if not (p / "plan.json").is_file()]
+    if missing:
+        print(f"error: no plan.json in {', '.join(missing)}: PLAN/PLANS name plan directories (runs/<plan>)",
+              file=sys.stderr)
+        return 1
+    options = CurveOptions(x=args.x, logx=args.logx)
+    for p in write_report(*plans, out=Path(args.out) if args.out else None, options=options):
         print(p)
     return 0
 
@@ -442,8 +451,17 @@ def main(argv=None) -> int:
     add("data", cmd_data, "prepare the configured data").add_argument(
         "--reprepare", action="store_true", default=bool(os.environ.get("REPREPARE")),
         help="delete this configuration's prepared data first (default: $REPREPARE)")
-    add("report", cmd_report, "table and plots for a plan").add_argument(
-        "--plan", default=os.environ.get("PLAN", ""), help="plan directory (default: $PLAN, else the newest)")
+    p = add("report", cmd_report, "table and plots for a plan, or one report across several")
+    p.add_argument("--plan", default=os.environ.get("PLAN", ""), help="plan directory (default: $PLAN, else the newest)")
+    p.add_argument("--plans", default=os.environ.get("PLANS", ""),
+                   help="plan directories, space-separated: one report across them (default: $PLANS)")
+    p.add_argument("--out", default=os.environ.get("REPORT_DIR", ""),
+                   help="where the report goes (default: $REPORT_DIR, else the plan's folder; across plans "
+                        "runs/report-<a>+<b>/ beside the first)")
+    p.add_argument("--x", choices=("tokens", "step", "time"), default=os.environ.get("REPORT_X") or "tokens",
+                   help="the loss curves' x axis (default: $REPORT_X, else tokens)")
+    p.add_argument("--logx", action="store_true", default=os.environ.get("REPORT_LOGX", "") in ("1", "y", "yes"),
+                   help="log-scale x axis (default: $REPORT_LOGX=1)")
     p = add("sample", cmd_sample, "generate text from a run's checkpoint")
     p.add_argument("--run", default=os.environ.get("RUN_DIR", ""),
                    help="run directory (default: $RUN_DIR, else the newest run with a checkpoint)")

@@ -1,4 +1,4 @@
-"""The report of a plan: report.md, report.csv and PNG plots written into runs/<plan>/.
+"""The report of a plan (or of several): report.md, report.csv and the figures of plan/plots.py.
 
 Inputs are what the runner leaves behind: plan.json (runs, status, differences from the base),
 each run's summary.json (with ``make eval``'s results under ``eval`` once it has run), metrics.jsonl
@@ -8,9 +8,10 @@ every reader tolerates that. A run stopped by its time limit (CONFIG_MAX_TIME) i
 wherever it appears, never shown as a finished run; the Provenance section flags runs (or attempts
 of one run) that ran on a different commit, tree, package versions, device or host.
 
-Plots are drawn on a bare ``Figure`` with the Agg canvas, never through pyplot: no global
-backend is switched and no figure is left open, so other matplotlib users are unaffected.
-Every file is written atomically (temporary name in the same folder, then ``os.replace``).
+Runs that differ only by seed (plan/seeds.py) are one curve in the plots and one row of the Seeds
+section (mean ± std over seeds); report.csv keeps one row per run. A report across several plans
+(``write_report(a, b, out=...)``) names each run ``<plan>/<run>`` and compares with the first plan's
+baseline. Every file is written atomically (temporary name in the same folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -18,24 +19,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
+import os
 from collections import Counter
 from pathlib import Path
 
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from kconfig.atomic import atomic_write, write_text_if_changed
+from kconfig.atomic import write_text_if_changed
+from plan.plots import FIGURE_SVG, EvalScores, RunBar, write_plots
+from plan.plots_curves import CurveOptions
 from plan.provenance import load_attempts
 from plan.report_provenance import describe_device, format_provenance
+from plan.seeds import SeedGroup, baseline_group, difference, finite, group_runs
 
-PLOTS = ("val_loss_vs_step.png", "val_loss_vs_time.png", "final_val_loss.png", "tokens_per_s.png")
-# Drawn only when some run has the data: val_bpb in metrics.jsonl, task results from 'make eval'.
-BPB_PLOT, EVAL_PLOT = "val_bpb_vs_tokens.png", "eval.png"
 COLUMNS = ("run", "status", "baseline", "differs_from_base", "stage", "parent", "params", "tokens_per_s", "mfu",
            "final_val_loss", "best_val_loss", "best_val_step", "final_val_bpb", "best_val_bpb", "steps",
-           "planned_steps", "final_lr", "wall_time_s", "init_from", "commit", "dirty", "hostname", "device", "error")
+           "planned_steps", "final_lr", "wall_time_s", "init_from", "commit", "dirty", "hostname", "device", "error",
+           "plan", "seed_group")
 NUMERIC = ("params", "tokens_per_s", "mfu", "final_val_loss", "best_val_loss", "best_val_step", "final_val_bpb",
            "best_val_bpb", "steps", "planned_steps", "final_lr", "wall_time_s")
 DASH = "–"
@@ -44,6 +42,7 @@ MARK = "†"  # footnote mark of a time-limited run
 # Entries of an eval task's results that describe the evaluation rather than score it.
 TASK_INFO = ("num_fewshot", "samples")
 GENERATION_COLUMNS = ("distinct_1", "distinct_2", "repeated_ngram_rate", "mean_length")
+_num = finite
 
 
 # --------------------------------------------------------------------------- reading
@@ -64,32 +63,34 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _read_evals(path: Path) -> list[dict]:
-    """Evaluation lines of metrics.jsonl; a torn last line (run killed mid-write) is skipped."""
-    return [e for e in map(_parse, _read(path).splitlines()) if _num(e.get("val_loss")) is not None]
+def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """The evaluation lines and the training-step lines of metrics.jsonl; a torn last line (run killed
+    mid-write) is skipped."""
+    lines = list(map(_parse, _read(path).splitlines()))
+    return ([e for e in lines if _num(e.get("val_loss")) is not None],
+            [e for e in lines if _num(e.get("train_loss")) is not None])
 
 
-def _num(value) -> float | None:
-    """A finite number, or None (missing, null, NaN, bool or text)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return value if ok else None
-
-
-def load_rows(plan_dir: Path) -> tuple[dict, list[dict]]:
-    """plan.json and one row per run in plan order: the plan record merged with its summary."""
+def load_rows(plan_dir: Path, out_dir: Path | None = None, prefix: str = "") -> tuple[dict, list[dict]]:
+    """plan.json and one row per run in plan order: the plan record merged with its summary. ``prefix``
+    (``<plan>/``) goes before each run's name in a report across plans; ``href`` is the run's folder
+    relative to the report's (``out_dir``, the plan's own by default)."""
     record = json.loads((plan_dir / "plan.json").read_text(encoding="utf-8"))
     rows = []
     for run in record.get("runs", []):
         run_dir = plan_dir / run["name"]
         summary = _parse(_read(run_dir / "summary.json"))
+        evals, train = _read_metrics(run_dir / "metrics.jsonl")
         status = run.get("status", "pending")
         if status == "done" and summary.get("status") == TIME_LIMIT:  # a runner that predates the status
             status = TIME_LIMIT
-        rows.append({"name": run["name"], "status": status, "stage": run.get("stage"), "parent": run.get("parent"),
+        href = run["name"] if out_dir is None else os.path.relpath(run_dir, out_dir)
+        rows.append({"name": prefix + run["name"], "plan": record.get("name", plan_dir.name), "href": href,
+                     "status": status, "stage": run.get("stage"), "parent": run.get("parent"),
                      "eval_status": run.get("eval"), "eval_error": run.get("eval_error"),
                      "baseline": bool(run.get("baseline")), "differences": run.get("differences") or {},
                      "error": run.get("error") or summary.get("error"),
-                     "summary": summary, "evals": _read_evals(run_dir / "metrics.jsonl"),
+                     "summary": summary, "evals": evals, "train": train,
                      "provenance": load_attempts(run_dir) or None})
     return record, rows
 
@@ -114,7 +115,8 @@ def _values(row: dict) -> dict:
             "error": row["error"],
             **{k: _num(s.get(k)) for k in NUMERIC}, "init_from": format_parent(s.get("init_from")),
             "commit": git.get("commit"), "dirty": git.get("dirty"), "hostname": latest.get("hostname"),
-            "device": describe_device(latest.get("device")) if latest else None}
+            "device": describe_device(latest.get("device")) if latest else None,
+            "plan": row["plan"], "seed_group": row.get("seed_group")}
 
 
 def format_parent(parent) -> str | None:
@@ -210,7 +212,7 @@ def eval_values(row: dict, metrics: list[tuple[str, str]], sets: list[str]) -> d
     values.update({f"eval_bpb_{name}": _num(_part(row, "val_bpb").get(name)) for name in sets})
     values.update({key: _num(generation.get(key)) for key in GENERATION_COLUMNS})
     file = generation.get("file")
-    values["samples_file"] = f"{row['name']}/{file}" if isinstance(file, str) and file else None
+    values["samples_file"] = f"{row['href']}/{file}" if isinstance(file, str) and file else None
     return values
 
 
@@ -368,12 +370,49 @@ def format_chain(rows: list[dict]) -> list[str]:
                     "CONFIG_CHAIN_PARENT_CHECKPOINT names); val losses are on each stage's own validation data."]
 
 
-def format_markdown(record: dict, rows: list[dict], plots: list[str]) -> str:
-    """Headline (plan, mode, runs per status), the table, the best run, then the plots."""
+def _mean_std(stat) -> str:
+    if stat is None:
+        return DASH
+    return f"{stat.mean:.4f}" + (f" ± {stat.std:.4f}" if stat.std is not None else "")
+
+
+def format_seeds(groups: list[SeedGroup]) -> list[str]:
+    """The Seeds section: one row per group of runs that differ only by seed (when some group has two or
+    more), with n, the seeds, mean ± std of the final metrics and the difference from the baseline group;
+    [] when no run has a sibling seed."""
+    if not any(g.n > 1 for g in groups):
+        return []
+    base = baseline_group(groups)
+    base_stat = base.summary_stat("final_val_loss") if base else None
+    head = ["runs", "n", "seeds", "final val loss", "Δ vs baseline", "best val loss", "final val bpb"]
+    lines = ["## Seeds", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        final = g.summary_stat("final_val_loss")
+        if g is base:
+            delta = "(baseline)"
+        elif final is None or base_stat is None:
+            delta = DASH
+        else:
+            d, se = difference(final, base_stat)
+            delta = f"{d:+.4f}" + (f" ± {se:.4f}" if se is not None else "")
+        n = f"{final.n}" + (f" of {g.n}" if final.n < g.n else "") if final else f"0 of {g.n}"
+        runs = f"`{g.label}`" + (" (" + ", ".join(f"`{r['name']}`" for r in g.rows) + ")" if g.n > 1 else "")
+        lines.append("| " + " | ".join([runs, n, ", ".join(g.seeds()), _mean_std(final), delta,
+                                         _mean_std(g.summary_stat("best_val_loss")),
+                                         _mean_std(g.summary_stat("final_val_bpb"))]) + " |")
+    return lines + ["", "Mean ± sample standard deviation (n − 1) over the runs of a group that differ only by "
+                    "CONFIG_SEED; n counts those with a final val loss. Δ: the group's mean less the baseline "
+                    "group's, ± the standard error of that difference, √(s²/n + s_b²/n_b), when both have two "
+                    "or more seeds. \"base\" is the run that keeps the base configuration's SEED."]
+
+
+def format_markdown(record: dict, rows: list[dict], plots: list[str], groups: list[SeedGroup] | None = None) -> str:
+    """Headline (plan, mode, runs per status), the table, the best run, the seeds, then the plots."""
     counts = Counter(row["status"] for row in rows)
     status = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items())
-    parts = [f"# Plan {record.get('name', '?')}: {record.get('mode', '?')}, {len(rows)} runs ({status})", "",
-             format_table(rows), ""]
+    title = (f"# Report across plans {', '.join(record['plans'])}" if record.get("plans")
+             else f"# Plan {record.get('name', '?')}: {record.get('mode', '?')}")
+    parts = [f"{title}, {len(rows)} runs ({status})", "", format_table(rows), ""]
     note = time_limit_note(rows)
     if note:
         parts += [note, ""]
@@ -381,6 +420,9 @@ def format_markdown(record: dict, rows: list[dict], plots: list[str]) -> str:
     best = None if chain else best_line(rows)  # a chain's stages train on different data: no ranking
     if best:
         parts += [best, ""]
+    seeds = format_seeds(groups if groups is not None else group_runs(rows))
+    if seeds:
+        parts += [*seeds, ""]
     if chain:
         parts += [*chain, ""]
     lineage = lineage_lines(rows)
@@ -390,159 +432,66 @@ def format_markdown(record: dict, rows: list[dict], plots: list[str]) -> str:
     if evaluation:
         parts += [*evaluation, ""]
     parts += [*format_provenance(rows), ""]
-    parts += [f"![{p[:-4].replace('_', ' ')}]({p})\n" for p in plots]
+    parts += [f"![{p[:-4].replace('_', ' ')}]({p})" + (f" ([SVG]({FIGURE_SVG}))" if p == "figure.png" else "") + "\n"
+              for p in plots]
     return "\n".join(parts).rstrip() + "\n"
 
 
-# --------------------------------------------------------------------------- plots
+# --------------------------------------------------------------------------- writing
 
-def _label(row: dict, limit: int = 44) -> str:
-    """Run name shortened in the middle (ends usually differ: seeds, values), plus a status mark."""
-    name = row["name"]
-    if len(name) > limit:
-        name = name[:limit // 2 - 1] + "…" + name[-(limit - limit // 2):]
-    if row["baseline"]:
-        name += " (baseline)"
-    if row["status"] == TIME_LIMIT:
-        return f"{name} [time limit, {_steps_done(row)}]"
-    return name if row["status"] == "done" else f"{name} [{row['status']}]"
+def combined_dir(plan_dirs: list[Path]) -> Path:
+    """Where a report across plans goes by default: ``report-<a>+<b>`` beside the first plan
+    (``report-<a>+<n>-more`` when the names would be long)."""
+    names = [p.name for p in plan_dirs]
+    joined = "+".join(names)
+    return plan_dirs[0].parent / ("report-" + (joined if len(joined) <= 150 else f"{names[0]}+{len(names) - 1}-more"))
 
 
-def _colors(n: int) -> list:
-    """Qualitative colors up to 20 runs; beyond that an evenly sampled continuous map (plus line styles)."""
-    if n <= 20:
-        return [colormaps["tab10" if n <= 10 else "tab20"](i) for i in range(n)]
-    return [colormaps["turbo"](0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+def _eval_scores(rows: list[dict], metrics: list[tuple[str, str]]) -> list[EvalScores]:
+    """The task metrics scored between 0 and 1 (accuracies) of each evaluated run, for eval.png."""
+    scores = []
+    for row in rows:
+        found = {(t, m): (v, _num(_task(row, t).get(f"{m}_stderr"))) for t, m in metrics
+                 if (v := _num(_task(row, t).get(m))) is not None}
+        if found:
+            scores.append(EvalScores(row["name"], row["baseline"], found))
+    return scores
 
 
-def _save(fig: Figure, path: Path) -> None:
-    """Render to a temporary file next to ``path``, then rename: never a half-written PNG."""
-    FigureCanvasAgg(fig)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))  # keeps the umask
+def _accuracy_metrics(rows: list[dict]) -> list[tuple[str, str]]:
+    """Task metrics every run scored between 0 and 1; metrics on other scales (perplexities) stay in the table."""
+    return [(t, m) for t, m in task_metrics(rows)
+            if all(0 <= v <= 1 for r in rows if (v := _num(_task(r, t).get(m))) is not None)]
 
 
-def _legend(ax, runs: list) -> None:
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8 if len(runs) <= 15 else 7,
-              ncol=1 if len(runs) <= 18 else 2, frameon=False)
+def _speed_bars(rows: list[dict]) -> list[RunBar]:
+    return [RunBar(row["name"] + ("" if row["status"] == "done" else f" [{row['status'].replace('_', ' ')}]"),
+                   row["summary"]["tokens_per_s"], row["baseline"])
+            for row in rows if _num(row["summary"].get("tokens_per_s")) is not None]
 
 
-def plot_curves(rows: list[dict], x_key: str, xlabel: str, path: Path, y_key: str = "val_loss",
-                quantity: str = "loss") -> bool:
-    """An evaluation quantity of metrics.jsonl (val loss; val_bpb for ``quantity`` "bits per byte") of every
-    run that logged some, against ``x_key``; the baseline drawn thick and black."""
-    def points(row):
-        return [(e[x_key], e[y_key]) for e in row["evals"] if _num(e.get(x_key)) is not None
-                and _num(e.get(y_key)) is not None]
-
-    runs = [r for r in rows if points(r)]
-    if not runs:
-        return False
-    fig = Figure(figsize=(9, 5.5))
-    ax = fig.add_subplot()
-    styles = ("-", "--", ":", "-.")
-    for i, (row, color) in enumerate(zip(runs, _colors(len(runs)))):
-        pts = points(row)
-        kw = dict(color="black", lw=2.6, zorder=3) if row["baseline"] else \
-            dict(color=color, lw=1.4, ls=styles[(i // 10) % 4] if len(runs) > 20 else "-")
-        ax.plot(*zip(*pts), marker="o" if len(pts) == 1 else None, label=_label(row), **kw)
-    ax.set(xlabel=xlabel, ylabel=y_key.replace("_", " "), title=f"validation {quantity} vs {xlabel.split(' ')[0]}")
-    ax.grid(alpha=0.3)
-    _legend(ax, runs)
-    _save(fig, path)
-    return True
-
-
-def plot_eval(rows: list[dict], path: Path) -> bool:
-    """Grouped bars of the eval task metrics scored between 0 and 1 (accuracies): one group per task metric,
-    one bar per evaluated run (the baseline grey and hatched), error bars ± one standard error. Metrics on
-    other scales (perplexities) are left to the table."""
-    metrics = [(t, m) for t, m in task_metrics(rows)
-               if all(0 <= v <= 1 for r in rows if (v := _num(_task(r, t).get(m))) is not None)]
-    runs = [r for r in rows if any(_num(_task(r, t).get(m)) is not None for t, m in metrics)]
-    if not runs:
-        return False
-    width = 0.8 / len(runs)
-    fig = Figure(figsize=(max(6.0, 1.5 + len(metrics) * (0.5 + 0.22 * len(runs))), 5))
-    ax = fig.add_subplot()
-    for i, (row, color) in enumerate(zip(runs, _colors(len(runs)))):
-        present = [(j, _task(row, t)[m], _num(_task(row, t).get(f"{m}_stderr")) or 0.0)
-                   for j, (t, m) in enumerate(metrics) if _num(_task(row, t).get(m)) is not None]
-        xs, values, errors = zip(*present)
-        bars = ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], values, width, yerr=errors, capsize=3,
-                      color="0.35" if row["baseline"] else color, label=_label(row))
-        if row["baseline"]:
-            for bar in bars:
-                bar.set(hatch="//", edgecolor="white")
-    ax.set_xticks(range(len(metrics)), [f"{t}\n{m}" for t, m in metrics], fontsize=8)
-    ax.set_xlim(-0.6, len(metrics) - 0.4)
-    ax.set_ylim(0, 1.05)
-    ax.set(ylabel="score", title="evaluation tasks (error bars: ± 1 standard error)")
-    ax.grid(axis="y", alpha=0.3)
-    _legend(ax, runs)
-    _save(fig, path)
-    return True
-
-
-def plot_bars(rows: list[dict], key: str, xlabel: str, title: str, path: Path, sort: bool) -> bool:
-    """Horizontal bars, one per run (sorted ascending = best on top when ``sort``); baseline hatched."""
-    runs = [r for r in rows if _num(r["summary"].get(key)) is not None]
-    if not runs:
-        return False
-    if sort:
-        runs.sort(key=lambda r: r["summary"][key])
-    runs.reverse()  # barh draws bottom-up; keep the first run at the top
-    values = [r["summary"][key] for r in runs]
-    fig = Figure(figsize=(8, 1.2 + 0.32 * len(runs)))
-    ax = fig.add_subplot()
-    bars = ax.barh(range(len(runs)), values, color=["0.35" if r["baseline"] else "tab:blue" for r in runs])
-    for bar, row in zip(bars, runs):
-        if row["baseline"]:
-            bar.set(hatch="//", edgecolor="white")
-    ax.set_yticks(range(len(runs)), [_label(r) for r in runs], fontsize=8 if len(runs) <= 20 else 7)
-    ax.set_ylim(-0.6, len(runs) - 0.4)
-    lo, hi = min(values), max(values)
-    if key == "final_val_loss":  # losses sit close together: start the axis near the best one
-        span = (hi - lo) or 0.05 * abs(hi) or 1.0
-        ax.set_xlim(max(0.0, lo - 0.6 * span), hi + 0.35 * span)
-        base = next((r for r in runs if r["baseline"]), None)
-        if base:
-            ax.axvline(base["summary"][key], color="0.35", ls="--", lw=1, zorder=0)
-            title += " (dashed line: baseline)"
-    else:
-        ax.set_xlim(0, hi * 1.18)
-    spec = ".4f" if key == "final_val_loss" else ",.0f"
-    ax.bar_label(bars, [format(v, spec) for v in values], padding=3, fontsize=7)
-    ax.set(xlabel=xlabel, title=title)
-    ax.grid(axis="x", alpha=0.3)
-    _save(fig, path)
-    return True
-
-
-def write_plots(plan_dir: Path, rows: list[dict]) -> list[Path]:
-    """Draw each plot that some run has data for; remove a stale copy of one that has none."""
-    jobs = (
-        lambda p: plot_curves(rows, "step", "step", p),
-        lambda p: plot_curves(rows, "elapsed_s", "time (s since start)", p),
-        lambda p: plot_bars(rows, "final_val_loss", "final val loss", "final val loss, best on top", p, sort=True),
-        lambda p: plot_bars(rows, "tokens_per_s", "tokens/s", "training throughput (plan order)", p, sort=False),
-        lambda p: plot_curves(rows, "tokens", "tokens trained", p, y_key="val_bpb", quantity="bits per byte"),
-        lambda p: plot_eval(rows, p),
-    )
-    written = []
-    for name, draw in zip((*PLOTS, BPB_PLOT, EVAL_PLOT), jobs, strict=True):
-        if draw(plan_dir / name):
-            written.append(plan_dir / name)
-        else:
-            (plan_dir / name).unlink(missing_ok=True)
-    return written
-
-
-def write_report(plan_dir: Path) -> list[Path]:
-    """Write report.md, report.csv and the plots into ``plan_dir``; return the paths written."""
-    plan_dir = Path(plan_dir)
-    record, rows = load_rows(plan_dir)
-    plots = write_plots(plan_dir, rows)
-    md, csv_path = plan_dir / "report.md", plan_dir / "report.csv"
+def write_report(*plan_dirs: Path, out: Path | None = None, options: CurveOptions | None = None) -> list[Path]:
+    """Write report.md, report.csv and the figures for one plan (into its folder) or across several (into
+    ``out``, by default ``combined_dir``: runs named ``<plan>/<run>``); return the paths written."""
+    plan_dirs = [Path(p) for p in plan_dirs]
+    options = options or CurveOptions()
+    several = len(plan_dirs) > 1
+    out = Path(out) if out else combined_dir(plan_dirs) if several else plan_dirs[0]
+    records, rows = [], []
+    for plan_dir in plan_dirs:
+        record, plan_rows = load_rows(plan_dir, out, f"{plan_dir.name}/" if several else "")
+        records.append(record)
+        rows += plan_rows
+    record = ({"plans": [r.get("name", d.name) for r, d in zip(records, plan_dirs)]} if several else records[0])
+    groups = group_runs(rows)
+    for g in groups:
+        for row in g.rows:
+            row["seed_group"] = g.label if g.n > 1 else None
+    title = ("plans " + ", ".join(record["plans"]) if several else f"plan {record.get('name', plan_dirs[0].name)}")
+    metrics = _accuracy_metrics(rows)
+    plots = write_plots(out, groups, options, title, _speed_bars(rows), _eval_scores(rows, metrics), metrics)
+    md, csv_path = out / "report.md", out / "report.csv"
     write_text_if_changed(csv_path, format_csv(rows))
-    write_text_if_changed(md, format_markdown(record, rows, [p.name for p in plots]))
-    return [md, csv_path, *plots]
+    write_text_if_changed(md, format_markdown(record, rows, [p.name for p in plots], groups))
+    svg = [out / FIGURE_SVG] if out / "figure.png" in plots else []
+    return [md, csv_path, *plots, *svg]

@@ -18,9 +18,10 @@ continue: $(CORE)
 slurm: $(CORE)
 	@$(PY) -m kbuild slurm
 
-## report: table (markdown, CSV) and plots for the newest plan (PLAN=runs/<plan> to choose)
+## report: table (markdown, CSV), plots and figure.png/svg for the newest plan (PLAN=, PLANS="a b" across plans, REPORT_X=, REPORT_LOGX=1, REPORT_DIR=)
 report: $(CORE)
-	@$(PY) -m kbuild report
+	@PLAN="$(PLAN)" PLANS="$(PLANS)" REPORT_X="$(REPORT_X)" REPORT_LOGX="$(REPORT_LOGX)" REPORT_DIR="$(REPORT_DIR)" \
+		$(PY) -m kbuild report
 
 ## data: prepare the configured data now (REPREPARE=1 rebuilds it); make does it on demand
 data: $(CORE)

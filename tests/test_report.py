@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
-from plan.report import COLUMNS, PLOTS, write_report
+from plan.report import COLUMNS, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# What a plan with summaries and metrics gets (eval.png only once make eval has run)
+PLOTS = ("figure.png", "loss.png", "final_val_loss.png", "tokens_per_s.png")
+FILES = {"report.md", "report.csv", "figure.svg", *PLOTS}
 
 
 def write_run(plan_dir: Path, name: str, final: float, tps: float, steps: int = 400, metrics: bool = True) -> None:
@@ -80,7 +83,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_ablation_report_files(ablation):
     paths = write_report(ablation)
-    assert {p.name for p in paths} == {"report.md", "report.csv", *PLOTS}
+    assert {p.name for p in paths} == FILES
     for p in paths:
         assert p.parent == ablation and p.stat().st_size > 0
     for name in PLOTS:
@@ -145,7 +148,7 @@ def test_matrix_30_runs(tmp_path):
         write_run(d, runs[-1]["name"], 1.0 + 0.01 * ((i * 7) % 30), 5000.0 + 100 * i)
     write_plan(d, "matrix", runs)
     paths = write_report(d)
-    assert {p.name for p in paths} == {"report.md", "report.csv", *PLOTS}
+    assert {p.name for p in paths} == FILES
     rows = read_csv(d)
     assert len(rows) == 30 and {r["status"] for r in rows} == {"done"}
     assert [r["run"] for r in rows] == [r["name"] for r in runs]
@@ -459,29 +462,28 @@ def test_eval_section_in_markdown(evaluated):
     assert lines[start + 5].startswith("| `lr3e-4` | best @ step 300 | 0.500 | 0.530 ± 0.035 | 2.1250 | 0.750 |")
     assert lines[start + 7].startswith("Tasks `python_next_line` (0-shot, 200 documents): ")
     assert lines[start + 8] == "Not evaluated ('make eval' has not run on them): `pos_rope-no-qk_norm`."
-    assert "![eval](eval.png)" in md and "![val bpb vs tokens](val_bpb_vs_tokens.png)" in md
+    assert "![eval](eval.png)" in md and "![loss](loss.png)" in md
 
 
 def test_eval_and_bpb_plots_written(evaluated):
     paths = {p.name for p in write_report(evaluated)}
-    assert paths == {"report.md", "report.csv", *PLOTS, "eval.png", "val_bpb_vs_tokens.png"}
-    for name in ("eval.png", "val_bpb_vs_tokens.png"):
-        assert (evaluated / name).stat().st_size > 0 and png_size(evaluated / name)[0] > 100
+    assert paths == {*FILES, "eval.png"}
+    assert png_size(evaluated / "eval.png")[0] > 100
     # Results gone (a plan evaluated before, then rewritten): the plots go too, the report is today's again.
     for name in ("base", "lr3e-4"):
         set_summary(evaluated, name, eval=None)
     write_report(evaluated)
     assert not (evaluated / "eval.png").exists() and "## Evaluation" not in (evaluated / "report.md").read_text()
-    assert (evaluated / "val_bpb_vs_tokens.png").exists()
+    assert (evaluated / "loss.png").exists()
 
 
 def test_report_without_eval_is_unchanged(ablation, tmp_path):
     """No run evaluated, no val_bpb logged: the columns and plots of a report before make eval existed."""
     paths = {p.name for p in write_report(ablation)}
-    assert paths == {"report.md", "report.csv", *PLOTS}
+    assert paths == FILES
     assert list(read_csv(ablation)[0]) == list(COLUMNS)
     md = (ablation / "report.md").read_text()
-    assert "Evaluation" not in md and "eval.png" not in md and "bpb vs tokens" not in md
+    assert "Evaluation" not in md and "eval.png" not in md
 
 
 def test_partial_and_odd_eval_results_tolerated(ablation):
@@ -492,7 +494,7 @@ def test_partial_and_odd_eval_results_tolerated(ablation):
                                                     "lambada": {"perplexity": 35.5, "acc": 0.2}}})
     set_summary(ablation, "pos_rope-no-qk_norm", eval="not a dict")
     paths = {p.name for p in write_report(ablation)}
-    assert "eval.png" in paths and "val_bpb_vs_tokens.png" not in paths
+    assert "eval.png" in paths
     rows = read_csv(ablation)
     assert rows[0]["eval_checkpoint"] == "latest" and rows[0]["eval_step"] == ""
     assert float(rows[0]["eval_bpb_val"]) == 2.0 and rows[0]["eval_bpb_extra"] == ""
