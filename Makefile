@@ -38,6 +38,10 @@ include scripts/test.mk
 #= KCONFIG_CONFIG=<file>: the configuration every target reads and writes (default .config)
 #= A=<x> B=<y>: make diffconfig's two sides: .config files, run or plan directories
 #= PLAN=runs/<plan>: the plan make report and make eval use (default: the newest)
+#= PLANS="runs/a runs/b": make report across several plans, into runs/report-<a>+<b>/ (or REPORT_DIR)
+#= REPORT_X=tokens|step|time: the loss curves' x axis in make report (default tokens)
+#= REPORT_LOGX=1: log-scale x axis in make report's curves
+#= REPORT_DIR=<dir>: where make report writes a report across plans
 #= RUN_DIR=runs/<plan>/<run>: the run make sample, export and eval use (default: the newest)
 #= PROMPT=<text>: make sample's prompt (default: the run's SAMPLE_PROMPT)
 #= TOKENS=<n>: how many tokens make sample generates (default: SAMPLE_TOKENS)
