@@ -182,11 +182,24 @@ def draw_loss(ax, groups: list[SeedGroup], colors: list, options: CurveOptions, 
     entropies = unigram_entropies(groups)
     for i, h in enumerate(entropies[:3]):
         ax.axhline(h, color="0.45", lw=1, ls=(0, (1, 2 + i)), zorder=0)
+    clip_above_unigram(ax, [b for _, _, v, t in bands for b in (v, t) if b], entropies[:3])
     format_x_axis(ax, options, label)
     ax.set_ylabel(LOSS_LABEL)
     ax.grid(alpha=0.3)
     style_legend(ax, window, raw, any(max(b.n) > 1 for _, _, v, t in bands for b in (v, t) if b), entropies[:3])
     return True
+
+
+def clip_above_unigram(ax, bands: list[Band], entropies: list[float]) -> None:
+    """Keep the view on where models differ: the y axis tops out a little above the unigram-entropy line (the
+    first steps' descent from log(vocab) is cut) when every curve ends below it; a run that ends above it (one
+    that diverged or never learned) keeps the full range, so it is never drawn off the chart."""
+    if not entropies or any(b.mean[-1] >= max(entropies) for b in bands):
+        return
+    low, high = ax.get_ylim()
+    top = max(entropies) + 0.12 * (max(entropies) - low)
+    if high > top:
+        ax.set_ylim(low, top)
 
 
 def style_legend(ax, window: int, raw: bool, seeds: bool, entropies: list[float]) -> None:
@@ -213,8 +226,8 @@ def draw_bpb(ax, groups: list[SeedGroup], colors: list, options: CurveOptions) -
         return False
     divisor, label = x_scale(options, [b for _, _, b in bands])
     for group, color, b in bands:
-        draw_band(ax, b, divisor, color, lw=2.2 if group.baseline else 1.4, ls="--",
-                  marker="o" if len(b.x) <= 30 else None)
+        draw_band(ax, b, divisor, color, lw=(2.2 if group.baseline else 1.4) if len(bands) <= 10 else 0.9, ls="--",
+                  marker="o" if len(b.x) <= 30 and len(bands) <= 10 else None)
     format_x_axis(ax, options, label)
     ax.set_ylabel(BPB_LABEL)
     ax.grid(alpha=0.3)

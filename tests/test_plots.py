@@ -281,3 +281,28 @@ def test_make_report_command(seeded, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "r" / "figure.svg").exists() and str(tmp_path / "r" / "report.md") in capsys.readouterr().out
     monkeypatch.setenv("PLAN", str(tmp_path / "nowhere"))
     assert main(["report"]) == 1 and "no plan.json in" in capsys.readouterr().err
+
+
+def _with_unigram(plan_dir: Path, entropy: float) -> None:
+    for summary in plan_dir.glob("*/summary.json"):
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "unigram_entropy_nats": entropy}))
+
+
+def test_loss_axis_tops_out_above_the_unigram_line_unless_a_run_ends_above_it(tmp_path):
+    """Curves start near log(vocab) (here 3.5) and end far below the unigram line (2.0): the axis stops a little
+    above the line; a run that ends above it (diverged) keeps the whole range on the chart."""
+    d = tmp_path / "p"
+    write_plan(d, "ablation", [{"name": "a", "baseline": True}, {"name": "b", "differences": {"LR": 0.01}}])
+    write_run(d, "a", 0.5)
+    write_run(d, "b", 0.6)
+    _with_unigram(d, 2.0)
+    ax = loss_figure(group_runs(load_rows(d)[1]), CurveOptions()).axes[0]
+    low, high = ax.get_ylim()
+    assert high == pytest.approx(2.0 + 0.12 * (2.0 - low)) and 2.0 < high < 2.5  # first train loss 2.5 is cut
+    diverged = tmp_path / "q"
+    write_plan(diverged, "ablation", [{"name": "a", "baseline": True}, {"name": "b", "differences": {"LR": 0.01}}])
+    write_run(diverged, "a", 0.5)
+    write_run(diverged, "b", 2.2)  # ends above the line
+    _with_unigram(diverged, 2.0)
+    ax = loss_figure(group_runs(load_rows(diverged)[1]), CurveOptions()).axes[0]
+    assert ax.get_ylim()[1] >= 4.2  # b's first train loss (2.2 + 2) is on the chart
