@@ -34,6 +34,7 @@ from train.precision import fp8_autocast
 from train.progress import TrainProgress
 from train.sample import generate_text, provenance
 from train.signals import StopRequest
+from train.time_split import TimeSplit
 from train.system_metrics import sample_system
 from train.trackers import Trackers
 from train.post_training import DPO_SHOWN, PostTraining
@@ -102,6 +103,7 @@ class Trainer(Checkpointing):
         # The clocks and the last step's record exist from here on, so every method works before run()
         # (which restarts the clocks); train_step renews the step's record.
         self.speed, self.started, self.last_save = Throughput(), time.time(), self.clock()
+        self.times = TimeSplit()  # reset when the loop starts: _run
         self.parts, self.updating, self.step_start = {}, False, None
         self.guard = NonFiniteGuard(loop.max_bad_steps or 1)  # without SKIP_NONFINITE it only counts
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if main else None)
@@ -301,6 +303,7 @@ class Trainer(Checkpointing):
                  f"activation checkpointing {ckpt}, "
                  f"{self.tokens_per_step:,} tokens/step")
         self.speed, self.started, self.last_save = Throughput(), time.time(), self.clock()
+        self.times.start()
         attempt_start = self.started  # MAX_TIME is per attempt: 'make continue' gets the same time again
         step, last_eval, stop_reason, oom = self.start_step, {}, None, None
         if self.loop.init_from and not self.resumed:  # a warm start: where the parent left off, at step 0
@@ -312,7 +315,8 @@ class Trainer(Checkpointing):
             try:
                 while step < loop.max_iters:
                     try:
-                        loss, grad_norm = self.train_step(step)
+                        with self.times.part("train"):
+                            loss, grad_norm = self.train_step(step)
                     except torch.OutOfMemoryError as e:
                         oom = e
                         break
@@ -333,13 +337,15 @@ class Trainer(Checkpointing):
                         stop_reason = "nonfinite"
                     ending = finished or time_up or stop_reason is not None
                     if step % loop.log_interval == 0 or ending:
-                        self.log_step(step, loss, grad_norm)
+                        with self.times.part("log"):
+                            self.log_step(step, loss, grad_norm)
                     with self.speed.pause():
                         if (step % loop.eval_interval == 0 or finished or time_up) and stop_reason is None:
                             last_eval = self.evaluate_and_track(step)
                         on_interval = loop.checkpoint_interval and step % loop.checkpoint_interval == 0
                         if (on_interval or save_due) and not ending:
-                            self.save_checkpoint(step, last_eval.get("val"), self.elapsed())
+                            with self.times.part("checkpoint"):
+                                self.save_checkpoint(step, last_eval.get("val"), self.elapsed())
                     if ending:
                         break
             finally:
@@ -349,7 +355,8 @@ class Trainer(Checkpointing):
                 return self.out_of_memory(step, last_eval, oom)
             if stop_reason is None and not last_eval:  # resumed at the very end: nothing left to train
                 last_eval = self.evaluate_and_track(step)
-            self.save_checkpoint(step, last_eval.get("val"), self.elapsed())
+            with self.times.part("checkpoint"):
+                self.save_checkpoint(step, last_eval.get("val"), self.elapsed())
         if stop_reason == "nonfinite":
             message = (f"stopped at step {step}: loss or gradient was NaN/Inf for {self.guard.in_a_row} steps in a "
                        f"row (CONFIG_MAX_BAD_STEPS={loop.max_bad_steps}); the last good weights are in the "
@@ -443,10 +450,15 @@ class Trainer(Checkpointing):
 
     def evaluate_and_track(self, step: int) -> dict[str, float]:
         """Evaluate, log, and keep checkpoints/best.pt at the lowest val loss."""
+        with self.times.part("eval"):
+            return self._evaluate_and_track(step)
+
+    def _evaluate_and_track(self, step: int) -> dict[str, float]:
         result = self.evaluate()
         if result["val"] < self.best_val:
             self.best_val, self.best_step, self.best_bpb = result["val"], step, result["val_bpb"]
-            self._save(None, self.state(step, result["val"], self.elapsed()))
+            with self.times.part("checkpoint"):
+                self._save(None, self.state(step, result["val"], self.elapsed()))
         record = dict(step=step, tokens=self.tokens_before(step), val_loss=result["val"],
                       train_eval_loss=result["train"], val_losses=result["val_losses"],
                       val_bpb=result["val_bpb"], val_bpbs=result["val_bpbs"], elapsed_s=self.elapsed())
@@ -488,12 +500,15 @@ class Trainer(Checkpointing):
         saved = checkpoint.step_paths(self.run_dir)  # the final step's checkpoint is written just before
         if self.dist.main and saved:
             self.log(provenance(self.run_dir, saved[-1], step, self.loop.max_iters, self.best_step, self.best_val))
-        sample = generate_text(self.model, self.tokenizer, self.loop.sample, self.device,
-                               progress=None if self.dist.main and self.cfg.PROGRESS_BAR else False)
+        with self.times.part("sample"):
+            sample = generate_text(self.model, self.tokenizer, self.loop.sample, self.device,
+                                   progress=None if self.dist.main and self.cfg.PROGRESS_BAR else False)
         if self.dist.main:
             (self.run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
         tokens_per_s = self.speed.average
         flops_per_token = self.flops_per_token
+        if self.dist.main:
+            self.log(self.times.describe())
         return {
             "status": "done",
             "steps": step,
@@ -519,6 +534,7 @@ class Trainer(Checkpointing):
             "params_non_embedding": self.model.num_params(),
             "params_active": self.model.active_params(),
             "wall_time_s": self.elapsed(),
+            "time_split": self.times.summary(),  # this attempt's seconds: train, eval, checkpoint, log, sample, other
             "device": self.device_name,
             "parallel": self.dist.engine,
             "world_size": self.dist.world_size,
