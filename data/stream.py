@@ -1,8 +1,11 @@
 """Tokenize a source into train.bin/val.bin in bounded memory.
 
 Pieces of text are grouped into batches of about BATCH_CHARS, tokenized (in
-worker processes for the tokenizers where that pays off) and appended in order
-to one token file, so memory holds a few batches, never the corpus. The last
+worker processes, one per core, for a corpus where that pays off) and appended
+in order to one token file, so memory holds a few batches, never the corpus.
+A batch's documents are encoded together by data/batch_encode.py (each distinct
+word once per process; the ids of encoding each document alone, which
+``encode_batch_reference``, the document-by-document path, gives). The last
 VAL_FRACTION of the tokens is then copied to val.bin and the file truncated to
 train.bin: the same deterministic split as tokenizing the whole text at once.
 Token counts for the unigram entropy and the files' SHA-256 are computed on the
@@ -11,6 +14,7 @@ way, chunk by chunk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections import deque
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.batch_encode import BatchEncoder
 from data.corpus import DOC_SEPARATOR, Source, empty_corpus_error
 from data.progress import Progress
 from data.sources import Stats
@@ -26,7 +31,8 @@ from data.tokenizer import Tokenizer
 
 BATCH_CHARS = 4 << 20
 COPY_TOKENS = 8 << 20
-PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
+PARALLEL_MIN_BYTES = 8 << 20  # below this (two batches), starting worker processes costs more than it saves
+REFERENCE_PARALLEL_MIN_BYTES = 32 << 20  # the document-by-document path's threshold
 
 
 def _write(f, arr: np.ndarray) -> None:
@@ -62,16 +68,36 @@ def _batches(source: Source, eos_id: int | None, stats: Stats, progress: Progres
         yield batch
 
 
-_worker_tok: Tokenizer | None = None
+def _runs(batch: list) -> tuple[list[str], list[bool]]:
+    """The texts a batch encodes apart (its segments between end-of-sequence marks, joined) and
+    whether an end-of-sequence token follows each."""
+    texts, eos, text = [], [], []
+    for seg in batch:
+        if seg is None:
+            texts.append("".join(text))
+            eos.append(True)
+            text = []
+        else:
+            text.append(seg)
+    if text:
+        texts.append("".join(text))
+        eos.append(False)
+    return texts, eos
 
 
-def _init_worker(spec: dict) -> None:
-    global _worker_tok
-    _worker_tok = Tokenizer(spec)
+def encode_batch(batch: list, encoder: BatchEncoder) -> np.ndarray:
+    """A batch's token ids: its texts encoded together, each end of sequence its id."""
+    tok = encoder.tok
+    texts, eos = _runs(batch)
+    ids, lengths = encoder.encode_texts(texts)
+    if any(eos):
+        ids = np.insert(ids, np.cumsum(lengths)[np.array(eos)], tok.eos_id)
+    return ids.astype(dtype_for(tok.vocab_size), copy=False)
 
 
-def _encode(batch: list, tok: Tokenizer | None = None) -> np.ndarray:
-    tok = tok or _worker_tok
+def encode_batch_reference(batch: list, tok: Tokenizer) -> np.ndarray:
+    """The same ids as ``encode_batch``, document by document through ``Tokenizer.encode_array``
+    (the path before data/batch_encode.py: the tests' oracle and the old side of data/bench.py)."""
     dtype = dtype_for(tok.vocab_size)
     parts, text = [], []
     for seg in batch:
@@ -87,17 +113,43 @@ def _encode(batch: list, tok: Tokenizer | None = None) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def workers_for(tok: Tokenizer, source_bytes: int) -> int:
-    if tok.kind == "byte" or source_bytes < PARALLEL_MIN_BYTES:
+_worker_encode = None  # a worker process's batch encoder (built once per process by _init_worker)
+
+
+def _init_worker(spec: dict, reference: bool) -> None:
+    global _worker_encode
+    # one process per core: the BPE library's own threads would only compete (and it warns after a fork)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = Tokenizer(spec)
+    if reference:
+        _worker_encode = functools.partial(encode_batch_reference, tok=tok)
+    else:
+        _worker_encode = functools.partial(encode_batch, encoder=BatchEncoder(tok, threads=False))
+
+
+def _encode_in_worker(batch: list) -> np.ndarray:
+    return _worker_encode(batch)
+
+
+def workers_for(tok: Tokenizer, source_bytes: int, reference: bool = False) -> int:
+    """Worker processes for tokenizing: one per core (up to 8) for SentencePiece and BPE from
+    PARALLEL_MIN_BYTES on; none for bytes and (batch encoding's lookup table keeps up with reading)
+    chars. ``reference``: the rule before batch encoding (chars like the subword kinds, from 32 MB)."""
+    if tok.kind == "byte" or (tok.kind == "char" and not reference):
+        return 1
+    if source_bytes < (REFERENCE_PARALLEL_MIN_BYTES if reference else PARALLEL_MIN_BYTES):
         return 1
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def tokenize_to(source: Source, tok: Tokenizer, val_fraction: float, folder: Path, log) -> dict:
-    """Write folder/train.bin and folder/val.bin; return counts, digests, entropy and skip stats."""
+def tokenize_to(source: Source, tok: Tokenizer, val_fraction: float, folder: Path, log,
+                reference: bool = False) -> dict:
+    """Write folder/train.bin and folder/val.bin; return counts, digests, entropy and skip stats.
+
+    ``reference``: encode document by document (``encode_batch_reference``), for comparisons."""
     dtype = dtype_for(tok.vocab_size)
     total_bytes = source.size_bytes
-    workers = workers_for(tok, total_bytes)
+    workers = workers_for(tok, total_bytes, reference)
     stats, counts, n = Stats(), np.zeros(tok.vocab_size, dtype=np.int64), 0
     progress = Progress(total_bytes, f"tokenizing ({workers} process{'es' if workers > 1 else ''})", log)
     all_path = folder / "train.bin"
@@ -109,13 +161,15 @@ def tokenize_to(source: Source, tok: Tokenizer, val_fraction: float, folder: Pat
                 counts[:] += np.bincount(arr, minlength=tok.vocab_size)
                 n += len(arr)
             if workers == 1:
+                encode = functools.partial(encode_batch_reference, tok=tok) if reference else \
+                    functools.partial(encode_batch, encoder=BatchEncoder(tok))
                 for batch in _batches(source, tok.eos_id, stats, progress):
-                    take(_encode(batch, tok))
+                    take(encode(batch))
             else:
-                with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.spec,)) as pool:
+                with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok.spec, reference)) as pool:
                     pending = deque()
                     for batch in _batches(source, tok.eos_id, stats, progress):
-                        pending.append(pool.submit(_encode, batch))
+                        pending.append(pool.submit(_encode_in_worker, batch))
                         if len(pending) >= 2 * workers:  # bounded: the reader waits for the tokenizers
                             take(pending.popleft().result())
                     while pending:
