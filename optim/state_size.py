@@ -42,9 +42,10 @@ def state_size(optimizer: str) -> StateSize:
 def newton_schulz_bytes(shapes: list[tuple[int, int, int]]) -> int:
     """Bytes Muon's step allocates for its largest (stack, rows, cols) matrix while grads are alive.
 
-    optim/muon.py's Newton-Schulz in fp32 (its CPU default) holds the Nesterov update, the
-    normalized X and the next X (three copies of the matrix), and the Gram matrix X X^T with
-    its polynomial (two b x s x s, s the smaller side). torch.optim.Muon and CUDA's bf16
-    iteration hold a little less; this is the fp32 count.
+    optim/muon.py's Newton-Schulz in fp32 (its CPU default) writes the Nesterov update into its
+    stack and normalizes it there, so it holds X and the next X (two copies of the matrix) and the
+    Gram matrix X X^T with its polynomial (two b x s x s, s the smaller side). On CPU a stack
+    holds at most 2^17 elements (0.5 MiB) or one parameter, so the largest parameter sets the
+    peak. torch.optim.Muon and CUDA's bf16 iteration hold a little less; this is the fp32 count.
     """
-    return max(3 * b * r * k * 4 + 2 * b * min(r, k) ** 2 * 4 for b, r, k in shapes)
+    return max(2 * b * r * k * 4 + 2 * b * min(r, k) ** 2 * 4 for b, r, k in shapes)
