@@ -1,6 +1,6 @@
 # Running what .config describes. SET="SYM=value ..." applies to this invocation only.
 
-.PHONY: run check continue report data sample export eval bench bench-check slurm
+.PHONY: run check continue report data sample export eval bench bench-check slurm gpu-check gpu-wheels
 
 ## run: (default) run the plan .config describes; results in RUNS_DIR/<plan>/<run>/
 run: $(CORE)
@@ -46,3 +46,11 @@ bench: $(CORE)
 ## bench-check: time 'make check' on the ablation and matrix presets (seconds per run)
 bench-check: $(CORE)
 	@$(PY) scripts/bench_check.py
+
+## gpu-check: the prepared GPU check (docs/gpu.md): GPU test tier, memory prediction vs measured, bench figures; gpu_check.json and log in OUT= (GPU_CHECK_ARGS="--dry-run", "--nanogpt PATH")
+gpu-check: $(CORE)
+	@$(PY) scripts/gpu_check.py "$(or $(OUT),runs/gpu-check)" $(GPU_CHECK_ARGS)
+
+## gpu-wheels: download the wheels the GPU machine lacks (kconfiglib, torchao for its Python 3.12 / torch 2.11) into wheels/
+gpu-wheels: $(CORE)
+	@$(PY) scripts/gpu_wheels.py
