@@ -4,6 +4,7 @@ out_of_memory) and a summary that says so and how to fit."""
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 
@@ -57,10 +58,22 @@ def test_resume_reproduces_the_uninterrupted_losses(trainer_of, device):
         assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-3)
 
 
+def fill_gpu_memory(device: torch.device) -> list[torch.Tensor]:
+    """Take the GPU's memory, in blocks halving from 1 GiB down to 1 MiB, until a 1 MiB block no longer fits:
+    what a too-large micro-batch's activations do, without depending on how the allocator places them."""
+    blocks, size = [], 1 << 30
+    while size >= 1 << 20:
+        try:
+            blocks.append(torch.empty(size, dtype=torch.uint8, device=device))
+        except torch.OutOfMemoryError:
+            size //= 2
+    return blocks
+
+
 def out_of_memory_at(trainer, step: int) -> None:
-    """Make training step ``step`` (0-based) run out of device memory in its forward. On CUDA a real one: the
-    caching allocator is asked for twice the GPU's memory. On the CPU (dry run) CUDA's error is raised as it
-    would be."""
+    """Make training step ``step`` (0-based) run out of device memory in its forward. On CUDA a real one:
+    the GPU's memory is taken, then the step's own forward asks for more. On the CPU (dry run) CUDA's error
+    is raised as it would be."""
     forward, steps = trainer.forward, {"now": 0}
     train_step = trainer.train_step
 
@@ -72,9 +85,9 @@ def out_of_memory_at(trainer, step: int) -> None:
         if trainer.model.training and steps["now"] == step:
             if trainer.device.type != "cuda":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated on the CPU)")
-            total = torch.cuda.get_device_properties(trainer.device).total_memory
-            torch.empty(2 * total, dtype=torch.uint8, device=trainer.device)  # raises torch.OutOfMemoryError
-            raise AssertionError(f"allocating {2 * total} bytes on a GPU of {total} did not run out of memory")
+            taken = fill_gpu_memory(trainer.device)  # held until the forward fails
+            forward(x, y)  # raises torch.OutOfMemoryError
+            raise AssertionError(f"the step's forward fitted in a GPU full of {len(taken)} blocks")
         return forward(x, y)
 
     trainer.train_step, trainer.forward = counted, exhausting
@@ -93,6 +106,10 @@ def test_a_cuda_out_of_memory_error_leaves_a_checkpoint(trainer_of, device):
         assert words in written["error"], written["error"]
     assert checkpoint.latest(t.run_dir)[1]["step"] == 7
     if device.type == "cuda":
+        # The failed step's tensors (here the blocks that filled the GPU) live on in the kept exception's
+        # traceback, a reference cycle with the trainer's frame, until a garbage collection: collect, then
+        # the GPU is free for the resumed run in this process.
+        gc.collect()
         assert torch.cuda.memory_allocated(device) < torch.cuda.get_device_properties(device).total_memory // 2
     resumed = trainer_of("oom", RUN)
     resumed.resume()
