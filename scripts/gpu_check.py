@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     only = [s for s in args.only.split(",") if s]
     if unknown := [s for s in only if s not in STEPS]:
         parser.error(f"--only: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(STEPS)}")
+    if args.nanogpt is not None:
+        args.nanogpt = args.nanogpt.resolve()  # the steps run from the repository root
     args.budgets = parse_budgets(args.budget, DRY_BUDGETS if args.dry_run else BUDGETS)
     check = Check(args.out.resolve(), args)
     check.log(f"gpu check {'(dry run, CPU) ' if args.dry_run else ''}into {check.out}: "
