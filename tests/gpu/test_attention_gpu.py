@@ -10,13 +10,18 @@ from torch.profiler import ProfilerActivity, profile
 pytestmark = pytest.mark.gpu
 
 # The aten ops behind each SDPA backend, as the profiler names them. On CUDA torch may prefer cuDNN's fused
-# attention on some GPUs: also fused, accepted for the default choice (the loop below asserts flash and
-# memory-efficient each by name). CPU has one fused kernel (a flash algorithm); the dry run asserts it so
-# the test's code runs without a GPU.
+# attention on some GPUs: also fused, accepted for the default choice (FORCED asserts flash and
+# memory-efficient each by name). CPU has one fused kernel (a flash algorithm); the dry run asserts it, by
+# default and forced, so the test's code runs without a GPU.
 FUSED = {
     "cuda": {"aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
              "aten::_scaled_dot_product_cudnn_attention"},
     "cpu": {"aten::_scaled_dot_product_flash_attention_for_cpu"},
+}
+FORCED = {
+    "cuda": [(SDPBackend.FLASH_ATTENTION, "aten::_scaled_dot_product_flash_attention"),
+             (SDPBackend.EFFICIENT_ATTENTION, "aten::_scaled_dot_product_efficient_attention")],
+    "cpu": [(SDPBackend.FLASH_ATTENTION, "aten::_scaled_dot_product_flash_attention_for_cpu")],
 }
 MATH = "aten::_scaled_dot_product_attention_math"
 
@@ -40,12 +45,12 @@ def test_sdpa_runs_a_fused_kernel_not_math(trainer_of, device):
     ops = attention_ops(t)
     assert ops & FUSED[device.type], f"no fused SDPA kernel ran: {sorted(ops)}"
     assert MATH not in ops, f"SDPA fell back to its math kernel: {sorted(ops)}"
-    if device.type != "cuda":
-        pytest.skip("flash and memory-efficient SDPA are CUDA kernels: on CPU only the CPU flash op was asserted")
     # Each fused backend on its own must take the model's shapes (head dim, causal, dtype): a backend
     # that cannot raises 'No available kernel' here instead of falling back silently.
-    for backend, op in ((SDPBackend.FLASH_ATTENTION, "aten::_scaled_dot_product_flash_attention"),
-                        (SDPBackend.EFFICIENT_ATTENTION, "aten::_scaled_dot_product_efficient_attention")):
+    for backend, op in FORCED[device.type]:
         with sdpa_kernel([backend]):
             ops = attention_ops(t)
         assert op in ops, f"{backend}: {sorted(ops)}"
+    if device.type != "cuda":
+        pytest.skip("flash and memory-efficient SDPA are CUDA kernels: on CPU the CPU flash op was asserted "
+                    "(chosen by default and forced)")
