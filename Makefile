@@ -49,6 +49,8 @@ include scripts/test.mk
 #= STOP=<a|b>: make sample's stop strings, '|'-separated, \n a newline (default: SAMPLE_STOP)
 #= CHECKPOINT=best|latest: the checkpoint make export and make eval read (default best)
 #= REPREPARE=1: make data deletes this configuration's prepared data first
+#= OUT=<dir>: where make gpu-check writes gpu_check.json and gpu_check.log (default runs/gpu-check)
+#= GPU_CHECK_ARGS=<options>: make gpu-check's options: --dry-run (tiny shapes on CPU), --nanogpt PATH, --only STEP,..., --budget STEP=S,...
 #= PYTEST_ARGS=<options>: passed to pytest by make test and test-fast, e.g. PYTEST_ARGS="-k kconfig"
 #= PYTHON=<interpreter>: the interpreter that creates the virtualenv (default python3)
 #= VENV=<dir>: the virtualenv's folder (default .venv); an existing one that has everything is reused, nothing installed
