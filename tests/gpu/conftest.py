@@ -46,6 +46,12 @@ CUDA_SHAPES = Shapes(n_layer=4, n_head=4, n_embd=256, block_size=128, micro_batc
 CPU_SHAPES = Shapes(n_layer=2, n_head=2, n_embd=64, block_size=32, micro_batch=8, steps=50, corpus_repeats=120)
 
 
+def pytest_collection_modifyitems(items):
+    """The compile tests last: on CUDA they are the slowest (inductor's code generation, max-autotune's
+    kernel benchmarks), so a tier stopped at its time budget ('scripts/gpu_check.py') has run the rest."""
+    items.sort(key=lambda item: item.path.name == "test_compile_gpu.py")  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """cuda when torch sees a GPU; cpu under the dry run; else the test is skipped."""
