@@ -37,6 +37,7 @@ class OptimizerConfig:
     muon_lr_scale: float = 1.0
     muon_momentum: float = 0.95
     muon_impl: str | None = None  # muon: torch | compact (CONFIG_MUON_IMPL); None for the others
+    muon_cpu_bf16: bool = False  # compact Muon: bf16 Newton-Schulz on CPUs with AMX bf16 (CONFIG_MUON_CPU_BF16)
     grad_clip: float = 1.0  # max gradient norm, 0 = off
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -52,7 +53,8 @@ class OptimizerConfig:
                    adam_eps=cfg.ADAM_EPS, embedding_lr_scale=cfg.EMBEDDING_LR_SCALE,
                    head_lr_scale=cfg.HEAD_LR_SCALE, lion_lr_scale=cfg.LION_LR_SCALE,
                    sgd_lr_scale=cfg.SGD_LR_SCALE, sgd_momentum=cfg.SGD_MOMENTUM, muon_lr_scale=cfg.MUON_LR_SCALE,
-                   muon_momentum=cfg.MUON_MOMENTUM, muon_impl=cfg.MUON_IMPL, grad_clip=cfg.GRAD_CLIP,
+                   muon_momentum=cfg.MUON_MOMENTUM, muon_impl=cfg.MUON_IMPL,
+                   muon_cpu_bf16=bool(cfg.MUON_CPU_BF16), grad_clip=cfg.GRAD_CLIP,
                    schedule=ScheduleConfig.from_config(cfg))
 
 
@@ -120,17 +122,37 @@ def muon_with_adamw(groups: list[dict], config: OptimizerConfig, device: torch.d
     flat, stacks = [g for g in flat if g["params"]], [g for g in stacks if g["params"]]
     settings = dict(lr=config.lr * config.muon_lr_scale, weight_decay=config.weight_decay,
                     momentum=config.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
-    compact = dict(settings, ns_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
-    torch_muon = config.muon_impl == "torch"
     notes = []
-    if torch_muon and not hasattr(torch.optim, "Muon"):
+    compact = dict(settings, ns_dtype=newton_schulz_dtype(config, device, notes))
+    torch_muon = config.muon_impl == "torch" and hasattr(torch.optim, "Muon")
+    if config.muon_impl == "torch" and not torch_muon:
         notes.append(f"MUON_IMPL_TORCH: torch {torch.__version__} has no torch.optim.Muon (2.9 or newer); "
                      f"the compact Muon (optim/muon.py) runs instead")
-    if torch_muon and not notes:
+    if torch_muon:
         muons = ([torch.optim.Muon(flat, **settings)] if flat else []) + ([Muon(stacks, **compact)] if stacks else [])
     else:
         muons = [Muon(flat + stacks, **compact)] if flat + stacks else []
     return Composite(*muons, adamw(rest, config, device), notes=notes)
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX tile units (bf16 matrix products in hardware), as torch's oneDNN sees it."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def newton_schulz_dtype(config: OptimizerConfig, device: torch.device, notes: list[str]) -> torch.dtype:
+    """The compact Muon's Newton-Schulz dtype: bf16 on accelerators; on CPU fp32, or bf16 with MUON_CPU_BF16
+    where AMX makes it faster (a note says when the CPU lacks it)."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    if not config.muon_cpu_bf16:
+        return torch.float32
+    if cpu_has_amx_bf16():
+        return torch.bfloat16
+    notes.append("MUON_CPU_BF16: this CPU has no AMX bf16 units, where bf16 matrix products are slower than fp32; "
+                 "Newton-Schulz runs in fp32")
+    return torch.float32
 
 
 BUILDERS = {"adamw": adamw, "lion": lion, "muon": muon_with_adamw, "sgd": sgd}  # by CONFIG_OPTIMIZER

@@ -392,3 +392,39 @@ def test_a_crafted_checkpoint_is_named_as_refused_not_just_unreadable(tmp_path):
     with pytest.raises(CheckpointError, match=r"no readable checkpoint \(step-00000010.pt: refusing to load: it "
                                               r"pickles posix.system"):
         checkpoint.newest(run_dir)
+
+
+def test_out_of_memory_frees_the_failed_steps_tensors_before_the_checkpoint(tmp_path):
+    """The failed forward's activations are gone (no garbage collection needed) by the time the checkpoint of
+    the last good step is written: on a GPU, empty_cache() can then hand that memory back."""
+    import gc
+    import weakref
+
+    t = trainer(tmp_path, tmp_path / "run", "MAX_ITERS=20 EVAL_INTERVAL=1000 CHECKPOINT_INTERVAL=5")
+    state, seen = {"step": 0}, {}
+    train_step, forward, save = t.train_step, t.forward, t.save_checkpoint
+
+    def counted(s):
+        state["step"] = s
+        return train_step(s)
+
+    def failing(x, y):
+        if t.model.training and state["step"] == 7:
+            activation = torch.ones(1000, 1000)  # stands for what the forward had allocated
+            seen["activation"] = weakref.ref(activation)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(x, y)
+
+    def saving(*args, **kwargs):
+        if "activation" in seen:
+            seen["alive_at_save"] = seen["activation"]() is not None
+        return save(*args, **kwargs)
+
+    t.train_step, t.forward, t.save_checkpoint = counted, failing, saving
+    gc.disable()
+    try:
+        summary = t.run()
+    finally:
+        gc.enable()
+    assert summary["out_of_memory"] and summary["steps"] == 7
+    assert seen["alive_at_save"] is False

@@ -217,3 +217,28 @@ def test_torch_without_muon_falls_back_to_the_compact_one_and_says_so(monkeypatc
     opt = build_optimizer(model, optimizer("OPT_MUON=y"), torch.device("cpu"))
     assert muon_groups(opt)[0][:2] == ("optim.Muon", "matrices")
     assert f"note: MUON_IMPL_TORCH: torch {torch.__version__} has no torch.optim.Muon" in describe(opt)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_muon_cpu_bf16_runs_newton_schulz_in_bf16_only_where_amx_makes_it_fast(monkeypatch, amx):
+    """MUON_CPU_BF16 reaches the compact Muon's ns_dtype; a CPU without AMX keeps fp32 and the report says why.
+    (AMX is monkeypatched both ways: the rule is tested, not this machine's CPU.)"""
+    import optim.optimizers as optimizers
+    from optim.muon import Muon
+
+    monkeypatch.setattr(optimizers, "cpu_has_amx_bf16", lambda: amx)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    default = optimizer("OPT_MUON=y MUON_IMPL_COMPACT=y")
+    assert default.muon_cpu_bf16 is False
+    built = build_optimizer(model, default, torch.device("cpu"))
+    assert [o.defaults["ns_dtype"] for o in built.optimizers if isinstance(o, Muon)] == [torch.float32]
+    config = optimizer("OPT_MUON=y MUON_IMPL_COMPACT=y MUON_CPU_BF16=y")
+    assert config.muon_cpu_bf16 is True
+    built = build_optimizer(model, config, torch.device("cpu"))
+    muons = [o for o in built.optimizers if isinstance(o, Muon)]
+    assert [m.defaults["ns_dtype"] for m in muons] == [torch.bfloat16 if amx else torch.float32]
+    assert any("no AMX bf16 units" in n for n in built.notes) == (not amx)
+    # torch's own Muon is still chosen with MUON_IMPL_TORCH: the note does not count as a fallback
+    torch_built = build_optimizer(model, optimizer("OPT_MUON=y MUON_IMPL_TORCH=y MUON_CPU_BF16=y"),
+                                  torch.device("cpu"))
+    assert any(isinstance(o, torch.optim.Muon) for o in torch_built.optimizers)

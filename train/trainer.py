@@ -318,7 +318,9 @@ class Trainer(Checkpointing):
                         with self.times.part("train"):
                             loss, grad_norm = self.train_step(step)
                     except torch.OutOfMemoryError as e:
-                        oom = e
+                        # Drop the traceback: its frames hold the failed step's activations (and a cycle with
+                        # this frame), which would keep the device full while the checkpoint is written.
+                        oom = e.with_traceback(None)
                         break
                     self.speed.step(self.tokens_at(step))
                     step += 1
