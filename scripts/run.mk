@@ -1,6 +1,7 @@
 # Running what .config describes. SET="SYM=value ..." applies to this invocation only.
 
-.PHONY: run check continue report data sample export eval bench bench-check slurm gpu-check gpu-wheels
+.PHONY: run check continue report data sample export eval bench bench-check bench-data bench-optim bench-speedrun \
+	slurm gpu-check gpu-wheels
 
 ## run: (default) run the plan .config describes; results in RUNS_DIR/<plan>/<run>/
 run: $(CORE)
@@ -46,6 +47,18 @@ bench: $(CORE)
 ## bench-check: time 'make check' on the ablation and matrix presets (seconds per run)
 bench-check: $(CORE)
 	@$(PY) scripts/bench_check.py
+
+## bench-data: tokenizing MB/s per tokenizer, document by document vs in batches, peak memory (DATA_BENCH_SOURCE=embedded|generated|<path>)
+bench-data: $(CORE)
+	@$(PY) -m data.bench
+
+## bench-optim: optimizer.step() and training-step time, AdamW vs Muon on the quickstart model (ratio), and Muon's old matrix-by-matrix step
+bench-optim: $(CORE)
+	@$(PY) scripts/bench_optim.py
+
+## bench-speedrun: train nanogpt-shakespeare-char-cpu and speedrun-cpu on the same data, one evaluation: wall-time ratio, losses (DATA_PATH= another corpus)
+bench-speedrun: $(CORE)
+	@$(PY) scripts/bench_speedrun.py $(if $(DATA_PATH),--data-path "$(DATA_PATH)")
 
 ## gpu-check: the prepared GPU check (docs/gpu.md): GPU test tier, memory prediction vs measured, bench figures; gpu_check.json and log in OUT= (GPU_CHECK_ARGS="--dry-run", "--nanogpt PATH")
 gpu-check: $(CORE)
