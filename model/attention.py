@@ -159,12 +159,16 @@ def saved_bytes(config, batch: int, seq: int, act_bytes: int) -> int:
         if c.pos == "rope" or c.qk_norm:
             # Rotated or normalized q and k are new (B, n_head, T, hd) tensors; the attention output
             # then comes out in that layout, and c_proj's input is a separate (B, T, C) copy of it.
+            # (RoPE and model/norm.py's fp32 RMSNorm keep c_attn's layout and so no copy; the
+            # pinned predictions keep this term, an over-estimate of N * C * a, for the fused kernel.)
             saved += N * (C + kv) * a + N * C * a
         if c.attn == "reference":
             # Measured: the probabilities, k and v repeated to n_head under GQA, and with RoPE alone
-            # (no QK-norm) none of the rotated q/k and output copies the fused kernel keeps.
+            # (no QK-norm) none of the rotated q/k and output copies the fused kernel keeps; with
+            # model/norm.py's fp32 QK-norm two (B, T, C) tensors less.
             saved += scores + 2 * N * (C - kv) * a
             saved -= N * (C + kv) * a + N * C * a if c.pos == "rope" and not c.qk_norm else 0
+            saved -= 2 * N * C * a if c.qk_norm and c.norm == "rmsnorm" and a == f else 0
         elif c.attn == "sdpa" and c.attn_window:
             saved += T * T * a  # the boolean window mask, converted to an additive one and kept
     else:

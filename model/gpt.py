@@ -29,6 +29,7 @@ from model.attention import (BACKENDS, CausalSelfAttention, KVCache, LayerCache,
                              document_segments, softcap)
 from model.mlp import MLP, activation, hidden_width
 from model.moe import MoE, MoEConfig, is_moe_block
+from model.norm import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -144,22 +145,37 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, bias=config.bias)
 
 
+def make_qk_norm(config: ModelConfig, dim: int) -> nn.Module:
+    """QK-norm's per-head norm: RMSNorm with model/norm.py's backward (same parameter and state dict
+    key as nn.RMSNorm), or make_norm's LayerNorm."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, eps=1e-6)
+    return make_norm(config, dim)
+
+
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (length, head_dim/2) for rotating pairs of channels."""
+    """cos/sin tables (length, head_dim) for apply_rope, in HF Llama's rotate-half layout: channel
+    i and i + head_dim/2 form a pair rotated by angle position * theta^(-2i/head_dim). cos is repeated
+    over both halves and sin negated on the first, so a rotation is two products and a sum. GPT
+    computes them once per model, as buffers."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (x1, x2) halves of each head by position-dependent angles. x: (B, H, T, D); cos and sin
-    are tables from position 0 (their first T rows are used) or, per token, (B, 1, T, D/2)."""
+    """Rotate the (x1, x2) halves of each head by position-dependent angles: (x1 cos - x2 sin,
+    x2 cos + x1 sin), the same products and sums as HF Llama's x * cos + rotate_half(x) * sin.
+
+    x: (B, H, T, D); cos and sin are rope_tables from position 0 (their first T rows are used) or,
+    per token, (B, 1, T, D)."""
     if cos.dim() == 2:
         T = x.size(2)
         cos, sin = cos[:T], sin[:T]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+    return x * cos + swapped * sin
 
 
 class Block(nn.Module):
@@ -167,7 +183,7 @@ class Block(nn.Module):
         super().__init__()
         c = config
         self.ln_1 = make_norm(c, c.n_embd)
-        self.attn = CausalSelfAttention(c, make_norm, apply_rope)
+        self.attn = CausalSelfAttention(c, make_qk_norm, apply_rope)
         self.ln_2 = make_norm(c, c.n_embd)
         if moe:
             self.mlp = MoE(c.n_embd, c.mlp, c.moe, c.dropout)

@@ -1,7 +1,7 @@
 """Training throughput of the configured model on this machine: python scripts/bench.py
 
 Runs the real trainer for BENCH_STEPS steps (default 60) with the current
-.config (plus SET overrides), on a 4 MB embedded corpus so no download is
+configuration ($KCONFIG_CONFIG, else .config, plus SET overrides), on a 4 MB embedded corpus so no download is
 needed: the data's content does not change the speed, and its char vocabulary
 (97) pads to the same 128 ids as tiny Shakespeare's (65). Reports the median
 tokens/s of the logging intervals after the first, which holds warmup and
@@ -10,7 +10,12 @@ checkpoint of the full training state. Peak memory: the CUDA allocator's peak on
 a GPU, the process's peak resident set on CPU (which includes Python and torch
 themselves), next to train/memory.py's prediction for the same step. With
 CONFIG_MOE=y it also times an MoE layer against a dense MLP of equal active
-parameters (scripts/bench_moe.py). BENCH_JSON=path also writes the figures as JSON.
+parameters (scripts/bench_moe.py). Then, in the same process: the GPT-2 block against the
+LLaMA-style block (RMSNorm, RoPE, SwiGLU, QK-norm) at nearly equal parameters, eager on CPU, and
+their tokens/s ratio (scripts/bench_blocks.py); torch.compile against eager on the configured model,
+tokens/s and the compile time apart (scripts/bench_compile.py; BENCH_COMPILE=n skips it). Both time
+interleaved rounds and report medians, so other work on the machine slows both sides alike.
+BENCH_JSON=path also writes the figures as JSON.
 A measured run that does not finish (NaN/Inf stop, interrupt, time limit) is
 reported with its status, reason and the step it reached, and the exit status
 is 1; a time-limited run still prints the throughput of the steps it made.
@@ -18,6 +23,7 @@ is 1; a time-limited run still prints the throughput of the steps it made.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -33,8 +39,11 @@ sys.path.insert(0, str(ROOT))
 from data.prepare import prepare  # noqa: E402
 from kconfig.tree import load, parse_overrides, resolve, parse_file  # noqa: E402
 from kconfig.values import values  # noqa: E402
+from model.gpt import ModelConfig  # noqa: E402
 import torch  # noqa: E402
 
+from scripts.bench_blocks import compare_blocks, describe as describe_blocks  # noqa: E402
+from scripts.bench_compile import compile_vs_eager, describe as describe_compile  # noqa: E402
 from scripts.bench_moe import describe as describe_moe, moe_vs_dense  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.device import DTYPES  # noqa: E402
@@ -56,10 +65,16 @@ def checkpoint_times(trainer: Trainer, folder: Path) -> tuple[float, float, int]
     return statistics.median(saves), statistics.median(loads), path.stat().st_size
 
 
+def config_path() -> Path:
+    """The configuration make and kbuild read: $KCONFIG_CONFIG, else .config (kbuild/__main__.py); a
+    relative path is taken from the repository root, where make runs."""
+    return ROOT / (os.environ.get("KCONFIG_CONFIG") or ".config")
+
+
 def main() -> int:
     steps = int(os.environ.get("BENCH_STEPS", "60"))
     interval = max(1, steps // 6)
-    _, configured = load(ROOT / ".config", os.environ.get("SET", ""))  # validate first: named errors, as for make
+    _, configured = load(config_path(), os.environ.get("SET", ""))  # validate first: named errors, as for make
     # One process: a data-parallel run's throughput is in its own summary (make, then the report).
     bench_sets = (f'DATA_PATH="" DATASET_EMBEDDED=y EMBEDDED_CORPUS_MB=4 MAX_ITERS={steps} MAX_TIME=0 '
                   f"LOG_INTERVAL={interval} EVAL_INTERVAL={steps} EVAL_BATCHES=1 CHECKPOINT_INTERVAL=0 "
@@ -67,10 +82,12 @@ def main() -> int:
                   f"WARMUP_ITERS={min(configured.WARMUP_ITERS, steps - 1)}")  # the steps measured fit the schedule
     if configured.PARALLEL != "none":
         print("bench runs one process; for the data-parallel throughput run 'make' and read its summary")
-    kconf, _ = resolve(parse_file(ROOT / ".config", snapshot=True), parse_overrides(os.environ.get("SET", "")),
+    kconf, _ = resolve(parse_file(config_path(), snapshot=True), parse_overrides(os.environ.get("SET", "")),
                        parse_overrides(bench_sets, "bench"))
     cfg = values(kconf)
     result = bench(cfg, prepare(cfg, ROOT))
+    if "tokens_per_s" in result:
+        result.update(comparisons(cfg, result))
     if out := os.environ.get("BENCH_JSON"):
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if result["status"] == "done" else 1
@@ -119,6 +136,7 @@ def bench(cfg, data) -> dict:
         "device": summary["device"], "dtype": summary["dtype"], "compile": cfg.COMPILE,
         "params": summary["params"], "tokens_per_step": trainer.tokens_per_step,
         "tokens_per_s": tps, "tokens_per_s_intervals": speeds, "flops_per_s": flops, "mfu": summary["mfu"],
+        "model": dataclasses.asdict(trainer.model.config), "device_type": trainer.device.type,
     })
     print(f"bench {cfg.PLAN_NAME}: {summary['params']:,} params, vocab {trainer.model.config.vocab_size}, "
           f"{trainer.tokens_per_step:,} tokens/step, "
@@ -141,6 +159,23 @@ def bench(cfg, data) -> dict:
               f"(median of 5, including fsync)")
         result.update(checkpoint_bytes=ckpt_bytes, checkpoint_save_s=save_s, checkpoint_load_s=load_s)
     return result
+
+
+def comparisons(cfg, result: dict) -> dict:
+    """The side-by-side figures after the trainer's: the GPT-2 block against the LLaMA-style block
+    (on CPU at nanoGPT's CPU recipe size, whatever the configured model) and, unless
+    BENCH_COMPILE=n, torch.compile against eager on the configured model on its device."""
+    blocks = compare_blocks()
+    print(describe_blocks(blocks))
+    out = {"blocks": blocks}
+    if os.environ.get("BENCH_COMPILE", "y") != "n":
+        dtype = DTYPES[result["dtype"]] if result["dtype"] != "fp32" else None
+        mode = cfg.COMPILE_MODE.replace("_", "-") if cfg.COMPILE else "default"
+        compiled = compile_vs_eager(ModelConfig.from_dict(result["model"]), cfg.MICRO_BATCH, cfg.BLOCK_SIZE,
+                                    torch.device(result["device_type"]), dtype, mode)
+        print(describe_compile(compiled))
+        out["compile_vs_eager"] = compiled
+    return out
 
 
 def stop_message(plan: str, summary: dict, planned: int) -> str:

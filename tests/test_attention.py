@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import config_of
 from kconfig.errors import ConfigError
 from kconfig.tree import parse_overrides, resolve
 from model.attention import FlashAttentionUnavailable, causal_mask, reference_attention, sdpa_attention, softcap
 from model.gpt import GPT, ModelConfig
+from model.norm import RMSNorm, rms_norm
+from test_model import rope_by_halves
 
 TOL = 1e-5  # fp32 absolute tolerance between SDPA and the reference (seen: ~1e-7)
 
@@ -144,3 +147,74 @@ def test_causal_mask_with_an_offset_is_the_last_rows_of_the_full_mask():
         assert torch.equal(causal_mask(2, window, offset=5), full[5:])
         assert torch.equal(causal_mask(7, window, offset=0), full)
     assert causal_mask(1, 3, offset=6)[0].tolist() == [False] * 4 + [True] * 3
+
+
+def attention_by_parts(attn, x: torch.Tensor) -> torch.Tensor:
+    """The oracle: attention with torch's RMSNorm for QK-norm (autograd's backward) and RoPE by
+    halves, full causal SDPA."""
+    c = attn.config
+    B, T, C = x.shape
+    kv = c.n_kv_head * c.head_dim
+    q, k, v = attn.c_attn(x).split([C, kv, kv], dim=2)
+    q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+    k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+    v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+    if c.qk_norm:
+        q = F.rms_norm(q, (c.head_dim,), attn.q_norm.weight, attn.q_norm.eps)
+        k = F.rms_norm(k, (c.head_dim,), attn.k_norm.weight, attn.k_norm.eps)
+    if c.pos == "rope":
+        q, k = rope_by_halves(q, c.rope_theta), rope_by_halves(k, c.rope_theta)
+    y = sdpa_attention(q, k, v, None)
+    return attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+# (options, tolerance): 0 = equal to the last bit. QK-norm's backward (model/norm.py) is autograd's
+# math in another order.
+FASTER = [(dict(norm="rmsnorm", pos="rope"), 0.0),
+          (dict(norm="rmsnorm", pos="learned", qk_norm=True, n_kv_head=2), 1e-5),
+          (dict(norm="rmsnorm", pos="rope", qk_norm=True, n_kv_head=1), 1e-5)]
+
+
+@pytest.mark.parametrize("options, tol", FASTER)
+def test_attention_with_qk_norm_and_rope_equals_torchs_norm_and_rope_by_halves(options, tol):
+    torch.manual_seed(0)
+    model = GPT(tiny(**options))
+    attn = model.blocks[0].attn
+    for p in attn.parameters():  # norms away from their init, so their weights matter
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(3, 16, 32, requires_grad=True)
+    rope = (model.rope_cos, model.rope_sin) if model.config.pos == "rope" else None
+    new = attn(x, rope, None)
+    grad = torch.randn_like(new)
+    new_grads = torch.autograd.grad(new, [x, *attn.parameters()], grad)
+    old = attention_by_parts(attn, x)
+    old_grads = torch.autograd.grad(old, [x, *attn.parameters()], grad)
+    names = ["x", *(n for n, _ in attn.named_parameters())]
+    if tol == 0:
+        assert torch.equal(new, old)
+        for name, a, b in zip(names, new_grads, old_grads):
+            assert torch.equal(a, b), name
+    else:
+        assert torch.allclose(new, old, rtol=tol, atol=tol), (new - old).abs().max()
+        for name, a, b in zip(names, new_grads, old_grads):
+            assert torch.allclose(a, b, rtol=tol, atol=tol * b.abs().max().item()), (name, (a - b).abs().max())
+
+
+def test_rms_norm_with_its_own_backward_equals_torchs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, 16, requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(16)).requires_grad_()
+    grad = torch.randn(2, 6, 8, 16)
+    new = rms_norm(x, weight, 1e-6)
+    ours = torch.autograd.grad(new, [x, weight], grad)
+    old = F.rms_norm(x, (16,), weight, 1e-6)
+    theirs = torch.autograd.grad(old, [x, weight], grad)
+    assert torch.allclose(new, old, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+    assert torch.equal(RMSNorm(16, eps=1e-6).state_dict()["weight"], torch.nn.RMSNorm(16).state_dict()["weight"])
+
+
+def test_rms_norm_of_a_low_precision_input_is_torchs():
+    x, weight = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(16)
+    assert torch.equal(rms_norm(x, weight, 1e-6), F.rms_norm(x, (16,), weight, 1e-6))

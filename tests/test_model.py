@@ -86,6 +86,42 @@ def test_rope_rotation_preserves_norm_and_encodes_relative_position():
     assert torch.allclose((rq[0, 0, 5] * rk[0, 0, 2]).sum(), (rq[0, 0, 20] * rk[0, 0, 17]).sum(), atol=1e-4)
 
 
+def rope_by_halves(x: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """The formulation RoPE had before its tables went full width (the oracle): half-width cos/sin
+    tables, x (B, H, T, D) split into halves, four products, a difference, a sum and a concatenation."""
+    D, T = x.size(-1), x.size(2)
+    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_on_full_width_tables_equals_the_rotation_by_halves_bit_for_bit(dtype):
+    """Same products and sums as the oracle, so values and gradients are equal to the last bit."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 12, 16, dtype=dtype, requires_grad=True)
+    cos, sin = rope_tables(16, 20, 10000.0)
+    new = apply_rope(x, cos, sin)
+    x_old = x.detach().clone().requires_grad_()
+    old = rope_by_halves(x_old)
+    assert torch.equal(new, old)
+    grad = torch.randn_like(new)
+    new.backward(grad)
+    old.backward(grad)
+    assert torch.equal(x.grad, x_old.grad)
+
+
+def test_per_token_rope_tables_are_the_rows_of_the_positions():
+    cos, sin = rope_tables(8, 16, 10000.0)
+    position = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    x = torch.randn(1, 3, 8, 8)
+    by_token = apply_rope(x, cos[position].unsqueeze(1), sin[position].unsqueeze(1))
+    assert torch.equal(by_token[:, :, :3], apply_rope(x[:, :, :3], cos, sin))
+    assert torch.equal(by_token[:, :, 3:], apply_rope(x[:, :, 3:], cos, sin))
+
+
 def test_gqa_shrinks_key_value_projection():
     full, mqa = GPT(tiny(n_kv_head=4)), GPT(tiny(n_kv_head=1))
     head_dim, kv_saved = 8, 2 * 3 * 8  # k and v, 3 heads fewer, width 8 each
