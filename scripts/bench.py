@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from scripts.bench_blocks import compare_blocks, describe as describe_blocks  # noqa: E402
 from scripts.bench_compile import compile_vs_eager, describe as describe_compile  # noqa: E402
 from scripts.bench_moe import describe as describe_moe, moe_vs_dense  # noqa: E402
+from scripts.bench_optim import describe as describe_optim, measure as measure_optim  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.device import DTYPES  # noqa: E402
 from train.memory import predict_run_memory  # noqa: E402
@@ -163,11 +164,16 @@ def bench(cfg, data) -> dict:
 
 def comparisons(cfg, result: dict) -> dict:
     """The side-by-side figures after the trainer's: the GPT-2 block against the LLaMA-style block
-    (on CPU at nanoGPT's CPU recipe size, whatever the configured model) and, unless
+    (on CPU at nanoGPT's CPU recipe size, whatever the configured model), Muon's step against AdamW's on
+    the quickstart model (scripts/bench_optim.py; SET applies there too) and, unless
     BENCH_COMPILE=n, torch.compile against eager on the configured model on its device."""
     blocks = compare_blocks()
     print(describe_blocks(blocks))
     out = {"blocks": blocks}
+    optim = measure_optim(ROOT / "defconfigs" / "quickstart", int(os.environ.get("BENCH_OPTIM_REPEATS", "30")))
+    if optim:  # Muon against AdamW on the quickstart model, whatever the configured optimizer
+        print(describe_optim(optim))
+        out["muon_vs_adamw"] = optim
     if os.environ.get("BENCH_COMPILE", "y") != "n":
         dtype = DTYPES[result["dtype"]] if result["dtype"] != "fp32" else None
         mode = cfg.COMPILE_MODE.replace("_", "-") if cfg.COMPILE else "default"

@@ -32,7 +32,7 @@ from kconfig.tree import parse_file, parse_overrides, resolve  # noqa: E402
 from kconfig.values import values  # noqa: E402
 from model.gpt import ModelConfig  # noqa: E402
 from optim.muon import Muon, lr_ratio  # noqa: E402
-from optim.optimizers import Composite, OptimizerConfig, set_lr  # noqa: E402
+from optim.optimizers import Composite, OptimizerConfig, cpu_has_amx_bf16, set_lr  # noqa: E402
 from train.build import build_model_and_optimizer, padded_vocab  # noqa: E402
 from train.device import DeviceConfig, resolve_device  # noqa: E402
 
@@ -121,19 +121,20 @@ def interleaved(fns: dict, repeats: int, device: torch.device, warmup: int = 3) 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main() -> int:
-    defconfig = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "defconfigs" / "quickstart"
-    repeats = int(os.environ.get("BENCH_OPTIM_REPEATS", "30"))
-    if threads := os.environ.get("BENCH_OPTIM_THREADS"):
-        torch.set_num_threads(int(threads))
+def measure(defconfig: Path, repeats: int) -> dict | None:
+    """optimizer.step() of AdamW, Muon and the matrix-by-matrix Muon, and the training step of AdamW and Muon,
+    on ``defconfig``'s model (SET on top), interleaved; None when Muon there is not the compact one."""
     cfg, adamw, device = built_for(defconfig, "OPT_ADAMW=y")
     _, muon, _ = built_for(defconfig, "OPT_MUON=y")
     _, loop, _ = built_for(defconfig, "OPT_MUON=y")
+    # MUON_CPU_BF16 where it applies (a CPU with AMX bf16 units): Newton-Schulz in bf16
+    bf16 = built_for(defconfig, "OPT_MUON=y MUON_CPU_BF16=y")[1] if device.type == "cpu" and cpu_has_amx_bf16() \
+        else None
     compact, rest = loop.optimizer.optimizers
     if not isinstance(compact, Muon):
         print(f"bench_optim: {defconfig.name} with OPT_MUON=y runs {type(compact).__name__} for the matrices, "
               "not the compact Muon (MUON_IMPL=torch off CPU); set SET=MUON_IMPL_COMPACT=y to time it")
-        return 1
+        return None
     loop.optimizer = Composite(LoopMuon(compact.param_groups), rest)
     torch.manual_seed(0)
     x = torch.randint(0, adamw.model.config.vocab_size, (cfg.MICRO_BATCH, cfg.BLOCK_SIZE + 1), device=device)
@@ -147,27 +148,52 @@ def main() -> int:
         backward(built)
         built.optimizer.step()
 
-    for built in (adamw, muon, loop):
+    builds = {"adamw": adamw, "muon": muon, "loop": loop, **({"muon_bf16": bf16} if bf16 else {})}
+    for built in builds.values():
         backward(built)  # the gradients every optimizer.step() below reuses
-    step = interleaved({"adamw": adamw.optimizer.step, "muon": muon.optimizer.step, "loop": loop.optimizer.step},
-                       repeats, device)
-    train = interleaved({"adamw": lambda: train_step(adamw), "muon": lambda: train_step(muon)}, repeats, device)
+    step = interleaved({name: built.optimizer.step for name, built in builds.items()}, repeats, device)
+    train = interleaved({name: (lambda b=built: train_step(b)) for name, built in builds.items() if name != "loop"},
+                        repeats, device)
     flops = newton_schulz_flops(muon.optimizer.optimizers[0])
-    result = {"defconfig": defconfig.name, "device": str(device), "threads": torch.get_num_threads(),
-              "repeats": repeats, "params": sum(p.numel() for p in adamw.model.parameters()),
-              "step_s": step, "train_step_s": train, "newton_schulz_flops": flops,
-              "muon_over_adamw": step["muon"] / step["adamw"], "loop_over_muon": step["loop"] / step["muon"],
-              "train_muon_over_adamw": train["muon"] / train["adamw"]}
-    print(f"bench_optim {defconfig.name}: {result['params']:,} params, {device}, {result['threads']} threads, "
-          f"median of {repeats} interleaved calls")
-    print(f"  optimizer.step(): AdamW {1e3 * step['adamw']:.2f} ms, Muon {1e3 * step['muon']:.2f} ms "
-          f"(ratio Muon/AdamW {result['muon_over_adamw']:.2f}), Muon matrix by matrix {1e3 * step['loop']:.2f} ms "
-          f"(batched is {result['loop_over_muon']:.2f}x faster)")
-    print(f"  Newton-Schulz: {flops / 1e9:.2f} GFLOP a step, {flops / step['muon'] / 1e9:.0f} GFLOP/s in the "
-          f"Muon step")
-    print(f"  training step (forward, backward, step; {cfg.MICRO_BATCH} x {cfg.BLOCK_SIZE} tokens): AdamW "
-          f"{1e3 * train['adamw']:.1f} ms, Muon {1e3 * train['muon']:.1f} ms "
-          f"(ratio Muon/AdamW {result['train_muon_over_adamw']:.2f})")
+    return {"defconfig": defconfig.name, "device": str(device), "threads": torch.get_num_threads(),
+            "repeats": repeats, "params": sum(p.numel() for p in adamw.model.parameters()),
+            "micro_batch": cfg.MICRO_BATCH, "block_size": cfg.BLOCK_SIZE,
+            "ns_dtype": str(muon.optimizer.optimizers[0].defaults["ns_dtype"]).removeprefix("torch."),
+            "step_s": step, "train_step_s": train, "newton_schulz_flops": flops,
+            "muon_over_adamw": step["muon"] / step["adamw"], "loop_over_muon": step["loop"] / step["muon"],
+            "train_muon_over_adamw": train["muon"] / train["adamw"],
+            **({"muon_bf16_over_adamw": step["muon_bf16"] / step["adamw"],
+                "train_muon_bf16_over_adamw": train["muon_bf16"] / train["adamw"]} if bf16 else {})}
+
+
+def describe(result: dict) -> str:
+    step, train, flops = result["step_s"], result["train_step_s"], result["newton_schulz_flops"]
+    return "\n".join([
+        f"bench_optim {result['defconfig']}: {result['params']:,} params, {result['device']}, "
+        f"{result['threads']} threads, Newton-Schulz in {result['ns_dtype']}, median of {result['repeats']} "
+        f"interleaved calls",
+        f"  optimizer.step(): AdamW {1e3 * step['adamw']:.2f} ms, Muon {1e3 * step['muon']:.2f} ms "
+        f"(ratio Muon/AdamW {result['muon_over_adamw']:.2f}), Muon matrix by matrix {1e3 * step['loop']:.2f} ms "
+        f"(batched is {result['loop_over_muon']:.2f}x faster)",
+        f"  Newton-Schulz: {flops / 1e9:.2f} GFLOP a step, {flops / step['muon'] / 1e9:.0f} GFLOP/s in the Muon step",
+        f"  training step (forward, backward, step; {result['micro_batch']} x {result['block_size']} tokens): AdamW "
+        f"{1e3 * train['adamw']:.1f} ms, Muon {1e3 * train['muon']:.1f} ms "
+        f"(ratio Muon/AdamW {result['train_muon_over_adamw']:.2f})"]
+        + ([f"  with MUON_CPU_BF16=y (Newton-Schulz in bf16 on this AMX CPU): optimizer.step() "
+            f"{1e3 * step['muon_bf16']:.2f} ms (ratio {result['muon_bf16_over_adamw']:.2f}), training step "
+            f"{1e3 * train['muon_bf16']:.1f} ms (ratio Muon/AdamW {result['train_muon_bf16_over_adamw']:.2f})"]
+           if "muon_bf16" in step else []))
+
+
+def main() -> int:
+    defconfig = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "defconfigs" / "quickstart"
+    repeats = int(os.environ.get("BENCH_OPTIM_REPEATS", "30"))
+    if threads := os.environ.get("BENCH_OPTIM_THREADS"):
+        torch.set_num_threads(int(threads))
+    result = measure(defconfig, repeats)
+    if result is None:
+        return 1
+    print(describe(result))
     if out := os.environ.get("BENCH_JSON"):
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -9,7 +9,9 @@ temporary RUNS_DIR). Afterwards both final checkpoints are scored by the same ev
 whole validation split in 64-token windows (evaluation/bits_per_byte.py), so neither run's EVAL_BATCHES or
 micro-batch choice moves the comparison. Printed: each run's wall time (the trainer's, from its first step;
 and the whole command's, data and model build included), tokens, the shared evaluation's loss and bits per
-byte, and the ratios. --threads sets CPU_THREADS for both (0: every core). Exit status 1 when a run fails.
+byte, and the ratios. --repeat N trains each preset N times, alternating (baseline, speedrun, speedrun,
+baseline, ...), and compares the median wall times: the machine's noise then hits both alike. --threads sets
+CPU_THREADS for both (0: every core). Exit status 1 when a run fails.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,10 +76,23 @@ def shared_evaluation(run_dir: str) -> dict:
     return bits_per_byte(model, data.tokens("val"), token_byte_lengths(data.tokenizer), batch_size=64)
 
 
+def order(repeat: int) -> list[str]:
+    """Baseline and speedrun alternating in ABBA order, ``repeat`` runs of each."""
+    pairs = [(BASELINE, SPEEDRUN) if i % 2 == 0 else (SPEEDRUN, BASELINE) for i in range(repeat)]
+    return [preset for pair in pairs for preset in pair]
+
+
+def merge(runs: list[dict]) -> dict:
+    """One preset's repeated runs: the first run's figures (the training is deterministic), its median walls."""
+    return {**runs[0], "wall_time_s": statistics.median(r["wall_time_s"] for r in runs),
+            "command_s": statistics.median(r["command_s"] for r in runs),
+            "wall_times_s": [r["wall_time_s"] for r in runs]}
+
+
 def report(runs: list[dict]) -> dict:
     base, fast = runs
     return {
-        "baseline": base["preset"], "speedrun": fast["preset"],
+        "baseline": base["preset"], "speedrun": fast["preset"], "repeat": len(base["wall_times_s"]),
         "train_wall_ratio": fast["wall_time_s"] / base["wall_time_s"],
         "command_wall_ratio": fast["command_s"] / base["command_s"],
         "val_loss_difference": fast["eval"]["nats_per_token"] - base["eval"]["nats_per_token"],
@@ -90,20 +106,23 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--threads", type=int, default=0, help="CPU_THREADS for both runs (0: every core)")
     parser.add_argument("--keep", type=Path, help="keep the runs in this folder (default: a temporary one)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each preset, alternating (median walls)")
     args = parser.parse_args(argv)
     overrides = f"{data_overrides(args.data_path)} CPU_THREADS={args.threads}"
     with tempfile.TemporaryDirectory(prefix="speedrun-") as tmp:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        runs = []
-        for preset in (BASELINE, SPEEDRUN):
+        done: dict[str, list[dict]] = {BASELINE: [], SPEEDRUN: []}
+        for preset in order(args.repeat):
             print(f"training {preset} ...", flush=True)
             run = train(preset, workdir, overrides, print)
-            run["eval"] = shared_evaluation(run["run_dir"])
-            runs.append(run)
+            if not done[preset]:  # the training is deterministic: one evaluation per preset
+                run["eval"] = shared_evaluation(run["run_dir"])
+            done[preset].append(run)
+        runs = [merge(done[BASELINE]), merge(done[SPEEDRUN])]
         result = report(runs)
     print(f"\ndata: {args.data_path or 'embedded corpus (4 MB)'}, char tokenizer, whole val split in "
-          f"{EVAL_WINDOW}-token windows")
+          f"{EVAL_WINDOW}-token windows" + (f"; median wall of {args.repeat} runs each" if args.repeat > 1 else ""))
     print(f"{'preset':<30} {'steps':>6} {'tokens':>10} {'train s':>8} {'command s':>10} {'val loss':>9} {'val bpb':>8}")
     for run in runs:
         e = run["eval"]
@@ -114,7 +133,8 @@ def main(argv=None) -> int:
           f"{result['command_wall_ratio']:.3f} (whole command); the speedrun {verdict} the baseline's val loss "
           f"({result['val_loss_difference']:+.4f} nats/token)")
     if args.json:
-        keep = ("preset", "steps", "tokens", "wall_time_s", "command_s", "tokens_per_s", "time_split", "eval")
+        keep = ("preset", "steps", "tokens", "wall_time_s", "wall_times_s", "command_s", "tokens_per_s", "time_split",
+                "eval")
         args.json.write_text(json.dumps({**result, "runs": [{k: r.get(k) for k in keep} for r in runs]}, indent=2))
     return 0
 
