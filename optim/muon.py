@@ -121,12 +121,11 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
-# The most elements one stack holds (or one parameter, if larger), by device type. On CPU a stack whose
-# X, next X and Gram matrices stay in the core's L2 cache (~1.3 MiB at 2^17 fp32 elements) was the
-# fastest (the quickstart model's matrices, 1 thread on a shared 2-core machine: 17.6 ms a step against
-# 20.4 ms at 2^22; scripts/bench_optim.py times the step); on a GPU, where each matmul is a kernel
-# launch, one stack per shape up to 2^22 elements (8 MiB in bf16).
-STACK_ELEMENTS = {"cpu": 1 << 17}
+# The most elements one stack holds (or one parameter, if larger), by device type (a test sets small ones).
+# One stack per shape up to 2^22 elements (16 MiB in fp32): on a GPU each matmul is a kernel launch; on the
+# 2-core development machine, idle, the quickstart model's Muon step took 10.3 ms at 2^22 against 13.0 ms at
+# 2^17 (L2-sized stacks) with 2 threads, and 20.6 against 19.9 ms with 1 thread (make bench-optim).
+STACK_ELEMENTS: dict[str, int] = {}
 STACK_ELEMENTS_DEFAULT = 1 << 22
 
 

@@ -39,13 +39,26 @@ def state_size(optimizer: str) -> StateSize:
                                f"{sorted(STATE_SIZES)}: add its state to optim/state_size.py STATE_SIZES") from None
 
 
-def newton_schulz_bytes(shapes: list[tuple[int, int, int]]) -> int:
-    """Bytes Muon's step allocates for its largest (stack, rows, cols) matrix while grads are alive.
+def newton_schulz_bytes(shapes: list[tuple[int, int, int, int]], stack_elements: int = 1 << 22) -> int:
+    """Bytes Muon's step allocates for its largest stack while grads are alive; ``shapes``: (parameters,
+    matrices per parameter, rows, cols) per kind of matrix, ``stack_elements``: optim/muon.py's limit.
 
-    optim/muon.py's Newton-Schulz in fp32 (its CPU default) writes the Nesterov update into its
-    stack and normalizes it there, so it holds X and the next X (two copies of the matrix) and the
-    Gram matrix X X^T with its polynomial (two b x s x s, s the smaller side). On CPU a stack
-    holds at most 2^17 elements (0.5 MiB) or one parameter, so the largest parameter sets the
-    peak. torch.optim.Muon and CUDA's bf16 iteration hold a little less; this is the fp32 count.
+    optim/muon.py stacks same-shape matrices (a tall one with the wide ones of its transposed shape) up
+    to ``stack_elements`` elements, or one parameter if that is larger, and runs Newton-Schulz once per
+    stack, one stack at a time. In fp32 (its CPU default) it writes the Nesterov update into its stack and
+    normalizes it there, so a stack of b matrices of s x l (s the smaller side) holds X and the next X (two
+    copies) and the Gram matrix X X^T with its polynomial (two b x s x s). torch.optim.Muon and bf16
+    iterations hold less; this is the fp32 count. The packing follows muon.batches: parameters in order,
+    a stack closed when the next one would pass the limit.
     """
-    return max(2 * b * r * k * 4 + 2 * b * min(r, k) ** 2 * 4 for b, r, k in shapes)
+    stacks: dict[tuple[int, int], list[int]] = {}  # (s, l) -> the matrices of each stack, in order
+    for params, per_param, rows, cols in shapes:
+        key = (min(rows, cols), max(rows, cols))
+        counts = stacks.setdefault(key, [])
+        for _ in range(params):
+            if counts and (counts[-1] + per_param) * key[0] * key[1] <= stack_elements:
+                counts[-1] += per_param
+            else:
+                counts.append(per_param)
+    return max((2 * b * s * l * 4 + 2 * b * s * s * 4 for (s, l), counts in stacks.items() for b in counts),
+               default=0)

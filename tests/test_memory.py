@@ -268,7 +268,7 @@ PINNED = {
     ("llama", "fp32", "muon", 0, "none"): 68_467_712,
     ("llama-qknorm-bf16", "bf16", "lion", 1, "ddp"): 11_058_944,
     ("reference-rope-window-dropout", "fp32", "sgd", 2, "zero2"): 26_322_432,
-    ("moe-mtp-ckpt", "bf16", "muon", 1, "fsdp"): 22_433_920,
+    ("moe-mtp-ckpt", "bf16", "muon", 1, "fsdp"): 28_168_704,  # Muon stacks all layers' experts (2^22 elements)
     ("moe-sigmoid-top1-zloss", "fp16", "adamw", 0, "zero3"): 22_693_632,
 }
 

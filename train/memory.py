@@ -46,6 +46,7 @@ from model import attention
 from model import moe as moe_layer
 from model.gpt import ModelConfig
 from model.mlp import activation, fan_out
+from optim.muon import STACK_ELEMENTS_DEFAULT
 from optim.state_size import newton_schulz_bytes, state_size
 
 if TYPE_CHECKING:
@@ -285,19 +286,23 @@ def optimizer_state_bytes(optimizer: str, counts: ParamCounts) -> int:
     return (size.matrices * counts.matrices + size.others * (counts.total - counts.matrices)) * FP32
 
 
-def muon_matrix_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:
-    """(stack, rows, cols) of every matrix Muon orthogonalizes: attention, dense MLPs, expert stacks,
-    routers and shared experts."""
+def muon_matrix_shapes(config: ModelConfig) -> list[tuple[int, int, int, int]]:
+    """(parameters, matrices per parameter, rows, cols) of every kind of matrix Muon orthogonalizes:
+    attention, dense MLPs (MTP heads' blocks included), expert stacks, routers and shared experts."""
     c = config
     kv = c.n_kv_head * c.head_dim
-    shapes = [(1, c.n_embd + 2 * kv, c.n_embd), (1, c.n_embd, c.n_embd)]
-    if c.moe is None or c.mtp_heads or not all(c.is_moe_layer(i) for i in range(c.n_layer)):
-        shapes += [(1, fan_out(c.mlp_hidden, c.mlp), c.n_embd), (1, c.n_embd, c.mlp_hidden)]
+    blocks = c.n_layer + c.mtp_heads
+    moe_blocks = sum(c.is_moe_layer(i) for i in range(c.n_layer))
+    shapes = [(blocks, 1, c.n_embd + 2 * kv, c.n_embd), (blocks, 1, c.n_embd, c.n_embd)]
+    if dense := blocks - moe_blocks:
+        shapes += [(dense, 1, fan_out(c.mlp_hidden, c.mlp), c.n_embd), (dense, 1, c.n_embd, c.mlp_hidden)]
     if c.moe is not None:
         m, He = c.moe, c.moe.expert_hidden
-        shapes += [(m.n_experts, c.n_embd, fan_out(He, c.mlp)), (m.n_experts, He, c.n_embd), (1, m.n_experts, c.n_embd)]
+        shapes += [(moe_blocks, m.n_experts, c.n_embd, fan_out(He, c.mlp)), (moe_blocks, m.n_experts, He, c.n_embd),
+                   (moe_blocks, 1, m.n_experts, c.n_embd)]
         if m.n_shared:
-            shapes += [(1, fan_out(m.n_shared * He, c.mlp), c.n_embd), (1, c.n_embd, m.n_shared * He)]
+            shapes += [(moe_blocks, 1, fan_out(m.n_shared * He, c.mlp), c.n_embd),
+                       (moe_blocks, 1, c.n_embd, m.n_shared * He)]
     return shapes
 
 
@@ -305,7 +310,8 @@ def step_end(config: ModelConfig, step: Step, counts: ParamCounts, optimizer: st
     """Bytes besides weights and state at the end of backward and the optimizer step."""
     c = config
     late = counts.total * FP32 + logits_held(c, step) + 2 * step.tokens * 8  # grads, logits, token ids
-    late += newton_schulz_bytes(muon_matrix_shapes(c)) if state_size(optimizer).newton_schulz else 0
+    if state_size(optimizer).newton_schulz:
+        late += newton_schulz_bytes(muon_matrix_shapes(c), STACK_ELEMENTS_DEFAULT)
     if c.tie_embeddings:  # wte's embedding grad and its sum with lm_head's
         late += 2 * c.vocab_size * c.n_embd * FP32
     return late
