@@ -51,7 +51,9 @@ class Source:
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
+        """Bytes that will be read: the files' total, at most the cap (progress totals, worker counts)."""
+        total = sum(f.stat().st_size for f in self.files)
+        return min(total, self.byte_cap) if self.byte_cap else total
 
     def pieces(self, stats: Stats) -> Iterator[Piece]:
         """Every document's text in file order, as bounded pieces; cut at byte_cap.

@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -180,3 +182,20 @@ def test_the_benchmark_prints_both_paths_side_by_side_with_the_same_ids(tmp_path
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| char", "| sentencepiece"))]
     assert [r[0] for r in rows] == ["| char", "| sentencepiece"] and all(r[-1] == "yes |" for r in rows), out
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows), out
+
+
+def test_a_capped_source_counts_only_the_bytes_it_will_read(tmp_path):
+    """The embedded corpus is the whole standard library cut at EMBEDDED_CORPUS_MB: its size for progress
+    totals and the worker rule is the cap, so a 4 MB corpus is not tokenized by worker processes."""
+    from data.corpus import Source
+    from data.stream import PARALLEL_MIN_BYTES, workers_for
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.txt")
+        files[-1].write_bytes(b"x" * (4 << 20))
+    whole, capped = Source("t", tuple(files), "three files"), Source("t", tuple(files), "capped", byte_cap=4 << 20)
+    assert whole.size_bytes == 12 << 20 and capped.size_bytes == 4 << 20 < PARALLEL_MIN_BYTES
+    tok = SimpleNamespace(kind="sentencepiece")
+    assert workers_for(tok, capped.size_bytes) == 1
+    assert workers_for(tok, whole.size_bytes) == min(8, os.cpu_count() or 1)
