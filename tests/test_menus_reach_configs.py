@@ -1,8 +1,10 @@
-"""Every symbol of the Model and Optimizer menus reaches its typed config with its value.
+"""Every symbol of the Model, Optimizer, LR schedule, Training and Sampling menus reaches its typed config
+(ModelConfig, OptimizerConfig, LoopConfig, DeviceConfig) with its value.
 
 A from_config that reads the wrong name (``tie_embeddings=cfg.BIAS``) builds a model that trains
 and only differs where the two symbols disagree. So each symbol has a row here: the config field it
-sets, an assignment that moves it off its default, and what the field must then hold. Three checks:
+sets (every one of them), an assignment that moves it off its default, and what the field must then
+hold. Three checks:
 
 - the tables name exactly the menus' symbols (a new option needs its row: enumerated from the tree);
 - moving one symbol changes its own field, to its value, and no field a row does not list;
@@ -27,13 +29,16 @@ from kconfig.values import values
 from model.gpt import ModelConfig
 from model.mlp import hidden_width
 from optim.optimizers import OptimizerConfig
+from train.device import DeviceConfig
+from train.loop_config import LoopConfig
+from train.sample import parse_stop_strings
 
 VOCAB = 64
 
 
 @dataclass(frozen=True)
 class Row:
-    field: str  # the config attribute it sets, dotted ("moe.top_k", "schedule.lr")
+    field: str | tuple[str, ...]  # the config attribute(s) it sets to its value, dotted ("moe.top_k")
     varied: str  # SET text that moves the symbol off its default
     base: str = ""  # what the symbol needs to apply, set on both sides
     value: Callable | None = None  # the field's value from a Config; default: the symbol's own value
@@ -101,7 +106,7 @@ MODEL_ELSEWHERE = {
 BETAS = lambda c: (c.BETA1, c.BETA2)  # noqa: E731
 OPTIMIZER = {
     "OPTIMIZER": Row("name", "OPT_LION=y"),
-    "LR": Row("lr", 'LR="1e-3"', also=("schedule.lr",)),
+    "LR": Row(("lr", "schedule.lr"), 'LR="1e-3"'),
     "WEIGHT_DECAY": Row("weight_decay", 'WEIGHT_DECAY="0.05"'),
     "BETA1": Row("betas", 'BETA1="0.8"', value=BETAS),
     "BETA2": Row("betas", 'BETA2="0.99"', value=BETAS),
@@ -123,24 +128,87 @@ OPTIMIZER = {
     "WSD_DECAY_FRACTION": Row("schedule.wsd_decay_fraction", 'WSD_DECAY_FRACTION="0.5"', base="LR_WSD=y"),
     "MIN_LR": Row("schedule.min_lr", 'MIN_LR="1e-5"'),
 }
-OPTIMIZER_ELSEWHERE = {"MAX_ITERS": Row("schedule.max_iters", "MAX_ITERS=500")}
+OPTIMIZER_ELSEWHERE = {"MAX_ITERS": Row("schedule.max_iters", "MAX_ITERS=500")}  # the Training menu's
 
-CONSUMERS = {  # config class, its tables, the menus they cover
-    "model": (lambda cfg: ModelConfig.from_config(cfg, VOCAB), MODEL, MODEL_ELSEWHERE, ("Model",)),
-    "optimizer": (OptimizerConfig.from_config, OPTIMIZER, OPTIMIZER_ELSEWHERE, ("Optimizer", "LR schedule")),
+
+
+@dataclass(frozen=True)
+class Training:
+    """What the Training and Sampling menus' own symbols set: the loop (with its sample), the device
+    (with FP8), activation checkpointing in the model, and the schedule's length."""
+
+    loop: LoopConfig
+    device: DeviceConfig
+    model: ModelConfig
+    optimizer: OptimizerConfig
+
+    @classmethod
+    def from_config(cls, cfg) -> "Training":
+        return cls(LoopConfig.from_config(cfg), DeviceConfig.from_config(cfg), ModelConfig.from_config(cfg, VOCAB),
+                   OptimizerConfig.from_config(cfg))
+
+
+COMPILED = lambda c: c.COMPILE_MODE.replace("_", "-") if c.COMPILE else None  # noqa: E731
+CHECKPOINTED = lambda c: c.ACT_CKPT_EVERY if c.ACT_CKPT else 0  # noqa: E731
+WARM = 'INIT_FROM="runs/plan/parent"'
+TRAINING = {
+    "MICRO_BATCH": Row("loop.micro_batch", "MICRO_BATCH=8"),
+    "GRAD_ACCUM": Row("loop.grad_accum", "GRAD_ACCUM=2"),
+    "MAX_ITERS": Row(("loop.max_iters", "optimizer.schedule.max_iters"), "MAX_ITERS=500"),
+    "MAX_TIME": Row("loop.max_time", "MAX_TIME=60"),
+    "EVAL_INTERVAL": Row("loop.eval_interval", "EVAL_INTERVAL=100"),
+    "EVAL_BATCHES": Row("loop.eval_batches", "EVAL_BATCHES=5"),
+    "LOG_INTERVAL": Row("loop.log_interval", "LOG_INTERVAL=5"),
+    "CHECKPOINT_INTERVAL": Row("loop.checkpoint_interval", "CHECKPOINT_INTERVAL=100"),
+    "CHECKPOINT_KEEP": Row("loop.checkpoint_keep", "CHECKPOINT_KEEP=3"),
+    "CHECKPOINT_MINUTES": Row("loop.checkpoint_minutes", "CHECKPOINT_MINUTES=7"),
+    "SKIP_NONFINITE": Row("loop.skip_nonfinite", "SKIP_NONFINITE=n", also=("loop.max_bad_steps",)),
+    "MAX_BAD_STEPS": Row("loop.max_bad_steps", "MAX_BAD_STEPS=3"),
+    "SEED": Row(("loop.seed", "loop.sample.seed"), "SEED=7"),
+    "DEVICE": Row("device.device", "DEVICE_CUDA=y"),
+    "DTYPE": Row("device.dtype", "DTYPE_FP32=y"),
+    "COMPILE": Row("device.compile_mode", "COMPILE=y", value=COMPILED),
+    "COMPILE_MODE": Row("device.compile_mode", "COMPILE_MODE_REDUCE_OVERHEAD=y", base="COMPILE=y", value=COMPILED),
+    "ACT_CKPT": Row("model.checkpoint_every", "ACT_CKPT=y", value=CHECKPOINTED),
+    "ACT_CKPT_EVERY": Row("model.checkpoint_every", "ACT_CKPT_EVERY=2", base="ACT_CKPT=y", value=CHECKPOINTED),
+    "CPU_THREADS": Row("device.cpu_threads", "CPU_THREADS=2"),
+    "INIT_FROM": Row("loop.init_from", WARM, also=("loop.init_from_checkpoint",)),
+    "INIT_FROM_CHECKPOINT": Row("loop.init_from_checkpoint", "INIT_FROM_CHECKPOINT_LATEST=y", base=WARM),
+    "INIT_FROM_OPTIMIZER": Row("loop.init_from_optimizer", "INIT_FROM_OPTIMIZER=y", base=WARM),
+    "FP8": Row("device.fp8.backend", "FP8_TORCHAO=y", also=("device.fp8.recipe", "device.fp8.emulate")),
+    "FP8_RECIPE": Row("device.fp8.recipe", "FP8_RECIPE_ROWWISE=y", base="FP8_TORCHAO=y"),
+    "FP8_EMULATE": Row("device.fp8.emulate", "FP8_EMULATE=y", base="FP8_TORCHAO=y"),
+    "TE_RECIPE": Row("device.fp8.te_recipe", "TE_RECIPE_CURRENT=y", base="DEVICE_CUDA=y FP8_TE=y"),
+    "SAMPLE_PROMPT": Row("loop.sample.prompt", 'SAMPLE_PROMPT="def "'),
+    "SAMPLE_TOKENS": Row("loop.sample.tokens", "SAMPLE_TOKENS=50"),
+    "SAMPLE_TEMPERATURE": Row("loop.sample.temperature", 'SAMPLE_TEMPERATURE="0.5"'),
+    "SAMPLE_TOP_K": Row("loop.sample.top_k", "SAMPLE_TOP_K=10"),
+    "SAMPLE_TOP_P": Row("loop.sample.top_p", 'SAMPLE_TOP_P="0.9"'),
+    "SAMPLE_STOP": Row("loop.sample.stop", r'SAMPLE_STOP="\\n\\n|class "',  # ("\n\n", "class ")
+                       value=lambda c: parse_stop_strings(c.SAMPLE_STOP)),
+}
+# The Training menu's other files have consumers of their own (curriculum, trackers, objective/LoRA).
+TRAINING_FILES = ("train/Kconfig", "train/Kconfig.init_from", "train/Kconfig.precision")
+
+CONSUMERS = {  # config class, its tables, the menus they cover (and the files, where only some)
+    "model": (lambda cfg: ModelConfig.from_config(cfg, VOCAB), MODEL, MODEL_ELSEWHERE, ("Model",), None),
+    "optimizer": (OptimizerConfig.from_config, OPTIMIZER, OPTIMIZER_ELSEWHERE, ("Optimizer", "LR schedule"), None),
+    "training": (Training.from_config, TRAINING, {}, ("Training", "Sampling"), TRAINING_FILES),
 }
 
 
-def menu_symbols(title: str) -> set[str]:
-    """Names of the symbols and named choices under menu ``title`` (its submenus included); a
-    choice's option symbols count as their choice."""
+def menu_symbols(title: str, files: tuple[str, ...] | None = None) -> set[str]:
+    """Names of the symbols and named choices under menu ``title`` (its submenus included), those
+    defined in ``files`` where given; a choice's option symbols count as their choice."""
     kconf = new_kconfig()
     menu = next(node for node in kconf.node_iter() if node.item == kconfiglib.MENU and node.prompt[0] == title)
     names, stack = set(), [menu.list]
     while stack:
         node = stack.pop()
         while node is not None:
-            if isinstance(node.item, kconfiglib.Choice):
+            if files is not None and node.filename not in files:
+                pass
+            elif isinstance(node.item, kconfiglib.Choice):
                 names.add(node.item.name)
             elif isinstance(node.item, kconfiglib.Symbol) and node.item.choice is None:
                 names.add(node.item.name)
@@ -174,33 +242,38 @@ def flat_fields(config, prefix: str = "") -> dict:
     return out
 
 
+def fields_of(row: Row) -> tuple[str, ...]:
+    return (row.field,) if isinstance(row.field, str) else row.field
+
+
 def expected(row: Row, symbol: str, cfg):
     return row.value(cfg) if row.value else attrgetter(symbol)(cfg)
 
 
 @pytest.mark.parametrize("consumer", sorted(CONSUMERS))
 def test_the_tables_name_every_symbol_of_the_menus(consumer):
-    _, rows, _, menus = CONSUMERS[consumer]
-    in_tree = set().union(*(menu_symbols(title) for title in menus))
+    _, rows, _, menus, files = CONSUMERS[consumer]
+    in_tree = set().union(*(menu_symbols(title, files) for title in menus))
     assert set(rows) == in_tree, (f"missing rows: {sorted(in_tree - set(rows))}, "
                                   f"rows for no menu symbol: {sorted(set(rows) - in_tree)}")
 
 
-ALL_ROWS = [(consumer, symbol) for consumer, (_, rows, elsewhere, _) in sorted(CONSUMERS.items())
+ALL_ROWS = [(consumer, symbol) for consumer, (_, rows, elsewhere, *_) in sorted(CONSUMERS.items())
             for symbol in (*rows, *elsewhere)]
 
 
 @pytest.mark.parametrize("consumer, symbol", ALL_ROWS)
 def test_moving_one_symbol_moves_its_field_to_its_value_and_nothing_else(consumer, symbol):
-    build, rows, elsewhere, _ = CONSUMERS[consumer]
+    build, rows, elsewhere, *_ = CONSUMERS[consumer]
     row = {**rows, **elsewhere}[symbol]
     before_cfg, after_cfg = config_of(row.base), config_of(row.base, row.varied)
     before, after = build(before_cfg), build(after_cfg)
-    assert field_value(after, row.field) != field_value(before, row.field), f"{row.varied} left {row.field} alone"
-    assert field_value(after, row.field) == expected(row, symbol, after_cfg)
+    for field in fields_of(row):
+        assert field_value(after, field) != field_value(before, field), f"{row.varied} left {field} alone"
+        assert field_value(after, field) == expected(row, symbol, after_cfg), field
     a, b = flat_fields(before), flat_fields(after)
     moved = {name for name in a.keys() | b.keys() if a.get(name, "absent") != b.get(name, "absent")}
-    allowed = {row.field, *row.also}
+    allowed = {*fields_of(row), *row.also}
     stray = {name for name in moved if name not in allowed and not any(
         name.startswith(pattern[:-1]) for pattern in allowed if pattern.endswith("*"))}
     assert not stray, f"{row.varied} also moved {sorted(stray)}"
@@ -219,7 +292,8 @@ def resolved(path: Path | None):
                          ids=lambda p: "defaults" if p is None else f"{p.parent.name}/{p.name}")
 def test_every_field_carries_its_symbol_at_the_defaults_and_under_each_fragment_and_preset(path):
     cfg = resolved(path)
-    for consumer, (build, rows, elsewhere, _) in sorted(CONSUMERS.items()):
+    for consumer, (build, rows, elsewhere, *_) in sorted(CONSUMERS.items()):
         config = build(cfg)
         for symbol, row in {**rows, **elsewhere}.items():
-            assert field_value(config, row.field) == expected(row, symbol, cfg), (consumer, symbol, row.field)
+            for field in fields_of(row):
+                assert field_value(config, field) == expected(row, symbol, cfg), (consumer, symbol, field)
