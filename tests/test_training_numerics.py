@@ -123,3 +123,23 @@ def test_validation_batches_come_from_the_val_split_and_training_ones_from_train
         rows = torch.cat([x, y[:, -1:]], dim=1).numpy().astype(np.int64)
         assert all(row.tobytes() in train_windows for row in rows)
     assert math.isfinite(trainer.evaluate()["val"])
+
+
+def test_each_group_steps_at_the_schedules_lr_times_its_scale(tmp_path):
+    # SETTINGS: LR 3e-3 reached linearly over 5 warmup steps, then cosine to MIN_LR 3e-4 at step 60.
+    trainer, _ = trainer_for(tmp_path, 'EMBEDDING_LR_SCALE="2"')
+    seen = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append({g["name"]: g["lr"] for g in optimizer.param_groups}))
+    for step in range(8):
+        trainer.train_step(step)
+
+    def by_hand(step):
+        if step < 5:
+            return 3e-3 * (step + 1) / 5
+        return 3e-4 + (3e-3 - 3e-4) * 0.5 * (1 + math.cos(math.pi * (step - 5) / 55))
+
+    assert [set(s) for s in seen] == [{"matrices", "embeddings", "vectors"}] * 8  # tied: no head group
+    for step, lrs in enumerate(seen):
+        assert lrs["matrices"] == pytest.approx(by_hand(step), rel=1e-9) == lrs["vectors"]
+        assert lrs["embeddings"] == pytest.approx(2 * by_hand(step), rel=1e-9)
