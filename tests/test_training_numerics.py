@@ -1,5 +1,6 @@
 """What one training step and one evaluation compute, where a bug keeps the loss plausible:
-accumulation's gradient scale, clipping's bound on the step, evaluation's mode and its data split."""
+accumulation's gradient scale (batch warmup too), clipping's bound on the step, each group's LR, evaluation's
+mode and its data split."""
 
 from __future__ import annotations
 
@@ -143,3 +144,15 @@ def test_each_group_steps_at_the_schedules_lr_times_its_scale(tmp_path):
     for step, lrs in enumerate(seen):
         assert lrs["matrices"] == pytest.approx(by_hand(step), rel=1e-9) == lrs["vectors"]
         assert lrs["embeddings"] == pytest.approx(2 * by_hand(step), rel=1e-9)
+
+
+def test_a_batch_warmup_step_averages_over_its_own_micro_batches(tmp_path):
+    # Batch warmup: step 0 of GRAD_ACCUM=4 from 0.25 runs one micro-batch, the same 8 sequences a
+    # GRAD_ACCUM=1 run draws first: its loss and gradient are that run's, not a quarter of them.
+    warm, _ = trainer_for(tmp_path, 'MICRO_BATCH=8 GRAD_ACCUM=4 BATCH_WARMUP_FRACTION="0.5" '
+                                    'BATCH_WARMUP_START="0.25" GRAD_CLIP=0')
+    plain, _ = trainer_for(tmp_path, "MICRO_BATCH=8 GRAD_ACCUM=1 GRAD_CLIP=0")
+    assert warm.curriculum.grad_accum_at(0) == 1
+    (loss_warm, norm_warm), (loss_plain, norm_plain) = warm.train_step(0), plain.train_step(0)
+    assert loss_warm.item() == pytest.approx(loss_plain.item(), rel=1e-6)
+    assert norm_warm.item() == pytest.approx(norm_plain.item(), rel=1e-5)
