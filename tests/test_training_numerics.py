@@ -1,6 +1,6 @@
 """What one training step and one evaluation compute, where a bug keeps the loss plausible:
 accumulation's gradient scale (batch warmup too), clipping's bound on the step, each group's LR, evaluation's
-mode and its data split."""
+mode (downstream tasks too) and its data split."""
 
 from __future__ import annotations
 
@@ -126,24 +126,38 @@ def test_validation_batches_come_from_the_val_split_and_training_ones_from_train
     assert math.isfinite(trainer.evaluate()["val"])
 
 
-def test_each_group_steps_at_the_schedules_lr_times_its_scale(tmp_path):
-    # SETTINGS: LR 3e-3 reached linearly over 5 warmup steps, then cosine to MIN_LR 3e-4 at step 60.
-    trainer, _ = trainer_for(tmp_path, 'EMBEDDING_LR_SCALE="2"')
+def scheduled_lr(step: int) -> float:
+    """SETTINGS' schedule by hand: LR 3e-3 reached linearly over 5 warmup steps, then cosine to MIN_LR
+    3e-4 at step 60."""
+    if step < 5:
+        return 3e-3 * (step + 1) / 5
+    return 3e-4 + (3e-3 - 3e-4) * 0.5 * (1 + math.cos(math.pi * (step - 5) / 55))
+
+
+def lrs_stepped_with(trainer, steps: int) -> list[dict[str, float]]:
     seen = []
     trainer.optimizer.register_step_pre_hook(
         lambda optimizer, args, kwargs: seen.append({g["name"]: g["lr"] for g in optimizer.param_groups}))
-    for step in range(8):
+    for step in range(steps):
         trainer.train_step(step)
+    return seen
 
-    def by_hand(step):
-        if step < 5:
-            return 3e-3 * (step + 1) / 5
-        return 3e-4 + (3e-3 - 3e-4) * 0.5 * (1 + math.cos(math.pi * (step - 5) / 55))
 
+def test_each_group_steps_at_the_schedules_lr_times_its_scale(tmp_path):
+    trainer, _ = trainer_for(tmp_path, 'EMBEDDING_LR_SCALE="2"')
+    seen = lrs_stepped_with(trainer, 8)
     assert [set(s) for s in seen] == [{"matrices", "embeddings", "vectors"}] * 8  # tied: no head group
     for step, lrs in enumerate(seen):
-        assert lrs["matrices"] == pytest.approx(by_hand(step), rel=1e-9) == lrs["vectors"]
-        assert lrs["embeddings"] == pytest.approx(2 * by_hand(step), rel=1e-9)
+        assert lrs["matrices"] == pytest.approx(scheduled_lr(step), rel=1e-9) == lrs["vectors"]
+        assert lrs["embeddings"] == pytest.approx(2 * scheduled_lr(step), rel=1e-9)
+
+
+def test_a_smaller_warmup_step_gets_the_curriculum_lr_rule(tmp_path):
+    # Steps 0-2 of batch warmup run 1 of 4 micro-batches: a quarter of the tokens, so sqrt(1/4) of the LR.
+    trainer, _ = trainer_for(tmp_path, 'MICRO_BATCH=8 GRAD_ACCUM=4 BATCH_WARMUP_FRACTION="0.5" '
+                                       'BATCH_WARMUP_START="0.25" CURRICULUM_LR_SQRT=y')
+    seen = lrs_stepped_with(trainer, 3)
+    assert [lrs["matrices"] for lrs in seen] == pytest.approx([0.5 * scheduled_lr(s) for s in range(3)], rel=1e-9)
 
 
 def test_a_batch_warmup_step_averages_over_its_own_micro_batches(tmp_path):
@@ -156,3 +170,25 @@ def test_a_batch_warmup_step_averages_over_its_own_micro_batches(tmp_path):
     (loss_warm, norm_warm), (loss_plain, norm_plain) = warm.train_step(0), plain.train_step(0)
     assert loss_warm.item() == pytest.approx(loss_plain.item(), rel=1e-6)
     assert norm_warm.item() == pytest.approx(norm_plain.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_downstream_tasks_see_the_model_in_eval_mode_and_training_resumes_after(tmp_path, monkeypatch, fails):
+    import harness.evaluate
+
+    trainer, _ = trainer_for(tmp_path, 'DROPOUT="0.3"')
+    modes = []
+
+    def run_tasks(lm, config, log):
+        modes.append((lm.model.training, all(not m.training for m in lm.model.modules())))
+        if fails:
+            raise RuntimeError("task failed")
+        return {"task": {"acc": 0.5, "alias": "task"}}, None
+
+    monkeypatch.setattr(harness.evaluate, "run_tasks", run_tasks)
+    if fails:
+        with pytest.raises(RuntimeError):
+            trainer.downstream_eval(4)
+    else:
+        assert trainer.downstream_eval(4) == {"task": {"acc": 0.5}} and trainer.last_downstream == 4
+    assert modes == [(False, True)] and all(m.training for m in trainer.model.modules())
