@@ -1,5 +1,6 @@
-"""Every symbol of the Model, Optimizer, LR schedule, Training and Sampling menus reaches its typed config
-(ModelConfig, OptimizerConfig, LoopConfig, DeviceConfig) with its value.
+"""Every symbol of the Model, Optimizer, LR schedule, Training, Sampling and Evaluation menus reaches its
+typed config (ModelConfig, OptimizerConfig, LoopConfig, DeviceConfig, EvalConfig, GenerationConfig) with
+its value.
 
 A from_config that reads the wrong name (``tie_embeddings=cfg.BIAS``) builds a model that trains
 and only differs where the two symbols disagree. So each symbol has a row here: the config field it
@@ -24,6 +25,8 @@ import kconfiglib
 import pytest
 
 from conftest import ROOT, config_of
+from evaluation.generation import GenerationConfig
+from harness.evaluate import EvalConfig
 from kconfig.tree import new_kconfig, parse_file, resolve
 from kconfig.values import values
 from model.gpt import ModelConfig
@@ -187,6 +190,38 @@ TRAINING = {
     "SAMPLE_STOP": Row("loop.sample.stop", r'SAMPLE_STOP="\\n\\n|class "',  # ("\n\n", "class ")
                        value=lambda c: parse_stop_strings(c.SAMPLE_STOP)),
 }
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the Evaluation menu sets: lm-eval's task settings and make eval's generation settings."""
+
+    tasks: EvalConfig
+    generation: GenerationConfig
+
+    @classmethod
+    def from_config(cls, cfg) -> "Evaluation":
+        return cls(EvalConfig.from_config(cfg, ROOT), GenerationConfig.from_config(cfg))
+
+
+def tasks_dir(c) -> Path:
+    where = Path(c.EVAL_TASKS_DIR).expanduser()
+    return where if where.is_absolute() else ROOT / where
+
+
+EVALUATION = {
+    "EVAL_TASKS": Row("tasks.tasks", 'EVAL_TASKS="arc_easy, hellaswag arc_easy"',
+                      value=lambda c: tuple(dict.fromkeys(c.EVAL_TASKS.replace(",", " ").split()))),
+    "EVAL_TASKS_DIR": Row("tasks.tasks_dir", 'EVAL_TASKS_DIR="/srv/tasks"', value=tasks_dir),
+    "EVAL_FEWSHOT": Row("tasks.fewshot", "EVAL_FEWSHOT=3"),
+    "EVAL_LIMIT": Row("tasks.limit", "EVAL_LIMIT=10"),
+    "EVAL_BATCH_SIZE": Row("tasks.batch_size", "EVAL_BATCH_SIZE=4"),
+    "EVAL_BPB_TOKENS": Row("tasks.bpb_tokens", "EVAL_BPB_TOKENS=1000"),
+    "EVAL_EVERY": Row("tasks.every", "EVAL_EVERY=100"),
+    "EVAL_GEN_SAMPLES": Row("generation.samples", "EVAL_GEN_SAMPLES=2"),
+    "EVAL_GEN_TOKENS": Row("generation.tokens", "EVAL_GEN_TOKENS=20"),
+    "EVAL_GEN_PROMPTS": Row("generation.prompts_file", 'EVAL_GEN_PROMPTS="prompts.txt"'),
+}
 # The Training menu's other files have consumers of their own (curriculum, trackers, objective/LoRA).
 TRAINING_FILES = ("train/Kconfig", "train/Kconfig.init_from", "train/Kconfig.precision")
 
@@ -194,6 +229,7 @@ CONSUMERS = {  # config class, its tables, the menus they cover (and the files, 
     "model": (lambda cfg: ModelConfig.from_config(cfg, VOCAB), MODEL, MODEL_ELSEWHERE, ("Model",), None),
     "optimizer": (OptimizerConfig.from_config, OPTIMIZER, OPTIMIZER_ELSEWHERE, ("Optimizer", "LR schedule"), None),
     "training": (Training.from_config, TRAINING, {}, ("Training", "Sampling"), TRAINING_FILES),
+    "evaluation": (Evaluation.from_config, EVALUATION, {}, ("Evaluation",), None),
 }
 
 
