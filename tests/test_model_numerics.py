@@ -1,6 +1,6 @@
 """What the model computes, against hand-written math, where a plausible bug leaves shapes and
-losses looking normal: QK-norm's place before RoPE, the init of every residual projection, and
-tied embeddings sharing one matrix."""
+losses looking normal: QK-norm's place before RoPE, the init of every residual projection, tied
+embeddings sharing one matrix, and eval mode turning off every stochastic option (attention dropout too)."""
 
 from __future__ import annotations
 
@@ -111,3 +111,25 @@ def test_tied_embeddings_share_one_matrix_and_untied_add_vocab_times_width(tied)
     untied = GPT(ModelConfig.from_config(config_of(SMALL, TIE_EMBEDDINGS=False), 64))
     assert (model.lm_head.weight is model.wte.weight) == tied
     assert untied.num_params() - model.num_params() == (0 if not tied else 64 * 32)
+
+
+def test_every_stochastic_option_is_off_in_eval_mode_and_on_in_training():
+    # Dropout everywhere and MoE router jitter: two eval forwards agree to the bit, two training ones do not.
+    cfg = config_of(SMALL, 'DROPOUT="0.3" MOE=y MOE_EXPERTS=4 MOE_JITTER="0.5" MTP_HEADS=1')
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_config(cfg, 64))
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        a, b = model(idx, idx)[1], model(idx, idx)[1]
+    assert torch.equal(a, b)
+    model.train()
+    with torch.no_grad():
+        c, d = model(idx, idx)[1], model(idx, idx)[1]
+    assert not torch.equal(c, d)
+    for module in model.modules():  # jitter alone, with dropout off, also differs in training
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        e, f = model(idx, idx)[1], model(idx, idx)[1]
+    assert not torch.equal(e, f)
