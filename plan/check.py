@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 import traceback
 from pathlib import Path
@@ -35,6 +36,7 @@ from model.gpt import GPT, ModelConfig
 from optim.optimizers import OptimizerConfig, build_optimizer, set_lr
 from optim.schedule import lr_at
 from plan.expand import FRAGMENTS, RunSpec, cell_pairs, expand
+from plan.golden import CPU_PARAM_BUDGET, check_golden, cpu_twin, post_training_batch as shaped_batch
 from plan.preflight import check_vocab, config_problems, device_problems
 from parallel.launch import check_layout
 from train.build import build_model_and_optimizer
@@ -47,7 +49,6 @@ from train.precision import Fp8Config, te_shape_problems, te_token_problem
 from train.trackers import tracker_problems
 from train.hf_parent import ARCHITECTURE_SYMBOLS
 
-CPU_PARAM_BUDGET = 30_000_000  # larger models are checked as a reduced twin
 GIB = 1024 ** 3
 
 
@@ -70,10 +71,7 @@ def step_twice(cfg: Config) -> dict:
                      else "TE shapes ok (runs on GPU only)")
     model_config, twin = full_config, params > CPU_PARAM_BUDGET
     if twin:  # same options, fewer layers, narrower heads, shorter sequences, narrower experts
-        c = full_config
-        moe = c.moe and dataclasses.replace(c.moe, expert_hidden=32)
-        model_config = dataclasses.replace(c, n_layer=max(min(c.n_layer, 2), c.moe_first_dense + 1),
-                                           n_embd=16 * c.n_head, block_size=min(c.block_size, 64), moe=moe)
+        model_config = cpu_twin(full_config)
     # torchao's FP8 runs emulated (the same Float8Linear layers and casts, on CPU); TE's not at all.
     cpu_fp8 = dataclasses.replace(fp8, emulate=True) if fp8.backend == "torchao" else Fp8Config()
     built = build_model_and_optimizer(model_config, optimizer_config, cpu_fp8, cfg.SEED, torch.device("cpu"))
@@ -118,16 +116,10 @@ def step_twice(cfg: Config) -> dict:
 
 
 def post_training_batch(post, cfg: Config, batch: int, seq: int, vocab: int) -> tuple:
-    """A random batch shaped as the objective's: SFT (x, y, doc) with each row two examples whose prompts
-    are masked (doc ids when packing); DPO (x, y) of chosen and rejected rows."""
+    """A random batch shaped as the objective's (plan/golden.py's post_training_batch): SFT (x, y, doc),
+    DPO (x, y) of chosen and rejected rows."""
     rows = 2 * batch if post.kind == "dpo" else batch
-    x = torch.randint(0, vocab, (rows, seq))
-    y = torch.roll(x, -1, dims=1)
-    y[:, : seq // 4] = -100  # a prompt
-    if post.kind == "dpo":
-        return x, y
-    doc = (torch.arange(seq) >= seq // 2).long().expand(rows, seq).contiguous() if cfg.SFT_PACKING else None
-    return x, y, doc
+    return shaped_batch(post, cfg, torch.randint(0, vocab, (rows, seq)))
 
 
 @dataclasses.dataclass
@@ -216,8 +208,11 @@ def presets() -> list[Path]:
     return sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir() if p.is_file())
 
 
-def check_plan(base_layers: list[list[Assignment]], cfg: Config) -> int:
-    """Run the whole check, print a table, return the number of failures."""
+def check_plan(base_layers: list[list[Assignment]], cfg: Config, update_golden: bool | None = None) -> int:
+    """Run the whole check, print a table, return the number of failures. ``update_golden`` (default:
+    the environment's UPDATE_GOLDEN=1, which 'make check UPDATE_GOLDEN=1' sets) rewrites the golden curves."""
+    if update_golden is None:
+        update_golden = os.environ.get("UPDATE_GOLDEN", "") == "1"
     t0 = time.perf_counter()
     specs = expand(base_layers, cfg)
     by_name = {s.name: s for s in specs}
@@ -233,7 +228,10 @@ def check_plan(base_layers: list[list[Assignment]], cfg: Config) -> int:
           + ("all equal to their savedefconfig output" if not drifted else f"{len(drifted)} problem(s):"))
     for problem in drifted:
         print(f"  {problem}")
-    failures = sum(r.status == "FAILED" for r in rows) + len(drifted)
+    golden_failures, golden_lines = check_golden(specs, cfg, update_golden)
+    for line in golden_lines:
+        print(line)
+    failures = sum(r.status == "FAILED" for r in rows) + len(drifted) + golden_failures
     if cfg.RUN_MODE in ("ablation", "chain"):  # a matrix may rule out cells; a step or stage that cannot apply is a mistake
         failures += sum(r.status == "rejected" for r in rows)
     print("check passed" if not failures else f"check FAILED: {failures} problem(s)")

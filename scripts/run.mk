@@ -7,9 +7,9 @@
 run: $(CORE)
 	@$(PY) -m kbuild run
 
-## check: CPU dry run of every planned run: build, two steps, gradients, memory fit; preset drift
+## check: CPU dry run of every planned run: build, two steps, gradients, memory fit; preset drift; golden loss curves (UPDATE_GOLDEN=1 rewrites them)
 check: $(CORE)
-	@$(PY) -m kbuild check
+	@UPDATE_GOLDEN="$(UPDATE_GOLDEN)" $(PY) -m kbuild check
 
 ## continue: finish the newest unfinished plan (never redoes a done run)
 continue: $(CORE)
