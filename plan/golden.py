@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -234,6 +235,7 @@ def check_golden(specs: list[RunSpec], cfg: Config, update: bool, folder: Path |
             why = "no curve for this run" if old is None else "its configuration differs from the file's"
             lines.append(f"golden {spec.name}: skipped: {why} (a changed preset: 'make check UPDATE_GOLDEN=1')")
             continue
+        t0 = time.perf_counter()
         try:
             overrides, losses = golden_run(spec.cfg)
         except Exception as e:  # the two-step check above reports build failures in full
@@ -249,9 +251,12 @@ def check_golden(specs: list[RunSpec], cfg: Config, update: bool, folder: Path |
             drift = f"shrunk differently: {overrides} vs the file's {old['overrides']}"
         if drift:
             failures += 1
+            if stored["torch"] != torch.__version__:  # kernels change between releases: say so
+                drift += f" (the file was written with torch {stored['torch']}, this is {torch.__version__})"
             lines.append(f"golden {spec.name}: FAILED: {drift}; if the change is intended: make check UPDATE_GOLDEN=1")
         else:
-            lines.append(f"golden {spec.name}: ok, {len(losses)} steps within {rtol:.0e} of {shown}")
+            lines.append(f"golden {spec.name}: ok, {len(losses)} steps within {rtol:.0e} of {shown} "
+                         f"({time.perf_counter() - t0:.1f}s)")
     if update:
         document = {"plan": cfg.PLAN_NAME, "torch": torch.__version__, "note": "make check UPDATE_GOLDEN=1 "
                     "writes this file (plan/golden.py); each run's losses per step", "runs": written}

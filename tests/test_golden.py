@@ -52,7 +52,8 @@ def test_the_quickstart_matches_its_golden_curve_on_one_thread_restored_after(ca
     threads = torch.get_num_threads()
     failures, lines = golden.check_golden(specs, cfg, update=False)
     assert torch.get_num_threads() == threads
-    assert failures == 0 and lines == ["golden base: ok, 16 steps within 1e-04 of golden/quickstart.json"]
+    assert failures == 0 and len(lines) == 1
+    assert re.fullmatch(r"golden base: ok, 16 steps within 1e-04 of golden/quickstart.json \(\d+\.\ds\)", lines[0]), lines[0]
 
 
 @pytest.mark.slow
@@ -83,6 +84,10 @@ def test_update_golden_writes_a_file_that_then_passes_and_a_changed_loss_fails(t
     (tmp_path / "mine.json").write_text(json.dumps(document))
     failures, lines = golden.check_golden(specs, cfg, update=False, folder=tmp_path)
     assert failures == 1 and "golden base: FAILED: step 6: " in lines[0] and "relative 1.0e-03" in lines[0]
+    document["torch"] = "2.0.0"
+    (tmp_path / "mine.json").write_text(json.dumps(document))
+    lines = golden.check_golden(specs, cfg, update=False, folder=tmp_path)[1]
+    assert f"(the file was written with torch 2.0.0, this is {torch.__version__})" in lines[0]
 
 
 def test_a_changed_configuration_or_check_golden_off_skips_with_the_reason():
